@@ -1,0 +1,31 @@
+"""Bootstrap sampling as pure functions of seeds (no Ray here).
+
+Member i's shard is fully determined by ``(member_seeds(seed, n)[i], n_rows, n_samples)``, so
+it can be regenerated anywhere (on a restarted actor, for out-of-bag rows) without storing it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def member_seeds(seed: int, members: int) -> list[int]:
+    """One independent 32-bit seed per member, derived once from the run's seed."""
+    children = np.random.SeedSequence(seed).spawn(members)
+    return [int(child.generate_state(1, dtype=np.uint32)[0]) for child in children]
+
+
+def bootstrap_counts(seed: int, n_rows: int, n_samples: int) -> np.ndarray:
+    """How often each of ``n_rows`` rows is drawn in ``n_samples`` draws with replacement.
+
+    Returns an int64 array of shape (n_rows,) that sums to ``n_samples``.
+    """
+    if n_rows < 1 or n_samples < 1:
+        raise ValueError(f"bootstrap needs n_rows >= 1 and n_samples >= 1, got {n_rows}, {n_samples}")
+    draws = np.random.default_rng(seed).integers(0, n_rows, size=n_samples)
+    return np.bincount(draws, minlength=n_rows).astype(np.int64)
+
+
+def epoch_seed(member_seed: int, epoch: int) -> int:
+    """Seed for one member's epoch (shuffle order, augmentation draws)."""
+    return int(np.random.SeedSequence([member_seed, epoch]).generate_state(1, dtype=np.uint32)[0])

@@ -1,0 +1,193 @@
+"""The run's configuration: one frozen dataclass, validated at the boundary.
+
+Defaults are the study's recipe (ResNeXt-101 64x4d, layer1 frozen, Adam 8e-5, 20 epochs,
+9 bootstrap members). ``CPU_PRESET`` is what the bundled demo (no ``--data``) runs with.
+Precedence when building a config: defaults < preset < --config YAML < command-line flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Optional
+
+ARCHS = (
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
+    "wide_resnet50_2", "wide_resnet101_2",
+)
+FREEZE_STAGES = ("none", "stem", "layer1", "layer2", "layer3", "layer4")
+AUGMENTS = ("seed", "light", "none")
+
+
+class ConfigError(ValueError):
+    """A setting the user can fix; the driver prints it as one line and exits 2."""
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    # --- data and outputs
+    data: Optional[str] = None          # dataset root with train/ val/ test/; None = bundled digits
+    output: Optional[str] = None        # results folder; None = runs/<timestamp>
+    # --- ensemble
+    members: int = 9                    # number of bagged models
+    bootstrap_size: Optional[int] = None  # rows drawn with replacement per member; None = train size
+    seed: int = 0                       # one seed; per-member seeds derive from it
+    # --- model
+    arch: str = "resnext101_64x4d"      # torchvision ResNet-family name (see ARCHS)
+    weights: str = "DEFAULT"            # "none", a torchvision weights name, or a state-dict file
+    freeze: str = "layer1"              # freeze residual stages layer1..this one; "stem" = stem only
+    freeze_stem: bool = False           # also freeze the stem (conv1 + bn1)
+    num_classes: Optional[int] = None   # only for --dry-run without --data
+    # --- training
+    epochs: int = 20                    # passes over each member's bootstrap shard
+    batch_size: int = 64                # images per optimizer step, per member
+    lr: float = 8e-5                    # Adam learning rate
+    image_size: int = 224               # training crop S; eval resizes to round(S*256/224) first
+    augment: str = "seed"               # seed | light | none (see transforms.py)
+    # --- resources
+    gpus_per_member: Optional[float] = None   # 0, a fraction (0.25, 0.5) or whole GPUs; None = 1 if the cluster has GPUs else 0
+    cpus_per_member: float = 2.0        # CPUs reserved per member; its torch thread count
+    infer_actors: int = 2               # soft-vote actor pool size
+    infer_batch_size: int = 64          # images per soft-vote batch
+    gpus_per_infer_actor: Optional[float] = None  # like gpus_per_member
+    cpus_per_infer_actor: float = 1.0   # CPUs per soft-vote actor
+    address: Optional[str] = None       # Ray address; None = join the local cluster if any, else start one
+
+    def __post_init__(self) -> None:
+        _check_int(self, "members", low=1)
+        _check_int(self, "epochs", low=1)
+        _check_int(self, "batch_size", low=1)
+        _check_int(self, "image_size", low=16)
+        _check_int(self, "infer_actors", low=1)
+        _check_int(self, "infer_batch_size", low=1)
+        _check_int(self, "seed", low=0)
+        if self.bootstrap_size is not None:
+            _check_int(self, "bootstrap_size", low=1)
+        if self.num_classes is not None:
+            _check_int(self, "num_classes", low=2)
+        _check_number(self, "lr", positive=True)
+        _check_number(self, "cpus_per_member", positive=True)
+        _check_number(self, "cpus_per_infer_actor", positive=True)
+        for name in ("gpus_per_member", "gpus_per_infer_actor"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            _check_number(self, name, positive=False)
+            if value > 1 and not float(value).is_integer():
+                raise ConfigError(
+                    f"--{_flag(name)} {value}: above 1 GPU it must be a whole number (1, 2, 4)")
+        _check_choice(self, "arch", ARCHS)
+        _check_choice(self, "freeze", FREEZE_STAGES)
+        _check_choice(self, "augment", AUGMENTS)
+        if not isinstance(self.freeze_stem, bool):
+            raise ConfigError(f"--freeze-stem {self.freeze_stem!r}: must be true or false")
+        for name in ("data", "output", "weights", "address"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"--{_flag(name)} {value!r}: must be a non-empty string")
+
+    def replace(self, **changes: Any) -> "EnsembleConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# What the bundled digits demo runs with: every stage of the recipe, sized for 2 CPUs.
+CPU_PRESET: Mapping[str, Any] = {
+    "arch": "resnet18",
+    "weights": "none",          # nothing to fine-tune from offline; trains from scratch
+    "freeze": "none",
+    "epochs": 4,
+    "batch_size": 32,
+    "lr": 2e-3,                 # from scratch, a higher rate than the fine-tuning recipe's 8e-5
+    "image_size": 32,
+    "augment": "light",         # flips and heavy crops change what a digit means
+    "cpus_per_member": 0.5,     # two members train at once on a 2-core laptop, one thread each
+    "infer_actors": 1,
+    "infer_batch_size": 128,
+}
+
+FIELD_NAMES = tuple(f.name for f in fields(EnsembleConfig))
+
+
+def build_config(*, preset: Optional[Mapping[str, Any]] = None,
+                 file_values: Optional[Mapping[str, Any]] = None,
+                 flag_values: Optional[Mapping[str, Any]] = None) -> EnsembleConfig:
+    """Defaults < preset < YAML file < flags. Unknown keys and bad values raise ConfigError."""
+    merged: dict = {}
+    for source, values in (("preset", preset), ("--config", file_values), ("flags", flag_values)):
+        for key, value in (values or {}).items():
+            name = key.replace("-", "_")
+            if name not in FIELD_NAMES:
+                raise ConfigError(
+                    f"{source}: unknown key {key!r}; known keys: {', '.join(FIELD_NAMES)}")
+            merged[name] = value
+    merged = {k: _coerce(k, v) for k, v in merged.items()}
+    return EnsembleConfig(**merged)
+
+
+def load_yaml(path: str) -> dict:
+    """Read a --config file with a safe loader; one clear error for anything wrong."""
+    import yaml
+
+    try:
+        with open(path, "r", encoding="utf-8") as fh:
+            values = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: no such file") from None
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"--config {path}: cannot read it as YAML ({exc.__class__.__name__})") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of keys to values, got {type(values).__name__}")
+    return values
+
+
+_FIELD_TYPES = {f.name: f.type for f in fields(EnsembleConfig)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """YAML gives ints for floats ('lr: 1' is fine) and strings for everything else."""
+    kind = _FIELD_TYPES[name]
+    if value is None:
+        return None
+    if "float" in kind and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if "float" in kind and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"--{_flag(name)} {value!r}: must be a number") from None
+    return value
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _check_int(cfg: EnsembleConfig, name: str, *, low: int) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"--{_flag(name)} {value!r}: must be a whole number >= {low}")
+    if value < low:
+        raise ConfigError(f"--{_flag(name)} {value}: must be >= {low}")
+
+
+def _check_number(cfg: EnsembleConfig, name: str, *, positive: bool) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"--{_flag(name)} {value!r}: must be a number")
+    if positive and value <= 0:
+        raise ConfigError(f"--{_flag(name)} {value}: must be > 0")
+    if not positive and value < 0:
+        raise ConfigError(f"--{_flag(name)} {value}: must be >= 0")
+
+
+def _check_choice(cfg: EnsembleConfig, name: str, allowed: tuple) -> None:
+    value = getattr(cfg, name)
+    if value not in allowed:
+        raise ConfigError(f"--{_flag(name)} {value!r}: choose one of {', '.join(allowed)}")

@@ -1,0 +1,187 @@
+"""From a folder of images to Ray Datasets: layout scan, bootstrap shards, decoding.
+
+Layout (as in the study): ROOT/train/<class>/*, ROOT/val/<class>/*, ROOT/test/* (flat).
+The driver only lists file names; images are read, decoded and transformed inside Ray Data
+tasks. Rows carry a stable ``id`` (position in sorted order), ``path``, ``image_name`` (file
+name without extension) and ``label`` (index of the class folder in sorted order; -1 for test).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+
+from ensemble import storage
+from ensemble.config import ConfigError
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+@dataclass(frozen=True)
+class DatasetIndex:
+    """File lists of the three splits; holds names, never pixels."""
+
+    root: str
+    classes: tuple[str, ...]
+    train: pa.Table
+    val: pa.Table
+    test: pa.Table
+
+    def sizes(self) -> dict:
+        return {"classes": len(self.classes), "train": self.train.num_rows,
+                "val": self.val.num_rows, "test": self.test.num_rows}
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def _image_files(folder: str) -> list[str]:
+    return [name for name, is_dir in storage.list_dir(folder) if not is_dir and _is_image(name)]
+
+
+def _class_dirs(split_dir: str) -> list[str]:
+    return [name for name, is_dir in storage.list_dir(split_dir) if is_dir and not name.startswith(".")]
+
+
+def _table(paths: list[str], labels: list[int]) -> pa.Table:
+    names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    return pa.table({
+        "id": pa.array(np.arange(len(paths), dtype=np.int64)),
+        "path": pa.array(paths, pa.string()),
+        "image_name": pa.array(names, pa.string()),
+        "label": pa.array(np.asarray(labels, dtype=np.int64)),
+    })
+
+
+def _labelled_split(root: str, split: str, classes: Optional[list[str]]) -> tuple[list[str], pa.Table]:
+    split_dir = storage.join(root, split)
+    if not storage.is_dir(split_dir):
+        raise ConfigError(f"--data {root}: no {split}/ folder; expected {split}/<class>/<images>")
+    found = _class_dirs(split_dir)
+    if not found:
+        raise ConfigError(f"--data {root}: {split}/ has no class folders; expected {split}/<class>/<images>")
+    if classes is None:
+        classes = found
+    else:
+        unknown = [c for c in found if c not in classes]
+        if unknown:
+            raise ConfigError(f"--data {root}: val/ has classes not in train/: {', '.join(unknown[:5])}")
+    paths, labels = [], []
+    for cls in found:
+        files = _image_files(storage.join(split_dir, cls))
+        if not files:
+            raise ConfigError(f"--data {root}: {split}/{cls}/ has no images ({', '.join(IMG_EXTENSIONS)})")
+        paths += [storage.join(split_dir, cls, f) for f in files]
+        labels += [classes.index(cls)] * len(files)
+    return classes, _table(paths, labels)
+
+
+def scan_layout(root: str) -> DatasetIndex:
+    """List the three splits; ConfigError with one clear line for a layout we cannot use."""
+    if not storage.is_dir(root):
+        raise ConfigError(f"--data {root}: no such folder")
+    classes, train = _labelled_split(root, "train", None)
+    _, val = _labelled_split(root, "val", classes)
+    test_dir = storage.join(root, "test")
+    if not storage.is_dir(test_dir):
+        raise ConfigError(f"--data {root}: no test/ folder; expected test/<images> (flat, unlabelled)")
+    test_files = _image_files(test_dir)
+    if not test_files:
+        raise ConfigError(f"--data {root}: test/ has no images ({', '.join(IMG_EXTENSIONS)})")
+    test = _table([storage.join(test_dir, f) for f in test_files], [-1] * len(test_files))
+    if not storage.is_uri(root):
+        root = os.path.abspath(root)
+    return DatasetIndex(root=root, classes=tuple(classes), train=train, val=val, test=test)
+
+
+# ---------------------------------------------------------------- Ray Data stages
+
+def quiet_ray_data() -> None:
+    """No per-dataset progress bars or start banners: members log one line per epoch instead."""
+    import logging
+
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.enable_auto_log_stats = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+
+
+def to_dataset(table: pa.Table, *, rows_per_block: int = 256):
+    """A Ray Dataset of file rows (no pixels yet)."""
+    import ray.data
+
+    blocks = max(1, min(64, -(-table.num_rows // rows_per_block)))
+    return ray.data.from_arrow(table, override_num_blocks=blocks)
+
+
+def repeat_rows(batch: dict, *, counts) -> dict:
+    """Repeat each row ``counts[id]`` times (0 drops it): a bootstrap sample of the batch."""
+    import ray
+
+    if isinstance(counts, ray.ObjectRef):
+        counts = ray.get(counts)
+    reps = counts[batch["id"]]
+    return {key: np.repeat(values, reps, axis=0) for key, values in batch.items()}
+
+
+def bootstrap_dataset(train_ds, counts_ref):
+    """Member shard: the training rows, each repeated by its bootstrap count."""
+    return train_ds.map_batches(repeat_rows, fn_kwargs={"counts": counts_ref}, batch_size=None,
+                                batch_format="numpy", num_cpus=0.25)
+
+
+def read_image(path: str):
+    """Decode one file to an RGB PIL image (grayscale, palette, RGBA and CMYK are converted)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(storage.read_bytes(path))) as img:
+        img.load()
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale: scale to 8 bits
+            arr = np.asarray(img, dtype=np.float32)
+            img = Image.fromarray((arr / max(arr.max(), 1.0) * 255).astype(np.uint8), mode="L")
+        return img.convert("RGB")
+
+
+@lru_cache(maxsize=8)
+def _transform(image_size: int, augment: Optional[str]):
+    from ensemble.transforms import eval_transform, train_transform
+
+    if augment is None:
+        return eval_transform(image_size=image_size)
+    return train_transform(image_size=image_size, augment=augment)
+
+
+def decode_batch(batch: dict, *, image_size: int, augment: Optional[str] = None,
+                 seed: Optional[int] = None) -> dict:
+    """Read, decode and transform a batch of file rows -> float32 ``image`` (B, 3, S, S).
+
+    ``augment=None`` applies the eval transform. With ``seed``, augmentation draws are seeded
+    from (seed, first row id) so a run is repeatable.
+    """
+    import torch
+
+    tf = _transform(image_size, augment)
+    if seed is not None and len(batch["id"]):
+        torch.manual_seed(int(np.random.SeedSequence([seed, int(batch["id"][0])]).generate_state(1)[0]))
+    images = np.stack([tf(read_image(p)).numpy() for p in batch["path"]]) if len(batch["path"]) else \
+        np.zeros((0, 3, image_size, image_size), np.float32)
+    return {"id": batch["id"], "label": batch["label"], "image": images}
+
+
+def decoded(ds, *, image_size: int, batch_size: int, augment: Optional[str] = None,
+            seed: Optional[int] = None, num_cpus: float = 1.0):
+    """Add the decode + transform stage to a dataset of file rows."""
+    return ds.map_batches(decode_batch, batch_size=batch_size, batch_format="numpy",
+                          fn_kwargs={"image_size": image_size, "augment": augment, "seed": seed},
+                          num_cpus=num_cpus)

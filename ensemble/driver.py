@@ -1,0 +1,341 @@
+"""Train a bagged ensemble on Ray and soft-vote its predictions.
+
+    python -m ensemble.driver                                  # bundled digits demo, CPU preset
+    python -m ensemble.driver --data DATA --output runs/exp1   # your images, the study's recipe
+    python -m ensemble.driver --dry-run --arch resnext101_64x4d --num-classes 100 --freeze layer1
+
+On a cluster (started with ``ray up cluster.yaml``) the same command joins it (``--address``
+or ``RAY_ADDRESS``; by default the local cluster if one is running, else a new local one).
+Stages: config -> ray.init -> data -> launch members -> gather -> vote -> report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ensemble import storage
+from ensemble.bootstrap import bootstrap_counts, member_seeds
+from ensemble.config import (AUGMENTS, CPU_PRESET, FREEZE_STAGES, ARCHS, ConfigError, EnsembleConfig,
+                             build_config, load_yaml)
+from ensemble.report import format_table, versions, write_outputs
+from ensemble.vote import accuracy
+
+log = logging.getLogger("ensemble.driver")
+DEFAULTS = EnsembleConfig()
+
+
+# ---------------------------------------------------------------- command line
+
+def _parser() -> argparse.ArgumentParser:
+    d = DEFAULTS
+    p = argparse.ArgumentParser(
+        prog="python -m ensemble.driver", argument_default=argparse.SUPPRESS,
+        description="Train N bootstrap members on Ray, soft-vote them, write predictions and a report. "
+                    "Without --data: the bundled digits demo with a CPU preset (flags still override).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data and outputs")
+    g.add_argument("--data", help="dataset root (local path or s3://...) with train/<class>/, val/<class>/, "
+                                  "test/ (default: bundled scikit-learn digits)")
+    g.add_argument("--output", help="results folder (default: runs/<timestamp>)")
+    g.add_argument("--config", metavar="FILE.yaml", help="YAML with the same keys as these flags; flags override")
+    g = p.add_argument_group("ensemble")
+    g.add_argument("--members", type=int, help=f"bagged models (default {d.members})")
+    g.add_argument("--bootstrap-size", type=int, help="rows drawn with replacement per member (default: train size)")
+    g.add_argument("--seed", type=int, help=f"run seed; member seeds derive from it (default {d.seed})")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", help=f"one of {', '.join(ARCHS)} (default {d.arch})")
+    g.add_argument("--weights", help="none, a torchvision weights name (IMAGENET1K_V1, DEFAULT) or a "
+                                     f"state-dict file (default {d.weights})")
+    g.add_argument("--freeze", help=f"freeze residual stages layer1..this one; one of {', '.join(FREEZE_STAGES)}; "
+                                    f"'stem' freezes the stem only (default {d.freeze}, the study's)")
+    g.add_argument("--freeze-stem", action="store_true", help="also freeze the stem (conv1 + bn1)")
+    g.add_argument("--num-classes", type=int, help="classes for --dry-run without --data")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, help=f"epochs per member (default {d.epochs})")
+    g.add_argument("--batch-size", type=int, help=f"images per step per member (default {d.batch_size})")
+    g.add_argument("--lr", type=float, help=f"Adam learning rate (default {d.lr})")
+    g.add_argument("--image-size", type=int, help=f"train crop size S; eval resizes to S*256/224 (default {d.image_size})")
+    g.add_argument("--augment", help=f"{' | '.join(AUGMENTS)}: seed = AutoAugment+RandomResizedCrop+flip; "
+                                     f"light = RandomResizedCrop(scale 0.6-1) only; none = eval transform "
+                                     f"(default {d.augment})")
+    g = p.add_argument_group("resources")
+    g.add_argument("--gpus-per-member", type=float, help="0, a fraction (0.25, 0.5) or whole GPUs "
+                                                         "(default: 1 if the cluster has GPUs, else 0)")
+    g.add_argument("--cpus-per-member", type=float, help=f"CPUs per member = its torch threads (default {d.cpus_per_member:g})")
+    g.add_argument("--infer-actors", type=int, help=f"soft-vote actor pool size (default {d.infer_actors})")
+    g.add_argument("--infer-batch-size", type=int, help=f"images per soft-vote batch (default {d.infer_batch_size})")
+    g.add_argument("--gpus-per-infer-actor", type=float, help="like --gpus-per-member")
+    g.add_argument("--cpus-per-infer-actor", type=float, help=f"CPUs per soft-vote actor (default {d.cpus_per_infer_actor:g})")
+    g.add_argument("--address", help="Ray cluster address (ray://..., host:port, auto); default: the running "
+                                     "local cluster or RAY_ADDRESS if any, else start a local one")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and parameter counts; train nothing")
+    return p
+
+
+def config_from_argv(argv: Optional[Sequence[str]]) -> tuple[EnsembleConfig, bool]:
+    """(config, dry_run). Precedence: defaults < CPU preset (no --data) < --config < flags."""
+    args = vars(_parser().parse_args(argv))
+    dry_run = args.pop("dry_run", False)
+    file_values = load_yaml(args.pop("config")) if "config" in args else {}
+    # The CPU preset is for the bundled demo; --num-classes without --data plans for your own data.
+    uses_bundled = all(k not in args and file_values.get(k) is None for k in ("data", "num_classes"))
+    cfg = build_config(preset=CPU_PRESET if uses_bundled else None, file_values=file_values, flag_values=args)
+    return cfg, dry_run
+
+
+# ---------------------------------------------------------------- stages
+
+def connect(address: Optional[str]):
+    import ray
+
+    if ray.is_initialized():
+        return None
+    kwargs = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if address:
+        kwargs["address"] = address
+    context = ray.init(**kwargs)
+    return getattr(context, "dashboard_url", None)
+
+
+def resolve_gpus(requested: Optional[float], cluster: dict, what: str) -> float:
+    """Auto -> 1 GPU when the cluster has any; check an explicit request can ever be met."""
+    import ray
+
+    total = cluster.get("GPU", 0.0)
+    if requested is None:
+        return 1.0 if total > 0 else 0.0
+    if requested > 0:
+        if total == 0:
+            raise ConfigError(f"--{what} {requested:g} but the cluster has no GPUs; use --{what} 0")
+        largest = max((n["Resources"].get("GPU", 0.0) for n in ray.nodes() if n["Alive"]), default=0.0)
+        if requested > largest:
+            raise ConfigError(f"--{what} {requested:g} but the largest node has {largest:g} GPU(s)")
+    return float(requested)
+
+
+def member_window(cfg: EnsembleConfig, cluster: dict, data_cpus: float) -> int:
+    """How many members run at once, leaving ``data_cpus`` for their decode tasks.
+
+    Members that hold every CPU would starve their own Ray Data tasks (a hang, not an error).
+    Past this window, members wait in line; within it, Ray itself queues those that do not fit.
+    """
+    cpus = cluster.get("CPU", 0.0)
+    return max(1, min(cfg.members, math.floor((cpus - data_cpus) / cfg.cpus_per_member + 1e-9)))
+
+
+def plan_lines(cfg: EnsembleConfig, params: dict, sizes: Optional[dict], num_classes: int) -> list[str]:
+    n_boot = cfg.bootstrap_size or (sizes["train"] if sizes else None)
+    gpus = "auto (1 if the cluster has GPUs)" if cfg.gpus_per_member is None else f"{cfg.gpus_per_member:g}"
+    lines = [
+        f"members          {cfg.members} x {cfg.arch} ({num_classes} classes), weights {cfg.weights}, "
+        f"freeze {cfg.freeze}{' + stem' if cfg.freeze_stem else ''}",
+        f"per member       {gpus} GPU, {cfg.cpus_per_member:g} CPU; {cfg.epochs} epochs, batch {cfg.batch_size}, "
+        f"Adam lr {cfg.lr:g}, image {cfg.image_size}, augment {cfg.augment}",
+        f"soft vote        {cfg.infer_actors} actor(s) x batch {cfg.infer_batch_size}",
+        f"parameters       {params['total']:,} total, {params['trainable']:,} trainable",
+    ]
+    if sizes:
+        lines.insert(1, f"data             {sizes['classes']} classes; train {sizes['train']}, val {sizes['val']}, "
+                        f"test {sizes['test']} images; bootstrap {n_boot} rows per member")
+    return lines
+
+
+def prepare_output(cfg: EnsembleConfig) -> str:
+    output = cfg.output or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    if storage.exists(output) and not storage.is_dir(output):
+        raise ConfigError(f"--output {output}: is a file; pass a folder")
+    try:
+        storage.makedirs(output)
+        probe = storage.join(output, ".write-check")
+        storage.write_text(probe, "")
+        fs, inner = storage.resolve(probe)
+        fs.delete_file(inner)
+    except OSError as exc:
+        raise ConfigError(f"--output {output}: not writable ({exc.__class__.__name__}); pick another folder") from None
+    return output
+
+
+def train_members(cfg: EnsembleConfig, *, output: str, train_ds, val_ds, seeds: list[int],
+                  n_train: int, initial_ref, num_classes: int, gpus: float, window: int):
+    """Launch every member (at most ``window`` at once), wait with ray.wait, gather.
+
+    Returns (summaries sorted by member, weight ObjectRefs in member order).
+    """
+    import ray
+
+    from ensemble.actors import MemberTrainer
+
+    n_samples = cfg.bootstrap_size or n_train
+    queue = list(range(cfg.members))
+    running: dict = {}   # summary ref -> (member, actor, weights ref)
+    summaries, weights = {}, {}
+    while queue or running:
+        while queue and len(running) < window:
+            i = queue.pop(0)
+            counts_ref = ray.put(bootstrap_counts(seeds[i], n_train, n_samples))
+            actor = MemberTrainer.options(name=f"ensemble-member-{i}", num_cpus=cfg.cpus_per_member,
+                                          num_gpus=gpus).remote(i, seeds[i], cfg, output)
+            summary_ref, weights_ref = actor.fit.remote(train_ds, val_ds, [counts_ref], initial_ref, num_classes)
+            running[summary_ref] = (i, actor, weights_ref)
+        done, _ = ray.wait(list(running), num_returns=1)
+        for ref in done:
+            i, actor, weights_ref = running.pop(ref)
+            summary = ray.get(ref)
+            ray.kill(actor)  # frees its resources; its returned weights stay in the object store
+            summaries[i], weights[i] = summary, weights_ref
+            log.info("member %d done: best val acc %.4f at epoch %d (%.0f s) [%d/%d]", i, summary["val_acc"],
+                     summary["best_epoch"], summary["seconds"], len(summaries), cfg.members)
+    order = sorted(summaries)
+    return [summaries[i] for i in order], [weights[i] for i in order]
+
+
+def soft_vote_stage(cfg: EnsembleConfig, table, *, weight_refs: list, num_classes: int, gpus: float):
+    """Ray Data inference: an actor pool of SoftVoters over file rows -> (ids, names, labels, probs)."""
+    import ray.data
+
+    from ensemble.actors import SoftVoter
+    from ensemble.data import to_dataset
+
+    ds = to_dataset(table, rows_per_block=cfg.infer_batch_size).map_batches(
+        SoftVoter, batch_size=cfg.infer_batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=cfg.infer_actors),
+        num_cpus=cfg.cpus_per_infer_actor, num_gpus=gpus,
+        fn_constructor_kwargs={"arch": cfg.arch, "num_classes": num_classes, "weight_refs": weight_refs,
+                               "image_size": cfg.image_size, "threads": cfg.cpus_per_infer_actor})
+    parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    ids = np.concatenate([p["id"] for p in parts])
+    order = np.argsort(ids, kind="stable")
+    return (ids[order], np.concatenate([p["image_name"] for p in parts])[order],
+            np.concatenate([p["label"] for p in parts])[order], np.concatenate([p["probs"] for p in parts])[order])
+
+
+# ---------------------------------------------------------------- main
+
+def dry_run(cfg: EnsembleConfig) -> int:
+    from ensemble.data import scan_layout
+    from ensemble.digits import ensure_digits
+    from ensemble.models import build_model, count_parameters, freeze
+
+    sizes = None
+    if cfg.data is not None or cfg.num_classes is None:
+        sizes = scan_layout(cfg.data or ensure_digits()).sizes()
+        if cfg.num_classes is not None and cfg.num_classes != sizes["classes"]:
+            raise ConfigError(f"--num-classes {cfg.num_classes} but the data has {sizes['classes']} classes")
+    num_classes = sizes["classes"] if sizes else cfg.num_classes
+    model = build_model(cfg.arch, num_classes)
+    freeze(model, cfg.freeze, freeze_stem=cfg.freeze_stem)
+    print("\n".join(plan_lines(cfg, count_parameters(model), sizes, num_classes)))
+    return 0
+
+
+def run(cfg: EnsembleConfig) -> dict:
+    """The whole pipeline; returns the report. Raises ConfigError for input the user can fix."""
+    import ray
+
+    from ensemble.data import scan_layout, to_dataset
+    from ensemble.digits import ensure_digits
+    from ensemble.models import build_model, count_parameters, freeze, load_initial_weights, resolve_weights
+
+    started = time.time()
+    # config -> data index (names only) -> output folder
+    index = scan_layout(cfg.data or ensure_digits())
+    num_classes = len(index.classes)
+    if cfg.num_classes is not None and cfg.num_classes != num_classes:
+        raise ConfigError(f"--num-classes {cfg.num_classes} but the data has {num_classes} classes")
+    initial_state = resolve_weights(cfg.arch, cfg.weights)
+    model = build_model(cfg.arch, num_classes)
+    load_initial_weights(model, initial_state)  # fails here, once, if the file is for another arch
+    freeze(model, cfg.freeze, freeze_stem=cfg.freeze_stem)
+    params = count_parameters(model)
+    del model
+    output = prepare_output(cfg)
+    seeds = member_seeds(cfg.seed, cfg.members)
+
+    # ray.init -> resources
+    dashboard = connect(cfg.address)
+    if dashboard:
+        log.info("Ray dashboard: http://%s", dashboard)
+    from ensemble.data import quiet_ray_data
+    quiet_ray_data()
+    cluster = ray.cluster_resources()
+    gpus = resolve_gpus(cfg.gpus_per_member, cluster, "gpus-per-member")
+    infer_gpus = resolve_gpus(cfg.gpus_per_infer_actor, cluster, "gpus-per-infer-actor")
+    from ensemble.actors import DATA_CPUS
+    window = member_window(cfg, cluster, DATA_CPUS)
+    resolved = dataclasses.replace(cfg, data=index.root, output=output, gpus_per_member=gpus,
+                                   gpus_per_infer_actor=infer_gpus)
+    _save_config(output, resolved, seeds)
+    for line in plan_lines(resolved, params, index.sizes(), num_classes):
+        log.info(line)
+    log.info("running up to %d member(s) at once on %g CPU / %g GPU", window, cluster.get("CPU", 0),
+             cluster.get("GPU", 0))
+
+    # data -> members -> gather
+    train_ds, val_ds = to_dataset(index.train), to_dataset(index.val)
+    initial_ref = ray.put(initial_state) if initial_state is not None else None
+    t_train = time.time()
+    summaries, weight_refs = train_members(
+        resolved, output=output, train_ds=train_ds, val_ds=val_ds, seeds=seeds, n_train=index.train.num_rows,
+        initial_ref=initial_ref, num_classes=num_classes, gpus=gpus, window=window)
+    t_vote = time.time()
+
+    # vote (val for the report, test for predictions) in one pass of the actor pool
+    import pyarrow as pa
+
+    both = pa.concat_tables([index.val, index.test.set_column(
+        0, "id", pa.array(index.test.column("id").to_numpy() + index.val.num_rows))])
+    ids, names, labels, probs = soft_vote_stage(resolved, both, weight_refs=weight_refs,
+                                                num_classes=num_classes, gpus=infer_gpus)
+    is_val = ids < index.val.num_rows
+    ens_val_acc = accuracy(probs[is_val], labels[is_val])
+
+    report = {
+        "members": [{k: v for k, v in s.items() if k not in ("val_ids", "val_probs")} for s in summaries],
+        "ensemble": {"val_acc": ens_val_acc,
+                     "mean_member_val_acc": float(np.mean([s["val_acc"] for s in summaries]))},
+        "params": params,
+        "data": {"root": index.root, "classes": list(index.classes), **index.sizes()},
+        "config": resolved.to_dict(),
+        "seeds": seeds,
+        "versions": versions(),
+        "seconds": {"total": time.time() - started, "train": t_vote - t_train, "vote": time.time() - t_vote},
+    }
+    write_outputs(output, image_names=names[~is_val], probs=probs[~is_val], classes=index.classes, report=report)
+    print(format_table(report["members"], ens_val_acc))
+    print(f"outputs in {output}: predictions.csv, probabilities.parquet, report.json, members/")
+    return report
+
+
+def _save_config(output: str, cfg: EnsembleConfig, seeds: list[int]) -> None:
+    import yaml
+
+    storage.write_text(storage.join(output, "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    storage.write_text(storage.join(output, "run.json"),
+                       json.dumps({"config": cfg.to_dict(), "member_seeds": seeds, "versions": versions()}, indent=2))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg, is_dry_run = config_from_argv(argv)
+        if is_dry_run:
+            return dry_run(cfg)
+        run(cfg)
+        return 0
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

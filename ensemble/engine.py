@@ -1,0 +1,74 @@
+"""The training loop as plain torch functions: a test (or a benchmark) calls them without Ray."""
+
+from __future__ import annotations
+
+import time
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # images (B, 3, S, S) float32, labels (B,) int64
+
+
+def pick_device(gpu_ids: list) -> torch.device:
+    """CUDA when Ray gave this process a GPU and CUDA exists; CPU otherwise (fake GPUs in tests)."""
+    if gpu_ids and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def train_one_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch.optim.Optimizer,
+                    device: torch.device) -> dict:
+    """One pass over ``batches``. Returns mean loss, accuracy, images and images/s."""
+    model.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    start = time.perf_counter()
+    for images, labels in batches:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        logits = model(images)
+        loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        n = labels.shape[0]
+        loss_sum += float(loss.detach()) * n
+        correct += int((logits.detach().argmax(1) == labels).sum())
+        seen += n
+    seconds = time.perf_counter() - start
+    return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1), "images": seen,
+            "seconds": seconds, "images_per_s": seen / seconds if seconds > 0 else 0.0}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+             device: torch.device) -> dict:
+    """Loss, accuracy and per-row softmax probabilities (sorted by row id) on labelled batches.
+
+    ``batches`` yields (ids, images, labels).
+    """
+    model.eval()
+    ids, probs, labels_all = [], [], []
+    for row_ids, images, labels in batches:
+        logits = model(images.to(device, non_blocking=True)).float()
+        probs.append(torch.softmax(logits, dim=1).cpu().numpy())
+        ids.append(np.asarray(row_ids))
+        labels_all.append(np.asarray(labels))
+    if not probs:
+        raise ValueError("evaluate got no batches")
+    ids_arr = np.concatenate(ids)
+    order = np.argsort(ids_arr, kind="stable")
+    prob_arr = np.concatenate(probs)[order]
+    label_arr = np.concatenate(labels_all)[order]
+    nll = float(-np.log(np.clip(prob_arr[np.arange(len(label_arr)), label_arr], 1e-12, None)).mean())
+    acc = float((prob_arr.argmax(1) == label_arr).mean())
+    return {"loss": nll, "acc": acc, "ids": ids_arr[order], "probs": prob_arr, "labels": label_arr}
+
+
+@torch.no_grad()
+def member_probabilities(models: list[nn.Module], images: torch.Tensor) -> torch.Tensor:
+    """Softmax outputs of every member on one batch: (members, B, classes), float32."""
+    return torch.stack([torch.softmax(m(images).float(), dim=1) for m in models])
