@@ -85,7 +85,7 @@ class MemberTrainer:
                    "val_acc": best["val_acc"], "val_loss": best["val_loss"], "history": history,
                    "node": ray.get_runtime_context().get_node_id(), "device": str(self.device),
                    "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-                   "seconds": time.time() - start,
+                   "seconds": time.time() - start, "started": start, "finished": time.time(),
                    "val_ids": best["ids"], "val_probs": best["probs"]}
         self._save(summary, best["state"])
         return summary, best["state"]

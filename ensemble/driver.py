@@ -258,10 +258,9 @@ def run(cfg: EnsembleConfig) -> dict:
     freeze(model, cfg.freeze, freeze_stem=cfg.freeze_stem)
     params = count_parameters(model)
     del model
-    output = prepare_output(cfg)
     seeds = member_seeds(cfg.seed, cfg.members)
 
-    # ray.init -> resources
+    # ray.init -> resources (checked before anything is written)
     dashboard = connect(cfg.address)
     if dashboard:
         log.info("Ray dashboard: http://%s", dashboard)
@@ -270,6 +269,7 @@ def run(cfg: EnsembleConfig) -> dict:
     cluster = ray.cluster_resources()
     gpus = resolve_gpus(cfg.gpus_per_member, cluster, "gpus-per-member")
     infer_gpus = resolve_gpus(cfg.gpus_per_infer_actor, cluster, "gpus-per-infer-actor")
+    output = prepare_output(cfg)
     from ensemble.actors import DATA_CPUS
     window = member_window(cfg, cluster, DATA_CPUS)
     resolved = dataclasses.replace(cfg, data=index.root, output=output, gpus_per_member=gpus,
@@ -304,7 +304,7 @@ def run(cfg: EnsembleConfig) -> dict:
         "ensemble": {"val_acc": ens_val_acc,
                      "mean_member_val_acc": float(np.mean([s["val_acc"] for s in summaries]))},
         "params": params,
-        "data": {"root": index.root, "classes": list(index.classes), **index.sizes()},
+        "data": {"root": index.root, **index.sizes(), "class_names": list(index.classes)},
         "config": resolved.to_dict(),
         "seeds": seeds,
         "versions": versions(),

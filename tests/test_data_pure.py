@@ -1,0 +1,353 @@
+"""Pure parts of the data path (no Ray started): layout scan, image decoding, bootstrap repeat,
+report tables and the bundled digits tree."""
+
+import io
+import os
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from ensemble.config import ConfigError
+from ensemble.data import decode_batch, read_image, repeat_rows, scan_layout
+from ensemble.digits import ensure_digits
+from ensemble.report import predictions_csv, probabilities_table
+
+
+# ------------------------------------------------------------------ a tiny ImageFolder
+
+def _rgb(path, size=(20, 16), seed=0):
+    arr = np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(arr).save(path)
+
+
+def _gray(path, size=(12, 18)):
+    Image.fromarray(np.arange(size[0] * size[1], dtype=np.uint8).reshape(size[1], size[0])).save(path)
+
+
+def _rgba(path, size=(16, 16)):
+    arr = np.zeros((size[1], size[0], 4), np.uint8)
+    arr[..., 0] = 200
+    arr[..., 3] = 128
+    Image.fromarray(arr).save(path)
+
+
+def _gray16(path, size=(10, 10)):
+    arr = (np.arange(size[0] * size[1], dtype=np.uint16).reshape(size[1], size[0]) * 600)
+    Image.fromarray(arr).save(path)  # 16-bit grayscale PNG
+
+
+@pytest.fixture
+def tree(tmp_path):
+    root = tmp_path / "ds"
+    for split in ("train", "val"):
+        for cls in ("b", "a"):  # created out of order on purpose
+            (root / split / cls).mkdir(parents=True)
+    _rgb(root / "train" / "a" / "a2.png", seed=1)
+    _rgb(root / "train" / "a" / "a1.jpg", seed=2)
+    _gray(root / "train" / "a" / "a3_gray.png")
+    _rgba(root / "train" / "b" / "b1_rgba.png")
+    _gray16(root / "train" / "b" / "b2_16bit.png")
+    (root / "train" / "b" / "notes.txt").write_text("not an image")
+    _rgb(root / "val" / "a" / "va.jpeg", seed=3)
+    _rgb(root / "val" / "b" / "vb.png", seed=4)
+    (root / "test").mkdir()
+    _rgb(root / "test" / "t2.png", seed=5)
+    _rgb(root / "test" / "t1.JPG", seed=6)
+    _gray(root / "test" / "t3.png")
+    return root
+
+
+def test_fixture_image_modes(tree):
+    with Image.open(tree / "train" / "a" / "a3_gray.png") as im:
+        assert im.mode == "L"
+    with Image.open(tree / "train" / "b" / "b1_rgba.png") as im:
+        assert im.mode == "RGBA"
+    with Image.open(tree / "train" / "b" / "b2_16bit.png") as im:
+        assert im.mode in ("I;16", "I")
+
+
+# ------------------------------------------------------------------ scan_layout
+
+def test_scan_layout(tree):
+    index = scan_layout(str(tree))
+    assert index.root == os.path.abspath(str(tree))
+    assert index.classes == ("a", "b")
+    assert index.sizes() == {"classes": 2, "train": 5, "val": 2, "test": 3}
+
+    train = index.train.to_pydict()
+    assert set(index.train.column_names) == {"id", "path", "image_name", "label"}
+    assert train["id"] == [0, 1, 2, 3, 4]
+    assert train["image_name"] == ["a1", "a2", "a3_gray", "b1_rgba", "b2_16bit"]
+    assert train["label"] == [0, 0, 0, 1, 1]
+    assert train["path"] == [str(tree / "train" / "a" / n) for n in ("a1.jpg", "a2.png", "a3_gray.png")] + \
+        [str(tree / "train" / "b" / n) for n in ("b1_rgba.png", "b2_16bit.png")]
+    assert index.train.schema.field("id").type == pa.int64()
+    assert index.train.schema.field("label").type == pa.int64()
+
+    val = index.val.to_pydict()
+    assert val["id"] == [0, 1]
+    assert val["image_name"] == ["va", "vb"]
+    assert val["label"] == [0, 1]
+
+    test = index.test.to_pydict()
+    assert test["id"] == [0, 1, 2]
+    assert test["image_name"] == ["t1", "t2", "t3"]
+    assert test["label"] == [-1, -1, -1]
+    assert test["path"] == [str(tree / "test" / n) for n in ("t1.JPG", "t2.png", "t3.png")]
+
+
+def test_scan_layout_labels_follow_train_classes_when_val_has_a_subset(tree):
+    shutil.rmtree(tree / "val" / "a")
+    index = scan_layout(str(tree))
+    assert index.classes == ("a", "b")
+    assert index.val.to_pydict()["label"] == [1]   # "b" keeps its train index
+
+
+def test_scan_layout_ignores_hidden_folders(tree):
+    (tree / "train" / ".cache").mkdir()
+    assert scan_layout(str(tree)).classes == ("a", "b")
+
+
+@pytest.mark.parametrize("breakage,needle", [
+    ("missing_root", "no such folder"),
+    ("no_train", "no train/"),
+    ("no_val", "no val/"),
+    ("empty_class", "train/c/ has no images"),
+    ("train_no_classes", "train/ has no class folders"),
+    ("val_unknown_class", "val/ has classes not in train/: z"),
+    ("no_test", "no test/"),
+    ("empty_test", "test/ has no images"),
+])
+def test_scan_layout_errors(tree, breakage, needle):
+    root = tree
+    if breakage == "missing_root":
+        root = tree.parent / "nowhere"
+    elif breakage == "no_train":
+        shutil.rmtree(tree / "train")
+    elif breakage == "no_val":
+        shutil.rmtree(tree / "val")
+    elif breakage == "empty_class":
+        (tree / "train" / "c").mkdir()
+        (tree / "train" / "c" / "readme.txt").write_text("no images here")
+    elif breakage == "train_no_classes":
+        shutil.rmtree(tree / "train")
+        (tree / "train").mkdir()
+    elif breakage == "val_unknown_class":
+        (tree / "val" / "z").mkdir()
+        _rgb(tree / "val" / "z" / "z.png")
+    elif breakage == "no_test":
+        shutil.rmtree(tree / "test")
+    elif breakage == "empty_test":
+        shutil.rmtree(tree / "test")
+        (tree / "test").mkdir()
+        (tree / "test" / "sub").mkdir()
+        _rgb(tree / "test" / "sub" / "nested.png")   # not flat: does not count
+    with pytest.raises(ConfigError) as info:
+        scan_layout(str(root))
+    msg = str(info.value)
+    assert msg.startswith("--data ")
+    assert needle in msg
+
+
+# ------------------------------------------------------------------ read_image
+
+@pytest.mark.parametrize("rel", ["train/a/a1.jpg", "train/a/a2.png", "train/a/a3_gray.png",
+                                 "train/b/b1_rgba.png", "train/b/b2_16bit.png"])
+def test_read_image_is_rgb(tree, rel):
+    img = read_image(str(tree / rel))
+    assert isinstance(img, Image.Image)
+    assert img.mode == "RGB"
+    with Image.open(tree / rel) as src:
+        assert img.size == src.size
+
+
+def test_read_image_gray_values_kept(tree):
+    img = np.asarray(read_image(str(tree / "train" / "a" / "a3_gray.png")))
+    expected = np.arange(12 * 18, dtype=np.uint8).reshape(18, 12)
+    for c in range(3):
+        np.testing.assert_array_equal(img[..., c], expected)
+
+
+def test_read_image_16bit_scaled_to_8bit(tree):
+    img = np.asarray(read_image(str(tree / "train" / "b" / "b2_16bit.png")))
+    assert img.dtype == np.uint8
+    assert img.min() == 0 and img.max() == 255
+    assert img[0, 1, 0] == int(600 / (99 * 600) * 255)  # linear scaling by the image maximum
+
+
+def test_read_image_palette(tmp_path):
+    path = tmp_path / "p.png"
+    Image.new("RGB", (8, 8), (10, 200, 30)).convert("P").save(path)
+    img = read_image(str(path))
+    assert img.mode == "RGB"
+
+
+# ------------------------------------------------------------------ decode_batch
+
+def _batch(index_table):
+    d = index_table.to_pydict()
+    return {"id": np.asarray(d["id"], np.int64), "path": np.asarray(d["path"], dtype=object),
+            "label": np.asarray(d["label"], np.int64)}
+
+
+@pytest.mark.parametrize("augment", [None, "seed", "light", "none"])
+def test_decode_batch_shape_and_dtype(tree, augment):
+    batch = _batch(scan_layout(str(tree)).train)
+    out = decode_batch(batch, image_size=32, augment=augment, seed=0)
+    assert set(out) == {"id", "label", "image"}
+    assert out["image"].dtype == np.float32
+    assert out["image"].shape == (5, 3, 32, 32)
+    np.testing.assert_array_equal(out["id"], batch["id"])
+    np.testing.assert_array_equal(out["label"], batch["label"])
+
+
+@pytest.mark.parametrize("augment", ["seed", "light"])
+def test_decode_batch_seeded_augmentation_is_repeatable(tree, augment):
+    batch = _batch(scan_layout(str(tree)).train)
+    a = decode_batch(batch, image_size=32, augment=augment, seed=7)["image"]
+    b = decode_batch(batch, image_size=32, augment=augment, seed=7)["image"]
+    np.testing.assert_array_equal(a, b)
+    c = decode_batch(batch, image_size=32, augment=augment, seed=8)["image"]
+    assert not np.array_equal(a, c)
+
+
+def test_decode_batch_eval_is_deterministic_without_seed(tree):
+    batch = _batch(scan_layout(str(tree)).val)
+    a = decode_batch(batch, image_size=32)["image"]
+    b = decode_batch(batch, image_size=32)["image"]
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (2, 3, 32, 32)
+
+
+def test_decode_batch_empty(tree):
+    out = decode_batch({"id": np.zeros(0, np.int64), "path": np.zeros(0, dtype=object),
+                        "label": np.zeros(0, np.int64)}, image_size=32, augment="seed", seed=1)
+    assert out["image"].shape == (0, 3, 32, 32)
+    assert out["image"].dtype == np.float32
+
+
+# ------------------------------------------------------------------ repeat_rows
+
+def test_repeat_rows_repeats_by_counts():
+    batch = {"id": np.array([2, 0, 3, 1], np.int64),
+             "path": np.array(["p2", "p0", "p3", "p1"], dtype=object),
+             "label": np.array([20, 0, 30, 10], np.int64)}
+    counts = np.array([1, 0, 3, 2], np.int64)   # indexed by id, not position
+    out = repeat_rows(batch, counts=counts)
+    np.testing.assert_array_equal(out["id"], [2, 2, 2, 0, 3, 3])
+    assert out["path"].tolist() == ["p2", "p2", "p2", "p0", "p3", "p3"]
+    np.testing.assert_array_equal(out["label"], [20, 20, 20, 0, 30, 30])
+    import ray
+
+    assert not ray.is_initialized()   # a plain array never touches Ray
+
+
+def test_repeat_rows_with_bootstrap_counts_sums():
+    from ensemble.bootstrap import bootstrap_counts
+
+    n = 50
+    counts = bootstrap_counts(3, n, n)
+    batch = {"id": np.arange(n, dtype=np.int64), "x": np.arange(n, dtype=np.float64) * 2}
+    out = repeat_rows(batch, counts=counts)
+    assert len(out["id"]) == n
+    np.testing.assert_array_equal(np.bincount(out["id"], minlength=n), counts)
+    np.testing.assert_array_equal(out["x"], out["id"] * 2.0)
+
+
+def test_repeat_rows_multidimensional_column():
+    batch = {"id": np.array([0, 1]), "image": np.arange(8).reshape(2, 2, 2)}
+    out = repeat_rows(batch, counts=np.array([2, 1]))
+    assert out["image"].shape == (3, 2, 2)
+    np.testing.assert_array_equal(out["image"][1], batch["image"][0])
+    np.testing.assert_array_equal(out["image"][2], batch["image"][1])
+
+
+# ------------------------------------------------------------------ report tables
+
+PROBS = np.array([[0.1, 0.7, 0.2], [0.6, 0.3, 0.1], [0.2, 0.2, 0.6]])
+CLASSES = ("cat", "dog", "owl")
+NAMES = ["img1", "img2", "img3"]
+
+
+def test_predictions_csv():
+    text = predictions_csv(NAMES, PROBS, CLASSES)
+    assert text == "image_name,pred_label\nimg1,dog\nimg2,cat\nimg3,owl\n"
+
+
+def test_predictions_csv_quotes_awkward_names():
+    text = predictions_csv(['a,b', 'say "hi"'], PROBS[:2], ("x,y", "plain", "z"))
+    assert text.splitlines() == ["image_name,pred_label", '"a,b",plain', '"say ""hi""","x,y"']
+
+
+def test_predictions_csv_empty():
+    assert predictions_csv([], np.zeros((0, 3)), CLASSES) == "image_name,pred_label\n"
+
+
+def test_probabilities_table():
+    table = probabilities_table(NAMES, PROBS, CLASSES)
+    assert table.column_names == ["image_name", "cat", "dog", "owl"]
+    assert table.schema.field("image_name").type == pa.string()
+    for cls in CLASSES:
+        assert table.schema.field(cls).type == pa.float32()
+    assert table.column("image_name").to_pylist() == NAMES
+    np.testing.assert_allclose(table.column("dog").to_numpy(), [0.7, 0.3, 0.2], rtol=1e-6)
+    # round-trips through parquet
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    back = pq.read_table(io.BytesIO(buf.getvalue()))
+    assert back.equals(table)
+
+
+def test_probabilities_table_integer_class_names_become_strings():
+    table = probabilities_table(["x"], np.array([[0.25, 0.75]]), [0, 1])
+    assert table.column_names == ["image_name", "0", "1"]
+
+
+# ------------------------------------------------------------------ bundled digits
+
+def test_ensure_digits_builds_tree_and_is_idempotent(tmp_path):
+    root = tmp_path / "d"
+    out = ensure_digits(root)
+    assert os.path.samefile(out, root)
+    assert (root / "DONE").exists()
+
+    index = scan_layout(str(root))
+    assert index.classes == tuple(str(i) for i in range(10))
+    sizes = index.sizes()
+    assert sizes["train"] + sizes["val"] + sizes["test"] == 1797
+    # stratified 60/20/20
+    assert abs(sizes["train"] - 0.6 * 1797) <= 10
+    assert abs(sizes["val"] - 0.2 * 1797) <= 10
+    assert set(index.train.to_pydict()["label"]) == set(range(10))
+    assert set(index.val.to_pydict()["label"]) == set(range(10))
+    names = (index.train.to_pydict()["image_name"] + index.val.to_pydict()["image_name"]
+             + index.test.to_pydict()["image_name"])
+    assert len(set(names)) == 1797   # every scan exactly once
+    with Image.open(index.test.to_pydict()["path"][0]) as im:
+        assert im.size == (8, 8) and im.mode == "L"
+
+    labels_csv = (root / "test_labels.csv").read_text().splitlines()
+    assert labels_csv[0] == "image_name,label"
+    assert len(labels_csv) - 1 == sizes["test"]
+    assert sorted(line.split(",")[0] for line in labels_csv[1:]) == sorted(index.test.to_pydict()["image_name"])
+
+    def snapshot():
+        return {os.path.relpath(os.path.join(d, f), root): os.stat(os.path.join(d, f)).st_mtime_ns
+                for d, _, files in os.walk(root) for f in files}
+
+    before = snapshot()
+    assert len(before) == 1797 + 2   # the PNGs, test_labels.csv and DONE
+    assert os.path.samefile(ensure_digits(root), root)
+    assert snapshot() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["d"]  # no temporary folders left behind
+
+
+def test_ensure_digits_respects_cache_env(tmp_path, monkeypatch):
+    from ensemble.digits import VERSION, cache_root
+
+    monkeypatch.setenv("ENSEMBLE_CACHE", str(tmp_path / "cache"))
+    assert cache_root() == os.path.join(str(tmp_path / "cache"), VERSION)

@@ -1,0 +1,150 @@
+"""End to end on a small local Ray cluster with real image files.
+
+The distributed result is checked against a sequential recomputation without Ray: the
+ensemble's val accuracy from the members' own val probabilities, and the test probabilities
+from the saved member weights run in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from ensemble.bootstrap import member_seeds  # noqa: E402
+from ensemble.config import CPU_PRESET, build_config  # noqa: E402
+from ensemble.data import decode_batch, scan_layout  # noqa: E402
+from ensemble.models import make_member_model  # noqa: E402
+from ensemble.vote import accuracy, soft_vote  # noqa: E402
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # One fake GPU: members asking 0.5 share it; torch sees no CUDA and trains on CPU.
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def _config(data, output, **overrides):
+    values = {**CPU_PRESET, "image_size": 16, "epochs": 2, "members": 3, "batch_size": 16,
+              "gpus_per_member": 0, "gpus_per_infer_actor": 0, "infer_batch_size": 16, **overrides}
+    return build_config(flag_values={"data": data, "output": str(output), **values})
+
+
+@pytest.fixture(scope="module")
+def run(cluster, tiny_digits, tmp_path_factory):
+    from ensemble.driver import run as run_pipeline
+
+    output = tmp_path_factory.mktemp("run")
+    cfg = _config(tiny_digits, output, seed=7)
+    report = run_pipeline(cfg)
+    return cfg, report, str(output)
+
+
+def test_outputs_exist(run):
+    cfg, report, output = run
+    for name in ("predictions.csv", "probabilities.parquet", "report.json", "config.yaml", "run.json"):
+        assert os.path.isfile(os.path.join(output, name)), name
+    for i in range(cfg.members):
+        folder = os.path.join(output, "members", f"member-{i}")
+        assert sorted(os.listdir(folder)) == ["member.json", "model.pt", "val_probs.npz"]
+    on_disk = json.load(open(os.path.join(output, "report.json")))
+    assert on_disk["ensemble"]["val_acc"] == report["ensemble"]["val_acc"]
+    assert on_disk["params"]["total"] == on_disk["params"]["trainable"] > 0
+    assert on_disk["config"]["members"] == 3 and on_disk["config"]["data"] == os.path.abspath(cfg.data)
+
+
+def test_members_recorded(run, tiny_digits):
+    cfg, report, _ = run
+    members = report["members"]
+    assert [m["member"] for m in members] == list(range(cfg.members))
+    assert [m["seed"] for m in members] == member_seeds(7, cfg.members)
+    for m in members:
+        assert [h["epoch"] for h in m["history"]] == [1, 2]
+        assert m["val_acc"] == max(h["val_acc"] for h in m["history"])
+        assert m["history"][m["best_epoch"] - 1]["val_acc"] == m["val_acc"]
+        assert m["device"] == "cpu"
+
+
+def test_predictions_are_argmax_of_probabilities(run, tiny_digits):
+    _, _, output = run
+    index = scan_layout(tiny_digits)
+    table = pq.read_table(os.path.join(output, "probabilities.parquet"))
+    assert table.column_names == ["image_name", *index.classes]
+    probs = np.stack([table.column(c).to_numpy() for c in index.classes], axis=1)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    lines = open(os.path.join(output, "predictions.csv")).read().splitlines()
+    assert lines[0] == "image_name,pred_label"
+    rows = [line.split(",") for line in lines[1:]]
+    assert [r[0] for r in rows] == table.column("image_name").to_pylist()
+    assert sorted(r[0] for r in rows) == sorted(index.test.column("image_name").to_pylist())
+    assert [r[1] for r in rows] == [index.classes[k] for k in probs.argmax(axis=1)]
+
+
+def test_ensemble_val_acc_equals_sequential_soft_vote(run, tiny_digits):
+    cfg, report, output = run
+    index = scan_layout(tiny_digits)
+    member_probs = []
+    for i in range(cfg.members):
+        saved = np.load(os.path.join(output, "members", f"member-{i}", "val_probs.npz"))
+        assert saved["ids"].tolist() == list(range(index.val.num_rows))
+        member_probs.append(saved["probs"])
+    labels = index.val.column("label").to_numpy()
+    expected = accuracy(soft_vote(np.stack(member_probs)), labels)
+    assert report["ensemble"]["val_acc"] == pytest.approx(expected, abs=1e-12)
+    # Each member's val accuracy is what its own probabilities say.
+    for m, p in zip(report["members"], member_probs):
+        assert m["val_acc"] == pytest.approx(accuracy(p, labels), abs=1e-12)
+
+
+def test_test_probabilities_equal_sequential_inference(run, tiny_digits):
+    """The Ray Data soft-vote stage == the saved members run one after another in this process."""
+    cfg, _, output = run
+    index = scan_layout(tiny_digits)
+    batch = {k: index.test.column(k).to_numpy(zero_copy_only=False) for k in ("id", "path", "label")}
+    images = torch.from_numpy(decode_batch(batch, image_size=cfg.image_size)["image"])
+    member_probs = []
+    for i in range(cfg.members):
+        model = make_member_model(cfg.arch, len(index.classes), None, "none")
+        model.load_state_dict(torch.load(os.path.join(output, "members", f"member-{i}", "model.pt"),
+                                         weights_only=True))
+        with torch.no_grad():
+            member_probs.append(torch.softmax(model.eval()(images), dim=1).numpy())
+    expected = soft_vote(np.stack(member_probs))
+    table = pq.read_table(os.path.join(output, "probabilities.parquet"))
+    got = np.stack([table.column(c).to_numpy() for c in index.classes], axis=1)
+    order = {n: k for k, n in enumerate(table.column("image_name").to_pylist())}
+    got = got[[order[n] for n in index.test.column("image_name").to_pylist()]]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_fractional_gpus_share_one_fake_gpu(cluster, tiny_digits, tmp_path):
+    """Two members asking 0.5 GPU run at the same time on the one (fake) GPU and train on CPU."""
+    from ensemble.driver import run as run_pipeline
+
+    cfg = _config(tiny_digits, tmp_path, members=2, epochs=1, gpus_per_member=0.5,
+                  gpus_per_infer_actor=0.5)
+    report = run_pipeline(cfg)
+    members = report["members"]
+    assert [m["gpu_ids"] for m in members] == [["0"], ["0"]]
+    assert all(m["device"] == "cpu" for m in members)
+    assert max(m["started"] for m in members) < min(m["finished"] for m in members), "members did not overlap"
+    assert report["config"]["gpus_per_member"] == 0.5
+
+
+def test_gpu_request_beyond_cluster_is_refused(cluster, tiny_digits, tmp_path):
+    from ensemble.config import ConfigError
+    from ensemble.driver import run as run_pipeline
+
+    with pytest.raises(ConfigError, match="largest node has 1 GPU"):
+        run_pipeline(_config(tiny_digits, tmp_path / "out", gpus_per_member=2))
+    assert not (tmp_path / "out").exists(), "a refused run must not leave an output folder"
