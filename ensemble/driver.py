@@ -88,7 +88,8 @@ def config_from_argv(argv: Optional[Sequence[str]]) -> tuple[EnsembleConfig, boo
     dry_run = args.pop("dry_run", False)
     file_values = load_yaml(args.pop("config")) if "config" in args else {}
     # The CPU preset is for the bundled demo; --num-classes without --data plans for your own data.
-    uses_bundled = all(k not in args and file_values.get(k) is None for k in ("data", "num_classes"))
+    named = {k.replace("-", "_") for k, v in file_values.items() if v is not None} | set(args)
+    uses_bundled = not named & {"data", "num_classes"}
     cfg = build_config(preset=CPU_PRESET if uses_bundled else None, file_values=file_values, flag_values=args)
     return cfg, dry_run
 

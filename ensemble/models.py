@@ -37,6 +37,8 @@ def resolve_weights(arch: str, weights: str) -> Optional[dict]:
     """
     if weights.lower() == "none":
         return None
+    if arch not in _REGISTRY:
+        raise ConfigError(f"--arch {arch!r}: choose one of {', '.join(ARCHS)}")
     _, enum = _REGISTRY[arch]
     if os.path.exists(weights):
         return load_state_dict_file(weights)

@@ -262,10 +262,6 @@ def test_cli_config_file_freeze_stem_not_overridden_by_absent_flag(tmp_path):
     assert cfg.freeze_stem is True
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "config_from_argv decides whether to apply the CPU preset with file_values.get('num_classes'/'data'), "
-    "so a hyphenated 'num-classes: 100' in a --config YAML (accepted by build_config) is not seen and the "
-    "resnet18 CPU preset is applied, unlike --num-classes on the command line or 'num_classes: 100'"))
 def test_cli_config_file_hyphenated_num_classes_gives_recipe_defaults(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("num-classes: 100\n")

@@ -1,0 +1,148 @@
+"""The one-page Markdown report a person reads first (pure string building; no Ray, no torch)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Mapping
+
+FIGURE_TITLES = {
+    "training_curves": "Training curves",
+    "size_curve": "Accuracy and NLL vs ensemble size",
+    "reliability": "Reliability diagram (ensemble)",
+    "confusion_matrix": "Confusion matrix (ensemble)",
+}
+METRIC_COLUMNS = (("nll", "NLL"), ("ece", "ECE"), ("brier", "Brier"))
+
+
+def render_report_md(report: Mapping[str, Any], figures: Mapping[str, str]) -> str:
+    """Markdown: headline, members-vs-ensemble table, figures, config table and phase times.
+
+    Keys read from ``report`` (everything marked optional may be missing or None):
+      report["members"]: list, one per member, of
+          "member" (int), "seed" (int), "val_acc" (float), "best_epoch" (int),
+          "metrics" (optional): ``metrics.summary_metrics`` output (accuracy, nll, ece, brier),
+          "oob_acc" (optional): the member's out-of-bag accuracy
+      report["ensemble"]:
+          "val_acc" (float),
+          "metrics" (optional): ``metrics.summary_metrics`` of the ensemble's vote,
+          "oob" (optional): ``metrics.oob_scores`` output (reads acc, n_rows_scored, n_rows_without_oob),
+          "size_curve" (optional): ``metrics.size_curve`` output (reads k, accuracy),
+          "vote" (optional): "soft" | "hard", default "soft",
+          "bagging" (optional): "bootstrap" | "full", default "bootstrap"
+      report["data"] (optional): "classes", "train", "val", "test" row counts
+      report["config"] (optional): flat dict of the resolved config
+      report["seconds"] (optional): phase name -> seconds, in display order
+    ``figures``: figure name -> file name relative to the report's folder, shown in the order
+    given; the names in FIGURE_TITLES get a readable heading, others their own name.
+    NaN and None values print as an en dash.
+    """
+    members = list(report.get("members") or [])
+    ensemble = report.get("ensemble") or {}
+    vote = ensemble.get("vote") or "soft"
+    bagging = ensemble.get("bagging") or "bootstrap"
+    lines = ["# Ensemble report", ""]
+    lines += _headline(members, ensemble, vote, bagging, report.get("data"))
+    lines += ["", "## Members vs ensemble", ""] + _score_table(members, ensemble, vote)
+    if figures:
+        lines += ["", "## Figures"]
+        for name, file in figures.items():
+            title = FIGURE_TITLES.get(name, name.replace("_", " "))
+            lines += ["", f"### {title}", "", f"![{title}]({file})"]
+    config = report.get("config")
+    if config:
+        lines += ["", "## Config", ""] + _config_table(config)
+    seconds = report.get("seconds")
+    if seconds:
+        lines += ["", "## Time per phase", "", "| phase | time |", "|---|---:|"]
+        lines += [f"| {_cell(phase)} | {_duration(s)} |" for phase, s in seconds.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _headline(members: list, ensemble: Mapping, vote: str, bagging: str, data) -> list[str]:
+    out = []
+    accs = [m["val_acc"] for m in members if _is_number(m.get("val_acc"))]
+    what = f"{len(members)} member(s), {bagging} bagging, {vote} vote"
+    if accs and _is_number(ensemble.get("val_acc")):
+        mean = sum(accs) / len(accs)
+        gain = 100 * (ensemble["val_acc"] - mean)
+        out.append(f"**Validation accuracy {_num(ensemble['val_acc'])}** for the ensemble ({what}) vs "
+                   f"{_num(mean)} for the mean member ({gain:+.1f} points) and {_num(max(accs))} for the best.")
+    else:
+        out.append(f"Ensemble of {what}; validation accuracy {_num(ensemble.get('val_acc'))}.")
+    oob = ensemble.get("oob")
+    if oob:
+        out += ["", f"Out-of-bag accuracy {_num(oob.get('acc'))} on {oob.get('n_rows_scored', '–')} training "
+                    f"rows ({oob.get('n_rows_without_oob', '–')} rows drawn by every member are left out)."]
+    curve = ensemble.get("size_curve")
+    if curve and curve.get("accuracy"):
+        acc = curve["accuracy"] if len(curve["accuracy"]) <= 12 else [curve["accuracy"][0], curve["accuracy"][-1]]
+        out += ["", f"Accuracy with 1 → {curve['k'][-1]} members (member order): "
+                    + " → ".join(_num(a) for a in acc) + "."]
+    if data:
+        out += ["", f"Data: {data.get('classes', '–')} classes; {data.get('train', '–')} train, "
+                    f"{data.get('val', '–')} validation, {data.get('test', '–')} test images."]
+    return out
+
+
+def _score_table(members: list, ensemble: Mapping, vote: str) -> list[str]:
+    has_oob = any(m.get("oob_acc") is not None for m in members) or bool(ensemble.get("oob"))
+    header = ["", "seed", "best epoch", "val acc"] + [title for _, title in METRIC_COLUMNS]
+    header += ["OOB acc"] if has_oob else []
+    rows = [header, ["---"] + ["---:"] * (len(header) - 1)]
+
+    def scores(entry: Mapping, oob) -> list[str]:
+        m = entry.get("metrics") or {}
+        return [_num(entry.get("val_acc"))] + [_num(m.get(key)) for key, _ in METRIC_COLUMNS] + (
+            [_num(oob)] if has_oob else [])
+
+    for m in members:
+        rows.append([f"member {m.get('member', '–')}", _cell(m.get("seed")), _cell(m.get("best_epoch"))]
+                    + scores(m, m.get("oob_acc")))
+    if len(members) > 1:
+        mean = {"val_acc": _mean([m.get("val_acc") for m in members]),
+                "metrics": {k: _mean([(m.get("metrics") or {}).get(k) for m in members]) for k, _ in METRIC_COLUMNS}}
+        rows.append(["mean of members", "", ""] + scores(mean, _mean([m.get("oob_acc") for m in members])))
+    oob = (ensemble.get("oob") or {}).get("acc")
+    rows.append([f"**ensemble ({vote} vote)**", "", ""] + [f"**{s}**" for s in scores(ensemble, oob)])
+    return ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _config_table(config: Mapping[str, Any]) -> list[str]:
+    """Two key/value pairs per row keeps ~20 settings on one screen."""
+    items = [(_cell(k), f"`{_cell(v)}`" if v is not None else "–") for k, v in config.items()]
+    rows = ["| setting | value | setting | value |", "|---|---|---|---|"]
+    for i in range(0, len(items), 2):
+        pair = items[i:i + 2] + [("", "")] * (2 - len(items[i:i + 2]))
+        rows.append("| " + " | ".join(f"{k} | {v}" for k, v in pair) + " |")
+    return rows
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if _is_number(v)]
+    return sum(values) / len(values) if values else None
+
+
+def _num(x) -> str:
+    return f"{x:.4f}" if _is_number(x) else "–"
+
+
+def _cell(x) -> str:
+    """A value as table-cell text: pipes escaped, newlines flattened."""
+    if x is None:
+        return "–"
+    return str(x).replace("|", "\\|").replace("\n", " ")
+
+
+def _duration(seconds) -> str:
+    if not _is_number(seconds):
+        return "–"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, s = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min {s:02d} s" if hours else f"{minutes} min {s:02d} s"
