@@ -54,6 +54,7 @@ class EnsembleConfig:
     gpus_per_infer_actor: Optional[float] = None  # like gpus_per_member
     cpus_per_infer_actor: float = 1.0   # CPUs per soft-vote actor
     address: Optional[str] = None       # Ray address; None = join the local cluster if any, else start one
+    strict: bool = False                # unreadable image files stop the run (default: skipped, listed)
 
     def __post_init__(self) -> None:
         _check_int(self, "members", low=1)
@@ -81,8 +82,9 @@ class EnsembleConfig:
         _check_choice(self, "arch", ARCHS)
         _check_choice(self, "freeze", FREEZE_STAGES)
         _check_choice(self, "augment", AUGMENTS)
-        if not isinstance(self.freeze_stem, bool):
-            raise ConfigError(f"--freeze-stem {self.freeze_stem!r}: must be true or false")
+        for name in ("freeze_stem", "strict"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"--{_flag(name)} {getattr(self, name)!r}: must be true or false")
         for name in ("data", "output", "weights", "address"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):

@@ -141,11 +141,17 @@ def bootstrap_dataset(train_ds, counts_ref):
                                 batch_format="numpy", num_cpus=0.25)
 
 
-def read_image(path: str):
-    """Decode one file to an RGB PIL image (grayscale, palette, RGBA and CMYK are converted)."""
+def read_image(path: str, *, min_size: Optional[int] = None):
+    """Decode one file to an RGB PIL image (grayscale, palette, RGBA, CMYK and 16-bit are converted).
+
+    ``min_size``: a JPEG much larger than needed is decoded at a reduced scale (never below
+    ``min_size`` on its short side), which keeps huge photos cheap.
+    """
     from PIL import Image
 
     with Image.open(io.BytesIO(storage.read_bytes(path))) as img:
+        if min_size and img.format == "JPEG" and min(img.size) > 4 * min_size:
+            img.draft("RGB", (2 * min_size, 2 * min_size))
         img.load()
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale: scale to 8 bits
             arr = np.asarray(img, dtype=np.float32)
@@ -174,7 +180,7 @@ def decode_batch(batch: dict, *, image_size: int, augment: Optional[str] = None,
     tf = _transform(image_size, augment)
     if seed is not None and len(batch["id"]):
         torch.manual_seed(int(np.random.SeedSequence([seed, int(batch["id"][0])]).generate_state(1)[0]))
-    images = np.stack([tf(read_image(p)).numpy() for p in batch["path"]]) if len(batch["path"]) else \
+    images = np.stack([tf(read_image(p, min_size=image_size)).numpy() for p in batch["path"]]) if len(batch["path"]) else \
         np.zeros((0, 3, image_size, image_size), np.float32)
     return {"id": batch["id"], "label": batch["label"], "image": images}
 
@@ -185,3 +191,66 @@ def decoded(ds, *, image_size: int, batch_size: int, augment: Optional[str] = No
     return ds.map_batches(decode_batch, batch_size=batch_size, batch_format="numpy",
                           fn_kwargs={"image_size": image_size, "augment": augment, "seed": seed},
                           num_cpus=num_cpus)
+
+
+# ---------------------------------------------------------------- input checks
+
+def check_batch(batch: dict) -> dict:
+    """Try to decode each file: ``ok`` and, when not, a short ``reason`` (empty, truncated, not an image)."""
+    from PIL import Image
+
+    ok, reasons = [], []
+    for path in batch["path"]:
+        reason = ""
+        try:
+            data = storage.read_bytes(path)
+            if not data:
+                reason = "empty file (0 bytes)"
+            else:
+                with Image.open(io.BytesIO(data)) as img:
+                    img.draft("RGB", (64, 64))  # JPEG: decode at a reduced scale; still reads every byte
+                    img.load()
+        except Exception as exc:  # PIL raises many types for bad files; all mean "skip this one"
+            reason = f"{exc.__class__.__name__}: {exc}"[:200]
+        ok.append(not reason)
+        reasons.append(reason)
+    return {"split": batch["split"], "id": batch["id"], "ok": np.array(ok), "reason": np.array(reasons, dtype=object)}
+
+
+def check_images(index: DatasetIndex, *, strict: bool) -> tuple[DatasetIndex, list[dict]]:
+    """Decode every file once in Ray Data tasks; drop the unreadable ones (or stop, if ``strict``).
+
+    Returns the index without bad files (ids renumbered 0..n-1 per split) and the list of
+    skipped files with reasons.
+    """
+    splits = {"train": index.train, "val": index.val, "test": index.test}
+    tables = [t.select(["id", "path"]).append_column("split", pa.array([name] * t.num_rows, pa.string()))
+              for name, t in splits.items()]
+    ds = to_dataset(pa.concat_tables(tables), rows_per_block=512).map_batches(
+        check_batch, batch_format="numpy", batch_size=512, num_cpus=1)
+    bad: dict[str, dict[int, str]] = {name: {} for name in splits}
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for split, row_id, ok, reason in zip(batch["split"], batch["id"], batch["ok"], batch["reason"]):
+            if not ok:
+                bad[str(split)][int(row_id)] = str(reason)
+    skipped = [{"split": split, "path": splits[split].column("path")[row_id].as_py(), "reason": reason}
+               for split in splits for row_id, reason in sorted(bad[split].items())]
+    if not skipped:
+        return index, []
+    if strict:
+        first = skipped[0]
+        raise ConfigError(f"--data {index.root}: {len(skipped)} unreadable image file(s), e.g. {first['path']} "
+                          f"({first['reason']}); remove them, or drop --strict to skip them")
+    cleaned = {}
+    for split, table in splits.items():
+        keep = np.ones(table.num_rows, dtype=bool)
+        keep[list(bad[split])] = False
+        kept = table.filter(pa.array(keep))
+        cleaned[split] = kept.set_column(0, "id", pa.array(np.arange(kept.num_rows, dtype=np.int64)))
+        if kept.num_rows == 0:
+            raise ConfigError(f"--data {index.root}: {split}/ has no readable images")
+    labels = set(cleaned["train"].column("label").to_pylist())
+    empty = [c for k, c in enumerate(index.classes) if k not in labels]
+    if empty:
+        raise ConfigError(f"--data {index.root}: train/{empty[0]}/ has no readable images")
+    return DatasetIndex(root=index.root, classes=index.classes, **cleaned), skipped

@@ -25,6 +25,7 @@ import numpy as np
 
 from ensemble import storage
 from ensemble.bootstrap import bootstrap_counts, member_seeds
+from ensemble.checkpoint import CheckpointError
 from ensemble.config import (AUGMENTS, CPU_PRESET, FREEZE_STAGES, ARCHS, ConfigError, EnsembleConfig,
                              build_config, load_yaml)
 from ensemble.report import format_table, versions, write_outputs
@@ -78,34 +79,67 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--cpus-per-infer-actor", type=float, help=f"CPUs per soft-vote actor (default {d.cpus_per_infer_actor:g})")
     g.add_argument("--address", help="Ray cluster address (ray://..., host:port, auto); default: the running "
                                      "local cluster or RAY_ADDRESS if any, else start a local one")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and parameter counts; train nothing")
+    g = p.add_argument_group("runs")
+    g.add_argument("--strict", action="store_true", help="stop before training if any image file is unreadable "
+                                                       "(default: skip such files and list them in report.json)")
+    g.add_argument("--fresh", action="store_true", help="discard an earlier run in --output instead of resuming it "
+                                                      "(rerunning the same command resumes by default)")
+    g.add_argument("--dry-run", action="store_true", help="print the plan and parameter counts; train nothing")
     return p
 
 
-def config_from_argv(argv: Optional[Sequence[str]]) -> tuple[EnsembleConfig, bool]:
-    """(config, dry_run). Precedence: defaults < CPU preset (no --data) < --config < flags."""
+def config_from_argv(argv: Optional[Sequence[str]]) -> tuple[EnsembleConfig, bool, bool]:
+    """(config, dry_run, fresh). Precedence: defaults < CPU preset (no --data) < --config < flags."""
     args = vars(_parser().parse_args(argv))
     dry_run = args.pop("dry_run", False)
+    fresh = args.pop("fresh", False)
     file_values = load_yaml(args.pop("config")) if "config" in args else {}
     # The CPU preset is for the bundled demo; --num-classes without --data plans for your own data.
     named = {k.replace("-", "_") for k, v in file_values.items() if v is not None} | set(args)
     uses_bundled = not named & {"data", "num_classes"}
     cfg = build_config(preset=CPU_PRESET if uses_bundled else None, file_values=file_values, flag_values=args)
-    return cfg, dry_run
+    return cfg, dry_run, fresh
 
 
 # ---------------------------------------------------------------- stages
 
 def connect(address: Optional[str]):
+    """Join ``address`` (or RAY_ADDRESS / the local cluster) or start one; returns the dashboard URL."""
     import ray
 
     if ray.is_initialized():
         return None
+    if address and address != "auto":
+        check_reachable(address)
     kwargs = {"logging_level": logging.WARNING, "log_to_driver": True}
     if address:
         kwargs["address"] = address
-    context = ray.init(**kwargs)
+    try:
+        context = ray.init(**kwargs)
+    except ConnectionError as exc:
+        raise ConfigError(f"--address {address}: no Ray cluster found ({str(exc).splitlines()[0][:120]}); "
+                          f"start one with 'ray start --head' or leave --address out") from None
     return getattr(context, "dashboard_url", None)
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A TCP connect to host:port, so a wrong address fails in seconds, not after Ray's retries."""
+    import socket
+    from urllib.parse import urlsplit
+
+    target = urlsplit(address if "://" in address else f"tcp://{address}")
+    try:
+        host, port = target.hostname, target.port or (10001 if target.scheme == "ray" else 6379)
+    except ValueError:
+        raise ConfigError(f"--address {address}: not host:port, ray://host:port or auto") from None
+    if not host:
+        raise ConfigError(f"--address {address}: not host:port, ray://host:port or auto")
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"--address {address}: nothing answers at {host}:{port} ({exc.__class__.__name__}); "
+                          f"check the address, or leave --address out to start a local cluster") from None
 
 
 def resolve_gpus(requested: Optional[float], cluster: dict, what: str) -> float:
@@ -151,53 +185,129 @@ def plan_lines(cfg: EnsembleConfig, params: dict, sizes: Optional[dict], num_cla
     return lines
 
 
-def prepare_output(cfg: EnsembleConfig) -> str:
+def check_output(cfg: EnsembleConfig) -> str:
+    """The output folder to use; refuses a file or an unwritable place. Writes nothing."""
     output = cfg.output or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     if storage.exists(output) and not storage.is_dir(output):
         raise ConfigError(f"--output {output}: is a file; pass a folder")
-    try:
-        storage.makedirs(output)
-        probe = storage.join(output, ".write-check")
-        storage.write_text(probe, "")
-        fs, inner = storage.resolve(probe)
-        fs.delete_file(inner)
-    except OSError as exc:
-        raise ConfigError(f"--output {output}: not writable ({exc.__class__.__name__}); pick another folder") from None
+    if not storage.is_uri(output):
+        parent = os.path.abspath(output)
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+            raise ConfigError(f"--output {output}: {parent} is not a writable folder; pick another place")
     return output
 
 
-def train_members(cfg: EnsembleConfig, *, output: str, train_ds, val_ds, seeds: list[int],
-                  n_train: int, initial_ref, num_classes: int, gpus: float, window: int):
-    """Launch every member (at most ``window`` at once), wait with ray.wait, gather.
+def training_fingerprint(cfg: EnsembleConfig, index, n_samples: int) -> dict:
+    """What a finished member depends on; a run may reuse members only when this matches."""
+    import hashlib
 
+    digest = hashlib.sha256()
+    for table in (index.train, index.val):
+        for column in ("path", "label"):
+            digest.update("\n".join(map(str, table.column(column).to_pylist())).encode())
+    keys = ("arch", "weights", "freeze", "freeze_stem", "epochs", "batch_size", "lr", "image_size", "augment", "seed")
+    return {**{k: getattr(cfg, k) for k in keys}, "bootstrap_size": n_samples, "classes": list(index.classes),
+            "files_sha256": digest.hexdigest()}
+
+
+RESULT_FILES = ("predictions.csv", "probabilities.parquet", "report.json", "config.yaml", "run.json")
+
+
+def open_output(output: str, fingerprint: dict, *, fresh: bool) -> bool:
+    """Create the folder; with an earlier run there, resume it (same fingerprint) or refuse.
+
+    Returns True when an earlier run's members may be reused.
+    """
+    previous = storage.join(output, "run.json")
+    resuming = False
+    if storage.exists(previous):
+        if fresh:
+            storage.remove_tree(storage.join(output, "members"))
+            for name in RESULT_FILES:
+                if storage.exists(storage.join(output, name)):
+                    storage.remove(storage.join(output, name))
+        else:
+            try:
+                old = json.loads(storage.read_bytes(previous)).get("fingerprint")
+            except ValueError:
+                old = None
+            if old != fingerprint:
+                changed = sorted(k for k in set(old or {}) | set(fingerprint)
+                                 if (old or {}).get(k) != fingerprint.get(k))
+                raise ConfigError(f"--output {output} holds a run with another config ({', '.join(changed) or 'unreadable'}"
+                                  f" differ); use another --output, or add --fresh to discard it")
+            resuming = True
+    try:
+        storage.makedirs(output)
+    except OSError as exc:
+        raise ConfigError(f"--output {output}: cannot create it ({exc.__class__.__name__}); pick another folder") from None
+    return resuming
+
+
+MEMBER_RESTARTS = 3  # a member's process may die this often (preemption, OOM) before the run fails
+
+
+def train_members(cfg: EnsembleConfig, *, output: str, train_ds, val_ds, seeds: list[int],
+                  n_train: int, initial_ref, num_classes: int, gpus: float, window: int,
+                  fingerprint: dict, resuming: bool):
+    """Launch every unfinished member (at most ``window`` at once), wait with ray.wait, gather.
+
+    Members an earlier run finished are loaded (hashes checked), not retrained. A member whose
+    process dies is restarted by Ray and resumes from its last epoch checkpoint.
     Returns (summaries sorted by member, weight ObjectRefs in member order).
     """
     import ray
 
-    from ensemble.actors import MemberTrainer
+    from ensemble.actors import MemberTrainer, load_finished_member
 
-    n_samples = cfg.bootstrap_size or n_train
-    queue = list(range(cfg.members))
-    running: dict = {}   # summary ref -> (member, actor, weights ref)
     summaries, weights = {}, {}
-    while queue or running:
-        while queue and len(running) < window:
-            i = queue.pop(0)
-            counts_ref = ray.put(bootstrap_counts(seeds[i], n_train, n_samples))
-            actor = MemberTrainer.options(name=f"ensemble-member-{i}", num_cpus=cfg.cpus_per_member,
-                                          num_gpus=gpus).remote(i, seeds[i], cfg, output)
-            summary_ref, weights_ref = actor.fit.remote(train_ds, val_ds, [counts_ref], initial_ref, num_classes)
-            running[summary_ref] = (i, actor, weights_ref)
-        done, _ = ray.wait(list(running), num_returns=1)
-        for ref in done:
-            i, actor, weights_ref = running.pop(ref)
-            summary = ray.get(ref)
-            ray.kill(actor)  # frees its resources; its returned weights stay in the object store
-            summaries[i], weights[i] = summary, weights_ref
-            log.info("member %d done: best val acc %.4f at epoch %d (%.0f s) [%d/%d]", i, summary["val_acc"],
-                     summary["best_epoch"], summary["seconds"], len(summaries), cfg.members)
+    queue = []
+    for i in range(cfg.members):
+        finished = load_finished_member(output, i, fingerprint) if resuming else None
+        if finished is None:
+            queue.append(i)
+        else:
+            summaries[i], weights[i] = finished[0], ray.put(finished[1])
+            log.info("member %d: finished earlier (val acc %.4f), loaded from %s", i, finished[0]["val_acc"], output)
+    running: dict = {}   # summary ref -> (member, actor, weights ref)
+    try:
+        while queue or running:
+            while queue and len(running) < window:
+                i = queue.pop(0)
+                counts_ref = ray.put(bootstrap_counts(seeds[i], n_train, fingerprint["bootstrap_size"]))
+                actor = MemberTrainer.options(
+                    name=f"ensemble-member-{i}", num_cpus=cfg.cpus_per_member, num_gpus=gpus,
+                    max_restarts=MEMBER_RESTARTS, max_task_retries=MEMBER_RESTARTS,
+                ).remote(i, seeds[i], cfg, output, fingerprint)
+                summary_ref, weights_ref = actor.fit.remote(train_ds, val_ds, [counts_ref], initial_ref, num_classes)
+                running[summary_ref] = (i, actor, weights_ref)
+            done, _ = ray.wait(list(running), num_returns=1)
+            for ref in done:
+                i, actor, weights_ref = running.pop(ref)
+                try:
+                    summary = ray.get(ref)
+                except ray.exceptions.RayError as exc:
+                    cause = getattr(exc, "cause", None)
+                    if isinstance(cause, (CheckpointError, ConfigError)):
+                        raise cause from None
+                    raise MemberFailed(f"member {i} failed after {MEMBER_RESTARTS} restarts "
+                                       f"({exc.__class__.__name__}); finished members are saved in {output}: "
+                                       f"rerun the same command to resume") from exc
+                ray.kill(actor)  # frees its resources; its returned weights stay in the object store
+                summaries[i], weights[i] = summary, weights_ref
+                log.info("member %d done: best val acc %.4f at epoch %d (%.0f s) [%d/%d]", i, summary["val_acc"],
+                         summary["best_epoch"], summary["seconds"], len(summaries), cfg.members)
+    finally:
+        for _, actor, _ in running.values():  # on Ctrl-C or a failure: stop the others now
+            ray.kill(actor)
     order = sorted(summaries)
     return [summaries[i] for i in order], [weights[i] for i in order]
+
+
+class MemberFailed(RuntimeError):
+    """A member died more often than Ray may restart it."""
 
 
 def soft_vote_stage(cfg: EnsembleConfig, table, *, weight_refs: list, num_classes: int, gpus: float):
@@ -239,16 +349,20 @@ def dry_run(cfg: EnsembleConfig) -> int:
     return 0
 
 
-def run(cfg: EnsembleConfig) -> dict:
-    """The whole pipeline; returns the report. Raises ConfigError for input the user can fix."""
+def run(cfg: EnsembleConfig, *, fresh: bool = False) -> dict:
+    """The whole pipeline; returns the report.
+
+    Raises ConfigError / CheckpointError for what the user can fix, before anything is written
+    to the output folder. ``fresh`` discards an earlier run in that folder instead of resuming it.
+    """
     import ray
 
-    from ensemble.data import scan_layout, to_dataset
+    from ensemble.data import check_images, quiet_ray_data, scan_layout, to_dataset
     from ensemble.digits import ensure_digits
     from ensemble.models import build_model, count_parameters, freeze, load_initial_weights, resolve_weights
 
     started = time.time()
-    # config -> data index (names only) -> output folder
+    # config -> data index (names only) -> weights -> output folder (checked, not yet written)
     index = scan_layout(cfg.data or ensure_digits())
     num_classes = len(index.classes)
     if cfg.num_classes is not None and cfg.num_classes != num_classes:
@@ -259,23 +373,29 @@ def run(cfg: EnsembleConfig) -> dict:
     freeze(model, cfg.freeze, freeze_stem=cfg.freeze_stem)
     params = count_parameters(model)
     del model
+    output = check_output(cfg)
     seeds = member_seeds(cfg.seed, cfg.members)
 
-    # ray.init -> resources (checked before anything is written)
+    # ray.init -> resources -> every image decoded once (bad files skipped, or --strict stops)
     dashboard = connect(cfg.address)
     if dashboard:
         log.info("Ray dashboard: http://%s", dashboard)
-    from ensemble.data import quiet_ray_data
     quiet_ray_data()
     cluster = ray.cluster_resources()
     gpus = resolve_gpus(cfg.gpus_per_member, cluster, "gpus-per-member")
     infer_gpus = resolve_gpus(cfg.gpus_per_infer_actor, cluster, "gpus-per-infer-actor")
-    output = prepare_output(cfg)
+    index, skipped = check_images(index, strict=cfg.strict)
+    for bad in skipped:
+        log.warning("skipping unreadable %s image %s: %s", bad["split"], bad["path"], bad["reason"])
+    n_samples = cfg.bootstrap_size or index.train.num_rows
+    fingerprint = training_fingerprint(cfg, index, n_samples)
+    resuming = open_output(output, fingerprint, fresh=fresh)  # first write to --output
+
     from ensemble.actors import DATA_CPUS
     window = member_window(cfg, cluster, DATA_CPUS)
     resolved = dataclasses.replace(cfg, data=index.root, output=output, gpus_per_member=gpus,
                                    gpus_per_infer_actor=infer_gpus)
-    _save_config(output, resolved, seeds)
+    _save_config(output, resolved, seeds, fingerprint)
     for line in plan_lines(resolved, params, index.sizes(), num_classes):
         log.info(line)
     log.info("running up to %d member(s) at once on %g CPU / %g GPU", window, cluster.get("CPU", 0),
@@ -287,7 +407,8 @@ def run(cfg: EnsembleConfig) -> dict:
     t_train = time.time()
     summaries, weight_refs = train_members(
         resolved, output=output, train_ds=train_ds, val_ds=val_ds, seeds=seeds, n_train=index.train.num_rows,
-        initial_ref=initial_ref, num_classes=num_classes, gpus=gpus, window=window)
+        initial_ref=initial_ref, num_classes=num_classes, gpus=gpus, window=window,
+        fingerprint=fingerprint, resuming=resuming)
     t_vote = time.time()
 
     # vote (val for the report, test for predictions) in one pass of the actor pool
@@ -306,36 +427,57 @@ def run(cfg: EnsembleConfig) -> dict:
                      "mean_member_val_acc": float(np.mean([s["val_acc"] for s in summaries]))},
         "params": params,
         "data": {"root": index.root, **index.sizes(), "class_names": list(index.classes)},
+        "skipped_files": skipped,
         "config": resolved.to_dict(),
         "seeds": seeds,
+        "fingerprint": fingerprint,
         "versions": versions(),
         "seconds": {"total": time.time() - started, "train": t_vote - t_train, "vote": time.time() - t_vote},
     }
     write_outputs(output, image_names=names[~is_val], probs=probs[~is_val], classes=index.classes, report=report)
     print(format_table(report["members"], ens_val_acc))
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable image file(s); listed in report.json under skipped_files")
     print(f"outputs in {output}: predictions.csv, probabilities.parquet, report.json, members/")
     return report
 
 
-def _save_config(output: str, cfg: EnsembleConfig, seeds: list[int]) -> None:
+def _save_config(output: str, cfg: EnsembleConfig, seeds: list[int], fingerprint: dict) -> None:
     import yaml
 
     storage.write_text(storage.join(output, "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    storage.write_text(storage.join(output, "run.json"),
-                       json.dumps({"config": cfg.to_dict(), "member_seeds": seeds, "versions": versions()}, indent=2))
+    storage.write_text(storage.join(output, "run.json"), json.dumps(
+        {"config": cfg.to_dict(), "member_seeds": seeds, "fingerprint": fingerprint, "versions": versions()},
+        indent=2))
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    import signal
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # `ray job stop`, kill: stop like Ctrl-C
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        cfg, is_dry_run = config_from_argv(argv)
+        cfg, is_dry_run, fresh = config_from_argv(argv)
         if is_dry_run:
             return dry_run(cfg)
-        run(cfg)
+        run(cfg, fresh=fresh)
         return 0
-    except ConfigError as exc:
+    except (ConfigError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except MemberFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        again = " ".join(["python -m ensemble.driver", *[a for a in argv if a != "--fresh"]])
+        print(f"interrupted: members stopped; finished members and epoch checkpoints are kept. "
+              f"To resume, run the same command with the same --output: {again}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -79,3 +79,14 @@ def write_bytes(path: str, data: bytes) -> None:
 
 def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
+
+
+def remove(path: str) -> None:
+    fs, inner = resolve(path)
+    fs.delete_file(inner)
+
+
+def remove_tree(path: str) -> None:
+    fs, inner = resolve(path)
+    if fs.get_file_info(inner).type == pafs.FileType.Directory:
+        fs.delete_dir(inner)

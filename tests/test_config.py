@@ -204,7 +204,7 @@ def test_load_yaml_is_safe(tmp_path):
 # ------------------------------------------------------------------ driver CLI parsing
 
 def test_cli_no_args_is_cpu_preset():
-    cfg, dry = config_from_argv([])
+    cfg, dry, _ = config_from_argv([])
     assert dry is False
     assert cfg == build_config(preset=CPU_PRESET)
     assert cfg.arch == "resnet18"
@@ -214,21 +214,21 @@ def test_cli_no_args_is_cpu_preset():
 
 
 def test_cli_data_gives_recipe_defaults():
-    cfg, dry = config_from_argv(["--data", "X"])
+    cfg, dry, _ = config_from_argv(["--data", "X"])
     assert dry is False
     assert cfg == EnsembleConfig(data="X")
     assert cfg.arch == "resnext101_64x4d"
 
 
 def test_cli_num_classes_without_data_gives_recipe_defaults():
-    cfg, dry = config_from_argv(["--num-classes", "100", "--dry-run"])
+    cfg, dry, _ = config_from_argv(["--num-classes", "100", "--dry-run"])
     assert dry is True
     assert cfg == EnsembleConfig(num_classes=100)
     assert cfg.arch == "resnext101_64x4d"
 
 
 def test_cli_flags_typed():
-    cfg, _ = config_from_argv(["--data", "X", "--lr", "0.001", "--epochs", "3", "--gpus-per-member", "0.5",
+    cfg, _, _ = config_from_argv(["--data", "X", "--lr", "0.001", "--epochs", "3", "--gpus-per-member", "0.5",
                                "--freeze-stem", "--freeze", "layer2"])
     assert (cfg.lr, cfg.epochs, cfg.gpus_per_member, cfg.freeze_stem, cfg.freeze) == \
         (0.001, 3, 0.5, True, "layer2")
@@ -237,7 +237,7 @@ def test_cli_flags_typed():
 def test_cli_flags_override_config_file(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("epochs: 3\nlr: 0.01\nmembers: 5\nbatch-size: 16\n")
-    cfg, _ = config_from_argv(["--config", str(path), "--epochs", "7", "--members", "2"])
+    cfg, _, _ = config_from_argv(["--config", str(path), "--epochs", "7", "--members", "2"])
     assert cfg.epochs == 7          # flag over file
     assert cfg.members == 2         # flag over file
     assert cfg.lr == 0.01           # file over CPU preset (2e-3)
@@ -248,7 +248,7 @@ def test_cli_flags_override_config_file(tmp_path):
 def test_cli_config_file_with_data_gives_recipe_defaults(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("data: /some/where\nepochs: 3\n")
-    cfg, _ = config_from_argv(["--config", str(path)])
+    cfg, _, _ = config_from_argv(["--config", str(path)])
     assert cfg.data == "/some/where"
     assert cfg.epochs == 3
     assert cfg.arch == "resnext101_64x4d"
@@ -258,14 +258,14 @@ def test_cli_config_file_with_data_gives_recipe_defaults(tmp_path):
 def test_cli_config_file_freeze_stem_not_overridden_by_absent_flag(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("freeze_stem: true\n")
-    cfg, _ = config_from_argv(["--config", str(path)])
+    cfg, _, _ = config_from_argv(["--config", str(path)])
     assert cfg.freeze_stem is True
 
 
 def test_cli_config_file_hyphenated_num_classes_gives_recipe_defaults(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("num-classes: 100\n")
-    cfg, _ = config_from_argv(["--config", str(path)])
+    cfg, _, _ = config_from_argv(["--config", str(path)])
     assert cfg.num_classes == 100
     assert cfg == EnsembleConfig(num_classes=100)
 

@@ -1,0 +1,86 @@
+"""Checkpoints that survive crashes and refuse tampering (torch + storage, no Ray).
+
+Every file is written atomically (temporary name, then rename) and recorded with its sha256
+in a small JSON record that is written last: the record is the commit point. A loader that finds
+a file whose hash differs from its record refuses it.
+
+Per member, under OUTPUT/members/member-<i>/:
+    checkpoint-e<k>.pt + checkpoint.json   latest finished epoch k (model, optimizer, RNG, best so far)
+    model.pt + val_probs.npz + member.json the finished member (member.json has status "done")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from ensemble import storage
+
+
+class CheckpointError(RuntimeError):
+    """A saved file that cannot be used (hash mismatch, other config); the message says what to do."""
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def write_file(path: str, data: bytes) -> str:
+    """Atomic write; returns the sha256 to record."""
+    storage.write_bytes(path, data)
+    return sha256(data)
+
+
+def read_verified(path: str, expected_sha256: str, *, what: str) -> bytes:
+    try:
+        data = storage.read_bytes(path)
+    except (FileNotFoundError, OSError):
+        raise CheckpointError(f"{path}: missing, though {what} lists it; rerun with --fresh to start over") from None
+    if sha256(data) != expected_sha256:
+        raise CheckpointError(f"{path}: sha256 differs from the one recorded in {what} (file changed after it "
+                              f"was written); refusing to load it. Rerun with --fresh to start over")
+    return data
+
+
+def load_torch_bytes(data: bytes) -> Any:
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def read_json(path: str) -> Optional[dict]:
+    if not storage.exists(path):
+        return None
+    try:
+        return json.loads(storage.read_bytes(path))
+    except (ValueError, OSError):
+        raise CheckpointError(f"{path}: unreadable; rerun with --fresh to start over") from None
+
+
+def rng_state() -> dict:
+    """Global RNG states as tensors and plain values, so ``weights_only`` loading accepts them."""
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                      "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+            "python": repr(random.getstate())}
+
+
+def set_rng_state(state: dict) -> None:
+    import ast
+
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["gauss"]))
+    random.setstate(ast.literal_eval(state["python"]))
