@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import random
 import time
 
@@ -40,9 +41,6 @@ def _setup_worker(threads: float, seed: int) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     torch.set_num_threads(max(1, int(threads)))  # a fractional CPU share still gets one thread
     quiet_ray_data()
-    # Same seed, same batches: blocks reach the trainer in a fixed order (repeatable runs).
-    import ray.data
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
@@ -133,7 +131,8 @@ class MemberTrainer:
             "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "rng": rng_state(), "history": history, "best": best, "resumed": resumed}))
         storage.write_text(storage.join(self.folder, "checkpoint.json"), json.dumps(
-            {"epoch": epoch, "file": name, "sha256": digest, "fingerprint": self.fingerprint}))
+            {"epoch": epoch, "file": name, "sha256": digest, "fingerprint": self.fingerprint,
+             "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}))
         self._remove_old_checkpoints(keep=name)
 
     def _remove_old_checkpoints(self, keep: str = "") -> None:

@@ -104,12 +104,18 @@ def scan_layout(root: str) -> DatasetIndex:
 # ---------------------------------------------------------------- Ray Data stages
 
 def quiet_ray_data() -> None:
-    """No per-dataset progress bars or start banners: members log one line per epoch instead."""
+    """Ray Data settings for this process (driver and members alike).
+
+    Blocks reach consumers in a fixed order, so the same seed gives the same batches (repeatable
+    runs, and a resumed member continues exactly). No per-dataset progress bars or start banners:
+    members log one line per epoch instead.
+    """
     import logging
 
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
     ctx.enable_operator_progress_bars = False
     ctx.print_on_execution_start = False
