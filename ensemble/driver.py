@@ -188,14 +188,17 @@ def plan_lines(cfg: EnsembleConfig, params: dict, sizes: Optional[dict], num_cla
 def check_output(cfg: EnsembleConfig) -> str:
     """The output folder to use; refuses a file or an unwritable place. Writes nothing."""
     output = cfg.output or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-    if storage.exists(output) and not storage.is_dir(output):
+    if storage.is_uri(output):
+        if storage.exists(output) and not storage.is_dir(output):
+            raise ConfigError(f"--output {output}: is a file; pass a folder")
+        return output
+    if os.path.isfile(output):
         raise ConfigError(f"--output {output}: is a file; pass a folder")
-    if not storage.is_uri(output):
-        parent = os.path.abspath(output)
-        while not os.path.exists(parent):
-            parent = os.path.dirname(parent)
-        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-            raise ConfigError(f"--output {output}: {parent} is not a writable folder; pick another place")
+    parent = os.path.abspath(output)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise ConfigError(f"--output {output}: {parent} is not a writable folder; pick another place")
     return output
 
 

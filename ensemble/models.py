@@ -42,10 +42,12 @@ def resolve_weights(arch: str, weights: str) -> Optional[dict]:
     _, enum = _REGISTRY[arch]
     if os.path.exists(weights):
         return load_state_dict_file(weights)
+    if os.sep in weights or weights.endswith((".pt", ".pth", ".bin", ".ckpt")):
+        raise ConfigError(f"--weights {weights}: no such file")
     try:
         entry = enum[weights] if weights != "DEFAULT" else enum.DEFAULT
     except KeyError:
-        names = ", ".join(["DEFAULT", *enum.__members__])
+        names = ", ".join(dict.fromkeys(["DEFAULT", *enum.__members__]))
         raise ConfigError(
             f"--weights {weights!r}: not a file and not a weights name for {arch} ({names}, none)"
         ) from None
