@@ -86,7 +86,7 @@ def test_killed_member_resumes_from_its_last_epoch(cluster, data, clean_run, tmp
     from ensemble.driver import run
 
     result = {}
-    thread = threading.Thread(target=lambda: result.update(report=run(_config(data, tmp_path))))
+    thread = threading.Thread(target=lambda: result.update(report=run(_config(data, tmp_path))), daemon=True)
     thread.start()
     _wait_for(lambda: _checkpoint_epoch(str(tmp_path), 0) == 1, 240, "member 0 to finish epoch 1")
     os.kill(_checkpoint_record(str(tmp_path), 0)["pid"], signal.SIGKILL)  # the member's own process
