@@ -31,6 +31,19 @@ def test_bundled_default_end_to_end(tmp_path):
     lines = (output / "predictions.csv").read_text().splitlines()
     assert lines[0] == "image_name,pred_label" and len(lines) == 361
     assert (tmp_path / "cache" / "digits-v1" / "DONE").exists()
+    # The dashboard of the cluster the driver started listens on loopback only.
+    assert "Ray dashboard: http://127.0.0.1:" in proc.stderr
+
+
+def test_project_opens_nothing_to_all_interfaces():
+    """No dashboard_host / 0.0.0.0 anywhere in the package: Ray's loopback default stands."""
+    import ensemble
+
+    root = os.path.dirname(ensemble.__file__)
+    for name in os.listdir(root):
+        if name.endswith(".py"):
+            text = open(os.path.join(root, name)).read()
+            assert "0.0.0.0" not in text and "dashboard_host" not in text, name
 
 
 def test_bad_flag_is_one_line_and_exit_2(tmp_path):
