@@ -91,7 +91,8 @@ class MemberTrainer:
             ev = evaluate(model, _ixy(val, cfg.batch_size), self.device)
             history.append({"epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"],
                             "val_loss": ev["loss"], "val_acc": ev["acc"],
-                            "images_per_s": train["images_per_s"], "seconds": train["seconds"]})
+                            "images": train["images"], "images_per_s": train["images_per_s"],
+                            "seconds": train["seconds"]})
             if best is None or ev["acc"] > best["val_acc"]:
                 best = {"epoch": epoch, "val_acc": ev["acc"], "val_loss": ev["loss"],
                         "ids": torch.from_numpy(ev["ids"]), "probs": torch.from_numpy(ev["probs"]),
@@ -186,13 +187,14 @@ class SoftVoter:
     """Ray Data callable class: decode each batch once, run every member, average softmax.
 
     The members' weights are fetched from the object store once, when the actor starts.
+    Output per row: ``probs`` (classes,) the soft vote, ``member_probs`` (members, classes).
     """
 
     def __init__(self, *, arch: str, num_classes: int, weight_refs: list, image_size: int,
-                 threads: float):
+                 threads: float, tta: str = "none"):
         torch.set_num_threads(max(1, int(threads)))
         self.device = pick_device(ray.get_gpu_ids())
-        self.image_size = image_size
+        self.image_size, self.tta = image_size, tta
         self.models = []
         for state in ray.get(list(weight_refs)):
             model = make_member_model(arch, num_classes, None, "none")
@@ -202,6 +204,10 @@ class SoftVoter:
     def __call__(self, batch: dict) -> dict:
         decoded_batch = decode_batch(batch, image_size=self.image_size)
         images = torch.from_numpy(decoded_batch["image"]).to(self.device, non_blocking=True)
-        probs = member_probabilities(self.models, images).cpu().numpy()  # (members, B, classes)
+        probs = member_probabilities(self.models, images)  # (members, B, classes)
+        if self.tta == "hflip":
+            probs = (probs + member_probabilities(self.models, torch.flip(images, dims=[3]))) / 2
+        probs = probs.cpu().numpy()
         return {"id": batch["id"], "image_name": batch["image_name"], "label": batch["label"],
-                "probs": soft_vote(probs).astype(np.float32)}
+                "probs": soft_vote(probs).astype(np.float32),
+                "member_probs": np.ascontiguousarray(probs.transpose(1, 0, 2))}

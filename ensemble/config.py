@@ -19,6 +19,9 @@ ARCHS = (
 )
 FREEZE_STAGES = ("none", "stem", "layer1", "layer2", "layer3", "layer4")
 AUGMENTS = ("seed", "light", "none")
+VOTES = ("soft", "hard")
+TTAS = ("none", "hflip")
+BAGGINGS = ("bootstrap", "full")
 
 
 class ConfigError(ValueError):
@@ -34,6 +37,9 @@ class EnsembleConfig:
     members: int = 9                    # number of bagged models
     bootstrap_size: Optional[int] = None  # rows drawn with replacement per member; None = train size
     seed: int = 0                       # one seed; per-member seeds derive from it
+    bagging: str = "bootstrap"          # bootstrap = sample with replacement; full = every member sees all rows
+    vote: str = "soft"                  # soft = mean of probabilities; hard = majority of top-1 labels
+    tta: str = "none"                   # none | hflip: average each member over the image and its mirror
     # --- model
     arch: str = "resnext101_64x4d"      # torchvision ResNet-family name (see ARCHS)
     weights: str = "DEFAULT"            # "none", a torchvision weights name, or a state-dict file
@@ -82,6 +88,9 @@ class EnsembleConfig:
         _check_choice(self, "arch", ARCHS)
         _check_choice(self, "freeze", FREEZE_STAGES)
         _check_choice(self, "augment", AUGMENTS)
+        _check_choice(self, "vote", VOTES)
+        _check_choice(self, "tta", TTAS)
+        _check_choice(self, "bagging", BAGGINGS)
         for name in ("freeze_stem", "strict"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"--{_flag(name)} {getattr(self, name)!r}: must be true or false")

@@ -28,8 +28,10 @@ from ensemble.bootstrap import bootstrap_counts, member_seeds
 from ensemble.checkpoint import CheckpointError
 from ensemble.config import (AUGMENTS, CPU_PRESET, FREEZE_STAGES, ARCHS, ConfigError, EnsembleConfig,
                              build_config, load_yaml)
+from ensemble.analysis import render_report_md
+from ensemble.metrics import disagreement, hard_vote, oob_scores, predictive_entropy, size_curve, summary_metrics
 from ensemble.report import format_table, versions, write_outputs
-from ensemble.vote import accuracy
+from ensemble.vote import soft_vote
 
 log = logging.getLogger("ensemble.driver")
 DEFAULTS = EnsembleConfig()
@@ -53,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--members", type=int, help=f"bagged models (default {d.members})")
     g.add_argument("--bootstrap-size", type=int, help="rows drawn with replacement per member (default: train size)")
     g.add_argument("--seed", type=int, help=f"run seed; member seeds derive from it (default {d.seed})")
+    g.add_argument("--bagging", help="bootstrap: each member samples the train set with replacement; full: every "
+                                     f"member trains on all of it with its own seed (deep ensemble) (default {d.bagging})")
+    g.add_argument("--vote", help=f"soft: average probabilities; hard: majority of member top-1, ties by summed "
+                                  f"probability (default {d.vote})")
+    g.add_argument("--tta", help=f"none | hflip: also run each member on the mirrored image and average (default {d.tta})")
     g = p.add_argument_group("model")
     g.add_argument("--arch", help=f"one of {', '.join(ARCHS)} (default {d.arch})")
     g.add_argument("--weights", help="none, a torchvision weights name (IMAGENET1K_V1, DEFAULT) or a "
@@ -210,7 +217,8 @@ def training_fingerprint(cfg: EnsembleConfig, index, n_samples: int) -> dict:
     for table in (index.train, index.val):
         for column in ("path", "label"):
             digest.update("\n".join(map(str, table.column(column).to_pylist())).encode())
-    keys = ("arch", "weights", "freeze", "freeze_stem", "epochs", "batch_size", "lr", "image_size", "augment", "seed")
+    keys = ("arch", "weights", "freeze", "freeze_stem", "epochs", "batch_size", "lr", "image_size", "augment", "seed",
+            "bagging")
     return {**{k: getattr(cfg, k) for k in keys}, "bootstrap_size": n_samples, "classes": list(index.classes),
             "files_sha256": digest.hexdigest()}
 
@@ -279,7 +287,9 @@ def train_members(cfg: EnsembleConfig, *, output: str, train_ds, val_ds, seeds: 
         while queue or running:
             while queue and len(running) < window:
                 i = queue.pop(0)
-                counts_ref = ray.put(bootstrap_counts(seeds[i], n_train, fingerprint["bootstrap_size"]))
+                counts = (np.ones(n_train, dtype=np.int64) if cfg.bagging == "full"
+                          else bootstrap_counts(seeds[i], n_train, fingerprint["bootstrap_size"]))
+                counts_ref = ray.put(counts)
                 actor = MemberTrainer.options(
                     name=f"ensemble-member-{i}", num_cpus=cfg.cpus_per_member, num_gpus=gpus,
                     max_restarts=MEMBER_RESTARTS, max_task_retries=MEMBER_RESTARTS,
@@ -313,8 +323,12 @@ class MemberFailed(RuntimeError):
     """A member died more often than Ray may restart it."""
 
 
-def soft_vote_stage(cfg: EnsembleConfig, table, *, weight_refs: list, num_classes: int, gpus: float):
-    """Ray Data inference: an actor pool of SoftVoters over file rows -> (ids, names, labels, probs)."""
+def soft_vote_stage(cfg: EnsembleConfig, table, *, weight_refs: list, num_classes: int, gpus: float) -> dict:
+    """Ray Data inference: an actor pool of SoftVoters over file rows.
+
+    Returns arrays sorted by row id: id, image_name, label, probs (n, classes) = soft vote,
+    member_probs (n, members, classes).
+    """
     import ray.data
 
     from ensemble.actors import SoftVoter
@@ -325,12 +339,26 @@ def soft_vote_stage(cfg: EnsembleConfig, table, *, weight_refs: list, num_classe
         compute=ray.data.ActorPoolStrategy(size=cfg.infer_actors),
         num_cpus=cfg.cpus_per_infer_actor, num_gpus=gpus,
         fn_constructor_kwargs={"arch": cfg.arch, "num_classes": num_classes, "weight_refs": weight_refs,
-                               "image_size": cfg.image_size, "threads": cfg.cpus_per_infer_actor})
+                               "image_size": cfg.image_size, "threads": cfg.cpus_per_infer_actor,
+                               "tta": cfg.tta})
     parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
-    ids = np.concatenate([p["id"] for p in parts])
-    order = np.argsort(ids, kind="stable")
-    return (ids[order], np.concatenate([p["image_name"] for p in parts])[order],
-            np.concatenate([p["label"] for p in parts])[order], np.concatenate([p["probs"] for p in parts])[order])
+    keys = ("id", "image_name", "label", "probs", "member_probs")
+    out = {k: np.concatenate([p[k] for p in parts]) for k in keys}
+    order = np.argsort(out["id"], kind="stable")
+    return {k: v[order] for k, v in out.items()}
+
+
+def stack_splits(tables: dict):
+    """One table of several splits with ids offset so they stay unique; returns (table, id ranges)."""
+    import pyarrow as pa
+
+    parts, ranges, offset = [], {}, 0
+    for name, table in tables.items():
+        ids = table.column("id").to_numpy() + offset
+        parts.append(table.set_column(0, "id", pa.array(ids)))
+        ranges[name] = (offset, offset + table.num_rows)
+        offset += table.num_rows
+    return pa.concat_tables(parts), ranges
 
 
 # ---------------------------------------------------------------- main
@@ -414,20 +442,23 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False) -> dict:
         fingerprint=fingerprint, resuming=resuming)
     t_vote = time.time()
 
-    # vote (val for the report, test for predictions) in one pass of the actor pool
-    import pyarrow as pa
+    # vote: val (report), test (predictions) and, for out-of-bag scores, train, in one pass of the pool
+    splits = {"val": index.val, "test": index.test}
+    if cfg.bagging == "bootstrap":
+        splits["train"] = index.train
+    table, ranges = stack_splits(splits)
+    voted = soft_vote_stage(resolved, table, weight_refs=weight_refs, num_classes=num_classes, gpus=infer_gpus)
+    part = {name: slice(*r) for name, r in ranges.items()}
+    t_report = time.time()
 
-    both = pa.concat_tables([index.val, index.test.set_column(
-        0, "id", pa.array(index.test.column("id").to_numpy() + index.val.num_rows))])
-    ids, names, labels, probs = soft_vote_stage(resolved, both, weight_refs=weight_refs,
-                                                num_classes=num_classes, gpus=infer_gpus)
-    is_val = ids < index.val.num_rows
-    ens_val_acc = accuracy(probs[is_val], labels[is_val])
-
+    counts = None
+    if cfg.bagging == "bootstrap":
+        counts = np.stack([bootstrap_counts(seed, index.train.num_rows, n_samples) for seed in seeds])
+    analysis = analyse(resolved, summaries, voted, part, counts, index.classes)
+    test = {k: v[part["test"]] for k, v in voted.items()}
     report = {
-        "members": [{k: v for k, v in s.items() if k not in ("val_ids", "val_probs")} for s in summaries],
-        "ensemble": {"val_acc": ens_val_acc,
-                     "mean_member_val_acc": float(np.mean([s["val_acc"] for s in summaries]))},
+        "members": analysis["members"],
+        "ensemble": analysis["ensemble"],
         "params": params,
         "data": {"root": index.root, **index.sizes(), "class_names": list(index.classes)},
         "skipped_files": skipped,
@@ -435,14 +466,77 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False) -> dict:
         "seeds": seeds,
         "fingerprint": fingerprint,
         "versions": versions(),
-        "seconds": {"total": time.time() - started, "train": t_vote - t_train, "vote": time.time() - t_vote},
+        "seconds": {"train": t_vote - t_train, "vote": t_report - t_vote},
     }
-    write_outputs(output, image_names=names[~is_val], probs=probs[~is_val], classes=index.classes, report=report)
-    print(format_table(report["members"], ens_val_acc))
+    figures = write_figures(output, report, summaries, voted, part, index.classes)
+    report["seconds"].update(report=time.time() - t_report, total=time.time() - started)
+    test_preds = analysis["test_labels"](test["member_probs"])
+    write_outputs(output, image_names=test["image_name"], probs=test["probs"], classes=index.classes,
+                  report=report, pred_index=test_preds,
+                  extra_columns={"predictive_entropy": predictive_entropy(test["probs"]),
+                                 "member_disagreement": disagreement(test["member_probs"].transpose(1, 0, 2))})
+    storage.write_text(storage.join(output, "report.md"), render_report_md(report, figures))
+    print(format_table(report["members"], report["ensemble"]["val_acc"]))
     if skipped:
         print(f"skipped {len(skipped)} unreadable image file(s); listed in report.json under skipped_files")
-    print(f"outputs in {output}: predictions.csv, probabilities.parquet, report.json, members/")
+    print(f"outputs in {output}: predictions.csv, probabilities.parquet, report.json, report.md, figures/, members/")
     return report
+
+
+def analyse(cfg: EnsembleConfig, summaries: list, voted: dict, part: dict, counts, classes) -> dict:
+    """Members vs ensemble on val (accuracy, NLL, ECE, Brier), the size curve and OOB scores."""
+    val_members = voted["member_probs"][part["val"]].transpose(1, 0, 2)  # (members, n_val, classes)
+    val_labels = voted["label"][part["val"]]
+    val_probs = voted["probs"][part["val"]]
+    if cfg.vote == "hard":
+        def test_labels(member_probs):  # (n, members, classes) -> (n,)
+            return hard_vote(member_probs.transpose(1, 0, 2))
+    else:
+        def test_labels(member_probs):
+            return soft_vote(member_probs.transpose(1, 0, 2)).argmax(axis=1)
+    val_pred = test_labels(voted["member_probs"][part["val"]])
+    ensemble = {"val_acc": float((val_pred == val_labels).mean()), "vote": cfg.vote, "tta": cfg.tta,
+                "bagging": cfg.bagging, "metrics": summary_metrics(val_probs, val_labels),
+                "mean_member_val_acc": float(np.mean([s["val_acc"] for s in summaries])),
+                "size_curve": size_curve(val_members, val_labels, seed=cfg.seed)}
+    members = [{k: v for k, v in s.items() if k not in ("val_ids", "val_probs")} for s in summaries]
+    for m, probs in zip(members, val_members):
+        m["metrics"] = summary_metrics(probs, val_labels)
+    if counts is not None:
+        train_members = voted["member_probs"][part["train"]].transpose(1, 0, 2)
+        oob = oob_scores(train_members, counts, voted["label"][part["train"]])
+        ensemble["oob"] = oob
+        for m, acc in zip(members, oob["member_acc"]):
+            m["oob_acc"] = acc
+    return {"members": members, "ensemble": ensemble, "test_labels": test_labels}
+
+
+def write_figures(output: str, report: dict, summaries: list, voted: dict, part: dict, classes) -> dict:
+    """PNG figures under OUTPUT/figures/ (drawn locally, then written through storage)."""
+    import tempfile
+
+    from ensemble import figures as fig
+
+    val = {k: v[part["val"]] for k, v in voted.items()}
+    if report["ensemble"]["vote"] == "hard":
+        preds = hard_vote(val["member_probs"].transpose(1, 0, 2))
+    else:
+        preds = val["probs"].argmax(axis=1)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        drawn = {
+            "training_curves": fig.training_curves([s["history"] for s in summaries], os.path.join(tmp, "a.png")),
+            "size_curve": fig.size_curve_plot(report["ensemble"]["size_curve"], os.path.join(tmp, "b.png")),
+            "reliability": fig.reliability_diagram(val["probs"], val["label"], os.path.join(tmp, "c.png")),
+            "confusion_matrix": fig.confusion_matrix_plot(val["label"], preds, list(classes),
+                                                          os.path.join(tmp, "d.png")),
+        }
+        for name, path in drawn.items():
+            rel = f"figures/{name}.png"
+            with open(path, "rb") as fh:
+                storage.write_bytes(storage.join(output, "figures", f"{name}.png"), fh.read())
+            out[name] = rel
+    return out
 
 
 def _save_config(output: str, cfg: EnsembleConfig, seeds: list[int], fingerprint: dict) -> None:

@@ -79,7 +79,7 @@ def test_predictions_are_argmax_of_probabilities(run, tiny_digits):
     _, _, output = run
     index = scan_layout(tiny_digits)
     table = pq.read_table(os.path.join(output, "probabilities.parquet"))
-    assert table.column_names == ["image_name", *index.classes]
+    assert table.column_names == ["image_name", *index.classes, "predictive_entropy", "member_disagreement"]
     probs = np.stack([table.column(c).to_numpy() for c in index.classes], axis=1)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     lines = open(os.path.join(output, "predictions.csv")).read().splitlines()
@@ -148,3 +148,69 @@ def test_gpu_request_beyond_cluster_is_refused(cluster, tiny_digits, tmp_path):
     with pytest.raises(ConfigError, match="largest node has 1 GPU"):
         run_pipeline(_config(tiny_digits, tmp_path / "out", gpus_per_member=2))
     assert not (tmp_path / "out").exists(), "a refused run must not leave an output folder"
+
+
+# ---------------------------------------------------------------- report contents (values, not presence)
+
+def test_oob_and_size_curve_values(run, tiny_digits):
+    from ensemble.bootstrap import bootstrap_counts
+
+    cfg, report, output = run
+    index = scan_layout(tiny_digits)
+    n_train = index.train.num_rows
+    counts = np.stack([bootstrap_counts(s, n_train, n_train) for s in member_seeds(7, cfg.members)])
+    oob = report["ensemble"]["oob"]
+    assert oob["member_n_oob"] == [int((c == 0).sum()) for c in counts]
+    assert oob["n_rows_scored"] == int((counts == 0).any(axis=0).sum())
+    assert oob["n_rows_scored"] + oob["n_rows_without_oob"] == n_train
+    for m, acc in zip(report["members"], oob["member_acc"]):
+        assert m["oob_acc"] == acc
+    for m in report["members"]:
+        assert all(h["images"] == n_train for h in m["history"])  # bootstrap size = train size
+    curve = report["ensemble"]["size_curve"]
+    assert curve["k"] == [1, 2, 3]
+    assert curve["accuracy"][-1] == pytest.approx(report["ensemble"]["val_acc"])
+    assert curve["accuracy"][0] == pytest.approx(report["members"][0]["metrics"]["accuracy"])
+    md = open(os.path.join(output, "report.md")).read()
+    assert f"{report['ensemble']['val_acc']:.4f}" in md
+    for name in ("training_curves", "size_curve", "reliability", "confusion_matrix"):
+        assert f"figures/{name}.png" in md
+        assert open(os.path.join(output, "figures", f"{name}.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_entropy_and_disagreement_columns(run, tiny_digits):
+    from ensemble.metrics import predictive_entropy
+
+    cfg, _, output = run
+    index = scan_layout(tiny_digits)
+    table = pq.read_table(os.path.join(output, "probabilities.parquet"))
+    probs = np.stack([table.column(c).to_numpy() for c in index.classes], axis=1)
+    np.testing.assert_allclose(table.column("predictive_entropy").to_numpy(), predictive_entropy(probs), atol=1e-5)
+    disagreement = table.column("member_disagreement").to_numpy()
+    assert set(np.round(disagreement * cfg.members).astype(int)) <= set(range(cfg.members + 1))
+
+
+def test_hard_vote_hflip_tta_full_bagging(cluster, tiny_digits, tmp_path):
+    """--vote hard --tta hflip --bagging full, checked against the saved members run in this process."""
+    from ensemble.driver import run as run_pipeline
+    from ensemble.metrics import hard_vote
+
+    cfg = _config(tiny_digits, tmp_path, members=3, epochs=1, vote="hard", tta="hflip", bagging="full")
+    report = run_pipeline(cfg)
+    index = scan_layout(tiny_digits)
+    assert report["ensemble"]["bagging"] == "full" and "oob" not in report["ensemble"]
+    assert all(m["history"][0]["images"] == index.train.num_rows for m in report["members"])
+    batch = {k: index.test.column(k).to_numpy(zero_copy_only=False) for k in ("id", "path", "label")}
+    images = torch.from_numpy(decode_batch(batch, image_size=cfg.image_size)["image"])
+    member_probs = []
+    for i in range(cfg.members):
+        model = make_member_model(cfg.arch, len(index.classes), None, "none")
+        model.load_state_dict(torch.load(os.path.join(tmp_path, "members", f"member-{i}", "model.pt"),
+                                         weights_only=True))
+        with torch.no_grad():
+            p = torch.softmax(model.eval()(images), 1) + torch.softmax(model(torch.flip(images, dims=[3])), 1)
+        member_probs.append((p / 2).numpy())
+    expected = [index.classes[k] for k in hard_vote(np.stack(member_probs))]
+    rows = [line.split(",") for line in (tmp_path / "predictions.csv").read_text().splitlines()[1:]]
+    by_name = dict(rows)
+    assert [by_name[n] for n in index.test.column("image_name").to_pylist()] == expected
