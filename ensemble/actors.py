@@ -23,7 +23,8 @@ from ensemble.checkpoint import (CheckpointError, load_torch_bytes, read_json, r
                                  set_rng_state, torch_bytes, write_file)
 from ensemble.config import EnsembleConfig
 from ensemble.data import bootstrap_dataset, decode_batch, decoded, quiet_ray_data
-from ensemble.engine import evaluate, member_probabilities, pick_device, train_one_epoch
+from ensemble.engine import (evaluate, member_probabilities, pick_device, prepare_for_device, resolve_precision,
+                             train_one_epoch)
 from ensemble.models import make_member_model
 from ensemble.vote import soft_vote
 
@@ -68,7 +69,8 @@ class MemberTrainer:
         """Returns (summary dict, best state dict on CPU). ``counts_box`` = [ObjectRef of counts]."""
         cfg, start = self.cfg, time.time()
         model = make_member_model(cfg.arch, num_classes, initial_state, cfg.freeze, cfg.freeze_stem)
-        model.to(self.device)
+        model = prepare_for_device(model, self.device)
+        amp = resolve_precision(cfg.precision, self.device)
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
         history, best, resumed = [], None, []
         saved = self._load_checkpoint()
@@ -87,8 +89,9 @@ class MemberTrainer:
             epoch_ds = decoded(shard.random_shuffle(seed=seed, num_cpus=DATA_CPUS),
                                image_size=cfg.image_size, batch_size=cfg.batch_size,
                                augment=cfg.augment, seed=seed, num_cpus=DATA_CPUS)
-            train = train_one_epoch(model, _xy(epoch_ds, cfg.batch_size), optimizer, self.device)
-            ev = evaluate(model, _ixy(val, cfg.batch_size), self.device)
+            pin = self.device.type == "cuda"
+            train = train_one_epoch(model, _xy(epoch_ds, cfg.batch_size, pin), optimizer, self.device, amp)
+            ev = evaluate(model, _ixy(val, cfg.batch_size, pin), self.device, amp)
             history.append({"epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"],
                             "val_loss": ev["loss"], "val_acc": ev["acc"],
                             "images": train["images"], "images_per_s": train["images_per_s"],
@@ -173,13 +176,14 @@ def load_finished_member(output: str, member: int, fingerprint: dict):
     return summary, state
 
 
-def _xy(ds, batch_size: int):
-    for b in ds.iter_torch_batches(batch_size=batch_size, device="cpu", prefetch_batches=2):
+def _xy(ds, batch_size: int, pin: bool = False):
+    """(images, labels) batches; pinned host memory on GPU members for asynchronous copies."""
+    for b in ds.iter_torch_batches(batch_size=batch_size, device="cpu", prefetch_batches=2, pin_memory=pin):
         yield b["image"], b["label"]
 
 
-def _ixy(ds, batch_size: int):
-    for b in ds.iter_torch_batches(batch_size=batch_size, device="cpu", prefetch_batches=2):
+def _ixy(ds, batch_size: int, pin: bool = False):
+    for b in ds.iter_torch_batches(batch_size=batch_size, device="cpu", prefetch_batches=2, pin_memory=pin):
         yield b["id"].numpy(), b["image"], b["label"].numpy()
 
 
@@ -191,22 +195,23 @@ class SoftVoter:
     """
 
     def __init__(self, *, arch: str, num_classes: int, weight_refs: list, image_size: int,
-                 threads: float, tta: str = "none"):
+                 threads: float, tta: str = "none", precision: str = "auto"):
         torch.set_num_threads(max(1, int(threads)))
         self.device = pick_device(ray.get_gpu_ids())
         self.image_size, self.tta = image_size, tta
+        self.amp = resolve_precision(precision, self.device)
         self.models = []
         for state in ray.get(list(weight_refs)):
             model = make_member_model(arch, num_classes, None, "none")
             model.load_state_dict(state)
-            self.models.append(model.to(self.device).eval())
+            self.models.append(prepare_for_device(model, self.device).eval())
 
     def __call__(self, batch: dict) -> dict:
         decoded_batch = decode_batch(batch, image_size=self.image_size)
         images = torch.from_numpy(decoded_batch["image"]).to(self.device, non_blocking=True)
-        probs = member_probabilities(self.models, images)  # (members, B, classes)
+        probs = member_probabilities(self.models, images, self.amp)  # (members, B, classes)
         if self.tta == "hflip":
-            probs = (probs + member_probabilities(self.models, torch.flip(images, dims=[3]))) / 2
+            probs = (probs + member_probabilities(self.models, torch.flip(images, dims=[3]), self.amp)) / 2
         probs = probs.cpu().numpy()
         return {"id": batch["id"], "image_name": batch["image_name"], "label": batch["label"],
                 "probs": soft_vote(probs).astype(np.float32),

@@ -22,6 +22,7 @@ AUGMENTS = ("seed", "light", "none")
 VOTES = ("soft", "hard")
 TTAS = ("none", "hflip")
 BAGGINGS = ("bootstrap", "full")
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 class ConfigError(ValueError):
@@ -52,6 +53,7 @@ class EnsembleConfig:
     lr: float = 8e-5                    # Adam learning rate
     image_size: int = 224               # training crop S; eval resizes to round(S*256/224) first
     augment: str = "seed"               # seed | light | none (see transforms.py)
+    precision: str = "auto"             # auto = bf16 autocast on GPUs that support it; fp32; bf16
     # --- resources
     gpus_per_member: Optional[float] = None   # 0, a fraction (0.25, 0.5) or whole GPUs; None = 1 if the cluster has GPUs else 0
     cpus_per_member: float = 2.0        # CPUs reserved per member; its torch thread count
@@ -89,6 +91,7 @@ class EnsembleConfig:
         _check_choice(self, "freeze", FREEZE_STAGES)
         _check_choice(self, "augment", AUGMENTS)
         _check_choice(self, "vote", VOTES)
+        _check_choice(self, "precision", PRECISIONS)
         _check_choice(self, "tta", TTAS)
         _check_choice(self, "bagging", BAGGINGS)
         for name in ("freeze_stem", "strict"):

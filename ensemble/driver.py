@@ -73,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, help=f"images per step per member (default {d.batch_size})")
     g.add_argument("--lr", type=float, help=f"Adam learning rate (default {d.lr})")
     g.add_argument("--image-size", type=int, help=f"train crop size S; eval resizes to S*256/224 (default {d.image_size})")
+    g.add_argument("--precision", help=f"auto | bf16 | fp32: auto = bf16 autocast + channels_last on GPUs that "
+                                       f"support it, fp32 on CPU (default {d.precision})")
     g.add_argument("--augment", help=f"{' | '.join(AUGMENTS)}: seed = AutoAugment+RandomResizedCrop+flip; "
                                      f"light = RandomResizedCrop(scale 0.6-1) only; none = eval transform "
                                      f"(default {d.augment})")
@@ -218,7 +220,7 @@ def training_fingerprint(cfg: EnsembleConfig, index, n_samples: int) -> dict:
         for column in ("path", "label"):
             digest.update("\n".join(map(str, table.column(column).to_pylist())).encode())
     keys = ("arch", "weights", "freeze", "freeze_stem", "epochs", "batch_size", "lr", "image_size", "augment", "seed",
-            "bagging")
+            "bagging", "precision")
     return {**{k: getattr(cfg, k) for k in keys}, "bootstrap_size": n_samples, "classes": list(index.classes),
             "files_sha256": digest.hexdigest()}
 
@@ -340,7 +342,7 @@ def soft_vote_stage(cfg: EnsembleConfig, table, *, weight_refs: list, num_classe
         num_cpus=cfg.cpus_per_infer_actor, num_gpus=gpus,
         fn_constructor_kwargs={"arch": cfg.arch, "num_classes": num_classes, "weight_refs": weight_refs,
                                "image_size": cfg.image_size, "threads": cfg.cpus_per_infer_actor,
-                               "tta": cfg.tta})
+                               "tta": cfg.tta, "precision": cfg.precision})
     parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
     keys = ("id", "image_name", "label", "probs", "member_probs")
     out = {k: np.concatenate([p[k] for p in parts]) for k in keys}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Iterable
+from typing import Iterable, Optional
 
 import numpy as np
 import torch
@@ -20,17 +20,45 @@ def pick_device(gpu_ids: list) -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype: ``auto`` = bf16 on a CUDA device that supports it, else full fp32."""
+    if precision == "fp32" or device.type != "cuda":
+        return None
+    if precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return None
+
+
+def prepare_for_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """Move to ``device``; on CUDA use channels_last (faster convolutions with tensor cores)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        return model.to(device, memory_format=torch.channels_last)
+    return model.to(device)
+
+
+def _to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        return images.to(device, non_blocking=True, memory_format=torch.channels_last)
+    return images
+
+
 def train_one_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch.optim.Optimizer,
-                    device: torch.device) -> dict:
-    """One pass over ``batches``. Returns mean loss, accuracy, images and images/s."""
+                    device: torch.device, autocast_dtype: Optional[torch.dtype] = None) -> dict:
+    """One pass over ``batches``. Returns mean loss, accuracy, images and images/s.
+
+    ``autocast_dtype`` (bf16 on GPUs) runs the forward pass in mixed precision; weights,
+    optimizer state and the loss stay fp32.
+    """
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
     for images, labels in batches:
-        images = images.to(device, non_blocking=True)
+        images = _to_device(images, device)
         labels = labels.to(device, non_blocking=True)
-        logits = model(images)
-        loss = F.cross_entropy(logits, labels)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            logits = model(images)
+        loss = F.cross_entropy(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -45,7 +73,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-             device: torch.device) -> dict:
+             device: torch.device, autocast_dtype: Optional[torch.dtype] = None) -> dict:
     """Loss, accuracy and per-row softmax probabilities (sorted by row id) on labelled batches.
 
     ``batches`` yields (ids, images, labels).
@@ -53,7 +81,8 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     model.eval()
     ids, probs, labels_all = [], [], []
     for row_ids, images, labels in batches:
-        logits = model(images.to(device, non_blocking=True)).float()
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            logits = model(_to_device(images, device)).float()
         probs.append(torch.softmax(logits, dim=1).cpu().numpy())
         ids.append(np.asarray(row_ids))
         labels_all.append(np.asarray(labels))
@@ -69,6 +98,10 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
 
 
 @torch.no_grad()
-def member_probabilities(models: list[nn.Module], images: torch.Tensor) -> torch.Tensor:
+def member_probabilities(models: list[nn.Module], images: torch.Tensor,
+                         autocast_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Softmax outputs of every member on one batch: (members, B, classes), float32."""
-    return torch.stack([torch.softmax(m(images).float(), dim=1) for m in models])
+    images = _to_device(images, images.device)
+    with torch.autocast(images.device.type, dtype=autocast_dtype or torch.float32,
+                        enabled=autocast_dtype is not None):
+        return torch.stack([torch.softmax(m(images).float(), dim=1) for m in models])

@@ -1,0 +1,446 @@
+"""Search one member's lr, frozen stages and epochs with Ray Tune + ASHA; write a config the driver takes.
+
+    python -m ensemble.tune --output runs/tune1                         # bundled digits, CPU preset
+    python -m ensemble.tune --data DATA --output runs/tune1 --trials 16 --max-epochs 20 --gpus-per-trial 0.5
+    python -m ensemble.driver --config runs/tune1/best_config.yaml --output runs/exp1
+
+Each trial trains ONE model on the full train split (no bootstrap) and reports its val accuracy
+after every epoch; ASHA stops the weaker trials early. The best trial (highest val accuracy at
+any epoch) gives ``lr``, ``freeze`` and ``epochs`` (the epoch of that best val accuracy).
+Every trial starts from the same seed (same initial weights, same batches, same augmentation
+draws), so trials differ only in their hyperparameters.
+
+Stages: config -> data index -> ray.init -> image check -> Tuner.fit (ASHA) -> table + files.
+Trials decode their images in-process with ``decode_batch``: a Tune trial holding the CPUs that
+nested Ray Data tasks would need can hang a small machine (see RAY_NOTES).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+from ensemble import storage
+from ensemble.config import AUGMENTS, ARCHS, CPU_PRESET, ConfigError, EnsembleConfig, build_config, load_yaml
+
+log = logging.getLogger("ensemble.tune")
+
+FREEZE_CHOICES = ("none", "layer1", "layer2")  # the --freeze stages searched
+LR_RANGE = (1e-5, 1e-3)        # log-uniform, around the recipe's 8e-5
+ASHA_GRACE_EPOCHS = 1          # every trial trains at least this many epochs
+ASHA_REDUCTION_FACTOR = 2      # each rung keeps the top half; Ray's default 4 stops most of a small search
+# Keys of the searched model that best_config.yaml carries; run-shape keys (members, resources,
+# output) stay the driver's to choose.
+RECIPE_KEYS = ("arch", "weights", "freeze", "freeze_stem", "epochs", "batch_size", "lr", "image_size", "augment")
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    output: str                        # results folder
+    trials: int = 8                    # sampled (lr, freeze) configurations
+    max_epochs: int = 4                # ASHA's max_t: the most epochs a trial trains
+    lr_min: float = LR_RANGE[0]        # log-uniform lr range
+    lr_max: float = LR_RANGE[1]
+    gpus_per_trial: Optional[float] = None  # 0, a fraction or whole GPUs; None = 1 if the cluster has GPUs
+    cpus_per_trial: float = 1.0        # CPUs per trial = its torch threads
+
+    def __post_init__(self) -> None:
+        for name in ("trials", "max_epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"--{_flag(name)} {value!r}: must be a whole number >= 1")
+        for name in ("lr_min", "lr_max", "cpus_per_trial"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"--{_flag(name)} {value!r}: must be a number > 0")
+        if self.lr_min >= self.lr_max:
+            raise ConfigError(f"--lr-min {self.lr_min:g} --lr-max {self.lr_max:g}: lr-min must be below lr-max")
+        gpus = self.gpus_per_trial
+        if gpus is not None:
+            if not math.isfinite(gpus) or gpus < 0:
+                raise ConfigError(f"--gpus-per-trial {gpus!r}: must be a number >= 0")
+            if gpus > 1 and not float(gpus).is_integer():
+                raise ConfigError(f"--gpus-per-trial {gpus:g}: above 1 GPU it must be a whole number (1, 2, 4)")
+
+
+# ---------------------------------------------------------------- command line
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line + exit 2 (via main), not argparse's usage block
+        raise ConfigError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m ensemble.tune", argument_default=argparse.SUPPRESS,
+                description="Ray Tune + ASHA search of lr, --freeze and epochs for one member trained on the "
+                            "full train split and scored on val; writes best_config.yaml for ensemble.driver. "
+                            "Without --data: the bundled digits with the driver's CPU preset.")
+    g = p.add_argument_group("data and outputs")
+    g.add_argument("--data", help="dataset root with train/<class>/, val/<class>/, test/ (default: bundled digits)")
+    g.add_argument("--output", help="results folder (default: runs/tune-<timestamp>)")
+    g.add_argument("--config", metavar="FILE.yaml", help="a driver config to start from; lr, freeze and epochs "
+                                                         "are searched, the other keys are kept")
+    g = p.add_argument_group("search")
+    g.add_argument("--trials", type=int, help="sampled configurations (default 8)")
+    g.add_argument("--max-epochs", type=int, help="most epochs a trial trains; ASHA stops weak trials sooner "
+                                                  "(default: the config's epochs)")
+    g.add_argument("--lr-min", type=float, help=f"lower end of the log-uniform lr range (default {LR_RANGE[0]:g})")
+    g.add_argument("--lr-max", type=float, help=f"upper end of the log-uniform lr range (default {LR_RANGE[1]:g})")
+    g.add_argument("--seed", type=int, help="seeds the sampled configs and every trial's training (default 0)")
+    g = p.add_argument_group("model and data (as for ensemble.driver)")
+    g.add_argument("--arch", help=f"one of {', '.join(ARCHS)}")
+    g.add_argument("--weights", help="none, a torchvision weights name (IMAGENET1K_V1, DEFAULT) or a state-dict file")
+    g.add_argument("--freeze-stem", action="store_true", help="also freeze the stem (conv1 + bn1) in every trial")
+    g.add_argument("--image-size", type=int, help="train crop size S")
+    g.add_argument("--augment", help=" | ".join(AUGMENTS))
+    g.add_argument("--batch-size", type=int, help="images per step")
+    g = p.add_argument_group("resources")
+    g.add_argument("--gpus-per-trial", type=float, help="0, a fraction (0.25, 0.5) or whole GPUs "
+                                                        "(default: 1 if the cluster has GPUs, else 0)")
+    g.add_argument("--cpus-per-trial", type=float, help="CPUs per trial = its torch threads (default 1)")
+    g.add_argument("--address", help="Ray cluster (auto, host:port, ray://...; 'local' starts a new one); "
+                                     "default: RAY_ADDRESS or the running local cluster, else a new one")
+    return p
+
+
+SEARCH_FLAGS = ("output", "trials", "max_epochs", "lr_min", "lr_max", "gpus_per_trial", "cpus_per_trial")
+
+
+def settings_from_argv(argv: Optional[Sequence[str]]) -> tuple[EnsembleConfig, SearchSettings]:
+    """(base config, search settings). Base config precedence as in the driver:
+    defaults < CPU preset (no --data) < --config < flags."""
+    args = vars(_parser().parse_args(argv))
+    search = {k: args.pop(k) for k in SEARCH_FLAGS if k in args}
+    file_values = load_yaml(args.pop("config")) if "config" in args else {}
+    named = {k.replace("-", "_") for k, v in file_values.items() if v is not None} | set(args)
+    uses_bundled = not named & {"data", "num_classes"}
+    base = build_config(preset=CPU_PRESET if uses_bundled else None, file_values=file_values, flag_values=args)
+    search.setdefault("max_epochs", base.epochs)
+    search.setdefault("output", os.path.join("runs", time.strftime("tune-%Y%m%d-%H%M%S")))
+    return base, SearchSettings(**search)
+
+
+# ---------------------------------------------------------------- one trial (runs in a Tune actor)
+
+def file_batches(table, *, batch_size: int, image_size: int, augment: Optional[str] = None,
+                 seed: Optional[int] = None) -> Iterator[tuple]:
+    """(ids, images (B, 3, S, S), labels) from a file table, decoded in this process.
+
+    With ``seed``: rows in a seeded random order and seeded augmentation; otherwise table order.
+    """
+    import torch
+
+    from ensemble.data import decode_batch
+
+    ids = table.column("id").to_numpy()
+    paths = np.asarray(table.column("path").to_pylist(), dtype=object)
+    labels = table.column("label").to_numpy()
+    order = np.random.default_rng(seed).permutation(len(ids)) if seed is not None else np.arange(len(ids))
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        batch = decode_batch({"id": ids[rows], "path": paths[rows], "label": labels[rows]},
+                             image_size=image_size, augment=augment, seed=seed)
+        yield batch["id"], torch.from_numpy(batch["image"]), torch.from_numpy(batch["label"])
+
+
+def train_trial(config: dict, *, base: EnsembleConfig, train_table, val_table, num_classes: int,
+                initial_state, max_epochs: int, threads: float) -> None:
+    """Tune function trainable: train ``max_epochs`` (unless ASHA stops it), report val_acc each epoch."""
+    import ray
+    import torch
+    from ray import tune
+
+    from ensemble.bootstrap import epoch_seed
+    from ensemble.engine import evaluate, pick_device, train_one_epoch
+    from ensemble.models import make_member_model
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+    torch.set_num_threads(max(1, int(threads)))  # a fractional CPU share still gets one thread
+    torch.manual_seed(base.seed)
+    np.random.seed(base.seed % 2**32)
+    random.seed(base.seed)
+    device = pick_device(ray.get_gpu_ids())
+    model = make_member_model(base.arch, num_classes, initial_state, config["freeze"], base.freeze_stem).to(device)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config["lr"])
+    for epoch in range(1, max_epochs + 1):
+        seed = epoch_seed(base.seed, epoch)
+        train = train_one_epoch(
+            model, ((x, y) for _, x, y in file_batches(train_table, batch_size=base.batch_size,
+                                                        image_size=base.image_size, augment=base.augment,
+                                                        seed=seed)),
+            optimizer, device)
+        ev = evaluate(model, file_batches(val_table, batch_size=base.batch_size, image_size=base.image_size),
+                      device)
+        log.info("trial lr %.3g freeze %s epoch %d/%d train_loss %.4f train_acc %.4f val_loss %.4f val_acc %.4f",
+                 config["lr"], config["freeze"], epoch, max_epochs, train["loss"], train["acc"], ev["loss"], ev["acc"])
+        tune.report({"epoch": epoch, "val_acc": ev["acc"], "val_loss": ev["loss"],
+                     "train_loss": train["loss"], "train_acc": train["acc"]})
+
+
+# ---------------------------------------------------------------- trials -> best (pure)
+
+def summarize_trial(trial_id: str, config: dict, history: list[dict], status: str) -> dict:
+    """One row of trials.csv from a trial's per-epoch history (``epoch``, ``val_acc``)."""
+    row = {"trial_id": trial_id, "lr": float(config["lr"]), "freeze": str(config["freeze"]),
+           "epochs_reached": len(history), "best_epoch": None, "best_val_acc": None, "status": status,
+           "history": [{"epoch": int(h["epoch"]), "val_acc": float(h["val_acc"])} for h in history]}
+    if history:
+        best = max(row["history"], key=lambda h: (h["val_acc"], -h["epoch"]))  # earliest epoch on ties
+        row["best_epoch"], row["best_val_acc"] = best["epoch"], best["val_acc"]
+    return row
+
+
+def pick_best(rows: list[dict]) -> dict:
+    """Highest best_val_acc; ties go to fewer epochs, then to the earlier trial (rows in trial order)."""
+    scored = [(r["best_val_acc"], -r["best_epoch"], -k, r) for k, r in enumerate(rows) if r["best_val_acc"] is not None]
+    if not scored:
+        raise SearchFailed("no trial reported a val accuracy; see the trial errors above")
+    return max(scored, key=lambda s: s[:3])[3]
+
+
+def best_config_values(base: EnsembleConfig, best: dict, *, data: Optional[str]) -> dict:
+    """What best_config.yaml holds: the searched recipe; ``data`` only when the user gave one
+    (without it the driver applies its CPU preset to the bundled digits, as this search did)."""
+    values = {k: getattr(base, k) for k in RECIPE_KEYS}
+    values.update(lr=float(best["lr"]), freeze=best["freeze"], epochs=int(best["best_epoch"]))
+    if data is not None:
+        values = {"data": data, **values}
+    build_config(file_values=values)  # the driver must accept it back
+    return values
+
+
+def trials_csv(rows: list[dict]) -> str:
+    cols = ("trial_id", "lr", "freeze", "epochs_reached", "best_epoch", "best_val_acc", "status")
+    lines = [",".join(cols)]
+    for r in rows:
+        lines.append(",".join("" if r[c] is None else repr(r[c]) if isinstance(r[c], float) else str(r[c])
+                              for c in cols))
+    return "\n".join(lines) + "\n"
+
+
+def format_table(rows: list[dict], best: dict, max_epochs: int) -> str:
+    lines = [f"{'trial':>5}  {'lr':>9}  {'freeze':>6}  {'epochs':>6}  {'best epoch':>10}  {'val acc':>7}  status"]
+    for k, r in enumerate(rows):
+        acc = f"{r['best_val_acc']:.4f}" if r["best_val_acc"] is not None else "-"
+        stopped = "stopped by ASHA" if r["status"] == "TERMINATED" and r["epochs_reached"] < max_epochs else r["status"].lower()
+        lines.append(f"{k:>5}  {r['lr']:>9.3g}  {r['freeze']:>6}  {r['epochs_reached']:>6}  "
+                     f"{r['best_epoch'] if r['best_epoch'] is not None else '-':>10}  {acc:>7}  "
+                     f"{stopped}{'  <- best' if r is best else ''}")
+    return "\n".join(lines)
+
+
+class SearchFailed(RuntimeError):
+    """No trial produced a result."""
+
+
+# ---------------------------------------------------------------- cluster
+
+def connect(address: Optional[str]) -> None:
+    """Join ``address`` (or RAY_ADDRESS / the local cluster) or start one; reuse an initialized Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address and address not in ("auto", "local"):
+        _check_reachable(address)
+    kwargs = {"logging_level": logging.WARNING}
+    if address:
+        kwargs["address"] = address
+    try:
+        ray.init(**kwargs)
+    except ConnectionError as exc:
+        raise ConfigError(f"--address {address}: no Ray cluster found ({str(exc).splitlines()[0][:120]}); "
+                          f"start one with 'ray start --head' or leave --address out") from None
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A TCP connect, so a wrong address fails in seconds rather than after Ray's retries."""
+    import socket
+    from urllib.parse import urlsplit
+
+    target = urlsplit(address if "://" in address else f"tcp://{address}")
+    try:
+        host, port = target.hostname, target.port or (10001 if target.scheme == "ray" else 6379)
+    except ValueError:
+        host, port = None, None
+    if not host:
+        raise ConfigError(f"--address {address}: not host:port, ray://host:port, auto or local")
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"--address {address}: nothing answers at {host}:{port} ({exc.__class__.__name__}); "
+                          f"check the address, or leave --address out to start a local cluster") from None
+
+
+def trial_resources(search: SearchSettings) -> dict:
+    """{"cpu": .., "gpu": ..} for each trial; refuses requests no node of the cluster can meet."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    largest_gpu = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
+    largest_cpu = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
+    gpus = search.gpus_per_trial
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0.0) > 0 else 0.0
+    elif gpus > 0 and largest_gpu == 0:
+        raise ConfigError(f"--gpus-per-trial {gpus:g} but the cluster has no GPUs; use --gpus-per-trial 0")
+    elif gpus > largest_gpu:
+        raise ConfigError(f"--gpus-per-trial {gpus:g} but the largest node has {largest_gpu:g} GPU(s)")
+    if search.cpus_per_trial > largest_cpu:
+        raise ConfigError(f"--cpus-per-trial {search.cpus_per_trial:g} but the largest node has "
+                          f"{largest_cpu:g} CPU(s)")
+    return {"cpu": search.cpus_per_trial, "gpu": float(gpus)}
+
+
+def check_output(output: str) -> str:
+    """An absolute path or URI for --output; refuses a file or an unwritable place. Writes nothing."""
+    if storage.is_uri(output):
+        if storage.exists(output) and not storage.is_dir(output):
+            raise ConfigError(f"--output {output}: is a file; pass a folder")
+        return output
+    output = os.path.abspath(output)
+    if os.path.isfile(output):
+        raise ConfigError(f"--output {output}: is a file; pass a folder")
+    parent = output
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise ConfigError(f"--output {output}: {parent} is not a writable folder; pick another place")
+    return output
+
+
+# ---------------------------------------------------------------- main
+
+def run_search(base: EnsembleConfig, search: SearchSettings) -> dict:
+    """The whole search; returns the summary written to tune_report.json.
+
+    Raises ConfigError for what the user can fix, before anything is written to --output.
+    """
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from ensemble.data import check_images, quiet_ray_data, scan_layout
+    from ensemble.digits import ensure_digits
+    from ensemble.models import build_model, freeze, load_initial_weights, resolve_weights
+    from ensemble.report import versions
+
+    started = time.time()
+    # config -> data index (names only) -> weights -> output (checked, not yet written)
+    data = base.data if base.data is None or storage.is_uri(base.data) else os.path.abspath(base.data)
+    index = scan_layout(data or ensure_digits())  # absolute paths: Tune trials run in their own folders
+    num_classes = len(index.classes)
+    initial_state = resolve_weights(base.arch, base.weights)
+    model = build_model(base.arch, num_classes)
+    load_initial_weights(model, initial_state)  # fails here, once, if the file is for another arch
+    freeze(model, FREEZE_CHOICES[-1], freeze_stem=base.freeze_stem)
+    del model
+    output = check_output(search.output)
+
+    # ray.init -> resources -> every image decoded once (unreadable files skipped)
+    connect(base.address)
+    quiet_ray_data()
+    resources = trial_resources(search)
+    index, skipped = check_images(index, strict=base.strict)
+    for bad in skipped:
+        log.warning("skipping unreadable %s image %s: %s", bad["split"], bad["path"], bad["reason"])
+    log.info("search: %d trials x up to %d epochs of %s (%d classes; train %d, val %d images), lr %g..%g, "
+             "freeze %s; %g CPU + %g GPU per trial", search.trials, search.max_epochs, base.arch, num_classes,
+             index.train.num_rows, index.val.num_rows, search.lr_min, search.lr_max, "/".join(FREEZE_CHOICES),
+             resources["cpu"], resources["gpu"])
+    storage.makedirs(output)
+
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, base=base, train_table=index.train, val_table=index.val,
+                             num_classes=num_classes, initial_state=initial_state,
+                             max_epochs=search.max_epochs, threads=search.cpus_per_trial),
+        resources=resources)
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"lr": tune.loguniform(search.lr_min, search.lr_max), "freeze": tune.choice(FREEZE_CHOICES)},
+        tune_config=tune.TuneConfig(
+            metric="val_acc", mode="max", num_samples=search.trials,
+            search_alg=BasicVariantGenerator(random_state=base.seed),  # same seed -> same sampled configs
+            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=search.max_epochs,
+                                    grace_period=min(ASHA_GRACE_EPOCHS, search.max_epochs),
+                                    reduction_factor=ASHA_REDUCTION_FACTOR)),
+        run_config=tune.RunConfig(name=time.strftime("ray_tune-%Y%m%d-%H%M%S"), storage_path=output, verbose=0))
+    results = tuner.fit()
+
+    rows = []
+    for result in results:
+        history = [] if result.metrics_dataframe is None else \
+            result.metrics_dataframe[["epoch", "val_acc"]].to_dict("records")
+        status = "ERROR" if result.error is not None else "TERMINATED"
+        if result.error is not None:
+            log.error("trial %s failed: %s", result.path, str(result.error).strip().splitlines()[-1][:300])
+        rows.append(summarize_trial(_trial_id(result), result.config, history, status))
+    rows.sort(key=lambda r: r["trial_id"])  # creation order: ids of one search share a prefix, end in a counter
+    best = pick_best(rows)
+    values = best_config_values(base, best, data=index.root if base.data is not None else None)
+
+    import yaml
+
+    storage.write_text(storage.join(output, "best_config.yaml"), yaml.safe_dump(values, sort_keys=False))
+    storage.write_text(storage.join(output, "trials.csv"), trials_csv(rows))
+    summary = {"best_config": values, "best_trial": best["trial_id"], "trials": rows,
+               "search": {"trials": search.trials, "max_epochs": search.max_epochs, "lr_range": [search.lr_min, search.lr_max],
+                          "freeze_choices": list(FREEZE_CHOICES), "seed": base.seed, "resources_per_trial": resources,
+                          "asha": {"grace_period": ASHA_GRACE_EPOCHS, "reduction_factor": ASHA_REDUCTION_FACTOR}},
+               "base_config": base.to_dict(), "data": {"root": index.root, **index.sizes()},
+               "skipped_files": skipped, "ray_tune_dir": results.experiment_path,
+               "versions": versions(), "seconds": time.time() - started}
+    storage.write_text(storage.join(output, "tune_report.json"), json.dumps(summary, indent=2))
+
+    print(format_table(rows, best, search.max_epochs))
+    print("best config: " + ", ".join(f"{k}={v}" for k, v in values.items() if k in ("lr", "freeze", "epochs")))
+    print(f"outputs in {output}: best_config.yaml, trials.csv, tune_report.json; "
+          f"train with: python -m ensemble.driver --config {storage.join(output, 'best_config.yaml')}")
+    return summary
+
+
+def _trial_id(result) -> str:
+    """Tune's trial id (``8028b_00003``); a trial that failed before reporting has it only in its folder name."""
+    if result.metrics and "trial_id" in result.metrics:
+        return str(result.metrics["trial_id"])
+    found = re.search(r"_([0-9a-f]{5}_[0-9]{5})_", os.path.basename(result.path))
+    return found.group(1) if found else os.path.basename(result.path)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        base, search = settings_from_argv(list(sys.argv[1:] if argv is None else argv))
+        run_search(base, search)
+        return 0
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except SearchFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    # Run through the imported module, so Ray pickles ``train_trial`` by reference
+    # (ensemble.tune.train_trial) rather than by value from __main__.
+    from ensemble.tune import main as _main
+
+    sys.exit(_main())
