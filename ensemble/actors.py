@@ -34,6 +34,25 @@ log = logging.getLogger("ensemble.member")
 DATA_CPUS = 1.0
 
 
+class MemberMetrics:
+    """Per-member gauges on Ray's metrics endpoint (charted by Prometheus/Grafana, tagged by member)."""
+
+    NAMES = {"epoch": "last finished epoch", "train_loss": "mean training loss of the last epoch",
+             "val_acc": "validation accuracy of the last epoch", "best_val_acc": "best validation accuracy so far",
+             "images_per_s": "training images per second in the last epoch"}
+
+    def __init__(self, member: int):
+        from ray.util.metrics import Gauge
+
+        self.tags = {"member": str(member)}
+        self.gauges = {k: Gauge(f"ensemble_member_{k}", description=d, tag_keys=("member",))
+                       for k, d in self.NAMES.items()}
+
+    def update(self, **values: float) -> None:
+        for key, value in values.items():
+            self.gauges[key].set(float(value), tags=self.tags)
+
+
 def member_dir(output: str, member: int) -> str:
     return storage.join(output, "members", f"member-{member}")
 
@@ -63,6 +82,7 @@ class MemberTrainer:
         self.folder = member_dir(output, member)
         _setup_worker(config.cpus_per_member, member_seed)
         self.device = pick_device(ray.get_gpu_ids())
+        self.metrics = MemberMetrics(member)
 
     @ray.method(num_returns=2)
     def fit(self, train_ds, val_ds, counts_box: list, initial_state, num_classes: int):
@@ -100,6 +120,8 @@ class MemberTrainer:
                 best = {"epoch": epoch, "val_acc": ev["acc"], "val_loss": ev["loss"],
                         "ids": torch.from_numpy(ev["ids"]), "probs": torch.from_numpy(ev["probs"]),
                         "state": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}}
+            self.metrics.update(epoch=epoch, train_loss=train["loss"], val_acc=ev["acc"],
+                                best_val_acc=best["val_acc"], images_per_s=train["images_per_s"])
             log.info("member %d epoch %d/%d train_loss %.4f train_acc %.4f val_loss %.4f val_acc %.4f "
                      "images/s %.1f", self.member, epoch, cfg.epochs, train["loss"], train["acc"],
                      ev["loss"], ev["acc"], train["images_per_s"])

@@ -214,3 +214,20 @@ def test_hard_vote_hflip_tta_full_bagging(cluster, tiny_digits, tmp_path):
     rows = [line.split(",") for line in (tmp_path / "predictions.csv").read_text().splitlines()[1:]]
     by_name = dict(rows)
     assert [by_name[n] for n in index.test.column("image_name").to_pylist()] == expected
+
+
+def test_member_metrics_on_the_metrics_endpoint(run):
+    """Each member's gauges (tagged by member) reach the node's Prometheus endpoint."""
+    import re
+    import time
+    import urllib.request
+
+    cfg, report, _ = run
+    node = [n for n in ray.nodes() if n["Alive"]][0]
+    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    pattern = re.compile(r'^ray_ensemble_member_best_val_acc\{[^}]*member="(\d+)"[^}]*\} (\S+)$', re.M)
+    deadline, found = time.time() + 60, {}
+    while time.time() < deadline and len(found) < cfg.members:
+        found = {int(m): float(v) for m, v in pattern.findall(urllib.request.urlopen(url, timeout=5).read().decode())}
+        time.sleep(1)
+    assert found == {m["member"]: pytest.approx(m["val_acc"]) for m in report["members"]}
