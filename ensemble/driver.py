@@ -26,6 +26,7 @@ import numpy as np
 from ensemble import storage
 from ensemble.bootstrap import bootstrap_counts, member_seeds
 from ensemble.checkpoint import CheckpointError
+from ensemble.cluster import check_output, connect, resolve_gpus
 from ensemble.config import (AUGMENTS, CPU_PRESET, FREEZE_STAGES, ARCHS, ConfigError, EnsembleConfig,
                              build_config, load_yaml)
 from ensemble.analysis import render_report_md
@@ -112,61 +113,6 @@ def config_from_argv(argv: Optional[Sequence[str]]) -> tuple[EnsembleConfig, boo
 
 # ---------------------------------------------------------------- stages
 
-def connect(address: Optional[str]):
-    """Join ``address`` (or RAY_ADDRESS / the local cluster) or start one; returns the dashboard URL."""
-    import ray
-
-    if ray.is_initialized():
-        return None
-    if address and address != "auto":
-        check_reachable(address)
-    kwargs = {"logging_level": logging.WARNING, "log_to_driver": True}
-    if address:
-        kwargs["address"] = address
-    try:
-        context = ray.init(**kwargs)
-    except ConnectionError as exc:
-        raise ConfigError(f"--address {address}: no Ray cluster found ({str(exc).splitlines()[0][:120]}); "
-                          f"start one with 'ray start --head' or leave --address out") from None
-    return getattr(context, "dashboard_url", None)
-
-
-def check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """A TCP connect to host:port, so a wrong address fails in seconds, not after Ray's retries."""
-    import socket
-    from urllib.parse import urlsplit
-
-    target = urlsplit(address if "://" in address else f"tcp://{address}")
-    try:
-        host, port = target.hostname, target.port or (10001 if target.scheme == "ray" else 6379)
-    except ValueError:
-        raise ConfigError(f"--address {address}: not host:port, ray://host:port or auto") from None
-    if not host:
-        raise ConfigError(f"--address {address}: not host:port, ray://host:port or auto")
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            pass
-    except OSError as exc:
-        raise ConfigError(f"--address {address}: nothing answers at {host}:{port} ({exc.__class__.__name__}); "
-                          f"check the address, or leave --address out to start a local cluster") from None
-
-
-def resolve_gpus(requested: Optional[float], cluster: dict, what: str) -> float:
-    """Auto -> 1 GPU when the cluster has any; check an explicit request can ever be met."""
-    import ray
-
-    total = cluster.get("GPU", 0.0)
-    if requested is None:
-        return 1.0 if total > 0 else 0.0
-    if requested > 0:
-        if total == 0:
-            raise ConfigError(f"--{what} {requested:g} but the cluster has no GPUs; use --{what} 0")
-        largest = max((n["Resources"].get("GPU", 0.0) for n in ray.nodes() if n["Alive"]), default=0.0)
-        if requested > largest:
-            raise ConfigError(f"--{what} {requested:g} but the largest node has {largest:g} GPU(s)")
-    return float(requested)
-
-
 def member_window(cfg: EnsembleConfig, cluster: dict, data_cpus: float) -> int:
     """How many members run at once, leaving ``data_cpus`` for their decode tasks.
 
@@ -192,23 +138,6 @@ def plan_lines(cfg: EnsembleConfig, params: dict, sizes: Optional[dict], num_cla
         lines.insert(1, f"data             {sizes['classes']} classes; train {sizes['train']}, val {sizes['val']}, "
                         f"test {sizes['test']} images; bootstrap {n_boot} rows per member")
     return lines
-
-
-def check_output(cfg: EnsembleConfig) -> str:
-    """The output folder to use; refuses a file or an unwritable place. Writes nothing."""
-    output = cfg.output or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-    if storage.is_uri(output):
-        if storage.exists(output) and not storage.is_dir(output):
-            raise ConfigError(f"--output {output}: is a file; pass a folder")
-        return output
-    if os.path.isfile(output):
-        raise ConfigError(f"--output {output}: is a file; pass a folder")
-    parent = os.path.abspath(output)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise ConfigError(f"--output {output}: {parent} is not a writable folder; pick another place")
-    return output
 
 
 def training_fingerprint(cfg: EnsembleConfig, index, n_samples: int) -> dict:
@@ -406,7 +335,7 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False) -> dict:
     freeze(model, cfg.freeze, freeze_stem=cfg.freeze_stem)
     params = count_parameters(model)
     del model
-    output = check_output(cfg)
+    output = check_output(cfg.output or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
     seeds = member_seeds(cfg.seed, cfg.members)
 
     # ray.init -> resources -> every image decoded once (bad files skipped, or --strict stops)

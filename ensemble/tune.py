@@ -32,7 +32,9 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from ensemble import storage
-from ensemble.config import AUGMENTS, ARCHS, CPU_PRESET, ConfigError, EnsembleConfig, build_config, load_yaml
+from ensemble.cluster import check_output, connect
+from ensemble.config import (AUGMENTS, ARCHS, CPU_PRESET, PRECISIONS, ConfigError, EnsembleConfig, build_config,
+                             load_yaml)
 
 log = logging.getLogger("ensemble.tune")
 
@@ -42,7 +44,8 @@ ASHA_GRACE_EPOCHS = 1          # every trial trains at least this many epochs
 ASHA_REDUCTION_FACTOR = 2      # each rung keeps the top half; Ray's default 4 stops most of a small search
 # Keys of the searched model that best_config.yaml carries; run-shape keys (members, resources,
 # output) stay the driver's to choose.
-RECIPE_KEYS = ("arch", "weights", "freeze", "freeze_stem", "epochs", "batch_size", "lr", "image_size", "augment")
+RECIPE_KEYS = ("arch", "weights", "freeze", "freeze_stem", "epochs", "batch_size", "lr", "image_size", "augment",
+               "precision")
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class SearchSettings:
     lr_max: float = LR_RANGE[1]
     gpus_per_trial: Optional[float] = None  # 0, a fraction or whole GPUs; None = 1 if the cluster has GPUs
     cpus_per_trial: float = 1.0        # CPUs per trial = its torch threads
+    carried_keys: tuple = ()           # keys of --config that best_config.yaml keeps (it can replace that file)
 
     def __post_init__(self) -> None:
         for name in ("trials", "max_epochs"):
@@ -82,7 +86,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m ensemble.tune", argument_default=argparse.SUPPRESS,
+    p = _Parser(prog="python -m ensemble.tune", argument_default=argparse.SUPPRESS, allow_abbrev=False,
                 description="Ray Tune + ASHA search of lr, --freeze and epochs for one member trained on the "
                             "full train split and scored on val; writes best_config.yaml for ensemble.driver. "
                             "Without --data: the bundled digits with the driver's CPU preset.")
@@ -105,6 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--image-size", type=int, help="train crop size S")
     g.add_argument("--augment", help=" | ".join(AUGMENTS))
     g.add_argument("--batch-size", type=int, help="images per step")
+    g.add_argument("--precision", help=f"{' | '.join(PRECISIONS)}: auto = bf16 autocast + channels_last on GPUs "
+                                       f"that support it, fp32 on CPU")
     g = p.add_argument_group("resources")
     g.add_argument("--gpus-per-trial", type=float, help="0, a fraction (0.25, 0.5) or whole GPUs "
                                                         "(default: 1 if the cluster has GPUs, else 0)")
@@ -127,6 +133,7 @@ def settings_from_argv(argv: Optional[Sequence[str]]) -> tuple[EnsembleConfig, S
     uses_bundled = not named & {"data", "num_classes"}
     base = build_config(preset=CPU_PRESET if uses_bundled else None, file_values=file_values, flag_values=args)
     search.setdefault("max_epochs", base.epochs)
+    search["carried_keys"] = tuple(k.replace("-", "_") for k in file_values if k.replace("-", "_") != "output")
     search.setdefault("output", os.path.join("runs", time.strftime("tune-%Y%m%d-%H%M%S")))
     return base, SearchSettings(**search)
 
@@ -162,7 +169,7 @@ def train_trial(config: dict, *, base: EnsembleConfig, train_table, val_table, n
     from ray import tune
 
     from ensemble.bootstrap import epoch_seed
-    from ensemble.engine import evaluate, pick_device, train_one_epoch
+    from ensemble.engine import evaluate, pick_device, prepare_for_device, resolve_precision, train_one_epoch
     from ensemble.models import make_member_model
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
@@ -171,7 +178,9 @@ def train_trial(config: dict, *, base: EnsembleConfig, train_table, val_table, n
     np.random.seed(base.seed % 2**32)
     random.seed(base.seed)
     device = pick_device(ray.get_gpu_ids())
-    model = make_member_model(base.arch, num_classes, initial_state, config["freeze"], base.freeze_stem).to(device)
+    model = prepare_for_device(
+        make_member_model(base.arch, num_classes, initial_state, config["freeze"], base.freeze_stem), device)
+    amp = resolve_precision(base.precision, device)  # as the members will train: bf16 autocast on GPUs
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config["lr"])
     for epoch in range(1, max_epochs + 1):
         seed = epoch_seed(base.seed, epoch)
@@ -179,19 +188,24 @@ def train_trial(config: dict, *, base: EnsembleConfig, train_table, val_table, n
             model, ((x, y) for _, x, y in file_batches(train_table, batch_size=base.batch_size,
                                                         image_size=base.image_size, augment=base.augment,
                                                         seed=seed)),
-            optimizer, device)
+            optimizer, device, amp)
         ev = evaluate(model, file_batches(val_table, batch_size=base.batch_size, image_size=base.image_size),
-                      device)
-        log.info("trial lr %.3g freeze %s epoch %d/%d train_loss %.4f train_acc %.4f val_loss %.4f val_acc %.4f",
-                 config["lr"], config["freeze"], epoch, max_epochs, train["loss"], train["acc"], ev["loss"], ev["acc"])
+                      device, amp)
+        log.info("trial %s lr %.3g freeze %s epoch %d/%d train_loss %.4f train_acc %.4f val_loss %.4f val_acc %.4f",
+                 tune.get_context().get_trial_id(), config["lr"], config["freeze"], epoch, max_epochs,
+                 train["loss"], train["acc"], ev["loss"], ev["acc"])
         tune.report({"epoch": epoch, "val_acc": ev["acc"], "val_loss": ev["loss"],
                      "train_loss": train["loss"], "train_acc": train["acc"]})
 
 
 # ---------------------------------------------------------------- trials -> best (pure)
 
-def summarize_trial(trial_id: str, config: dict, history: list[dict], status: str) -> dict:
-    """One row of trials.csv from a trial's per-epoch history (``epoch``, ``val_acc``)."""
+def summarize_trial(trial_id: str, config: dict, history: list[dict], *, max_epochs: int, failed: bool) -> dict:
+    """One row of trials.csv from a trial's per-epoch history (``epoch``, ``val_acc``).
+
+    ``status``: completed (trained max_epochs), stopped (by ASHA, sooner) or error.
+    """
+    status = "error" if failed else "completed" if len(history) >= max_epochs else "stopped"
     row = {"trial_id": trial_id, "lr": float(config["lr"]), "freeze": str(config["freeze"]),
            "epochs_reached": len(history), "best_epoch": None, "best_val_acc": None, "status": status,
            "history": [{"epoch": int(h["epoch"]), "val_acc": float(h["val_acc"])} for h in history]}
@@ -209,10 +223,11 @@ def pick_best(rows: list[dict]) -> dict:
     return max(scored, key=lambda s: s[:3])[3]
 
 
-def best_config_values(base: EnsembleConfig, best: dict, *, data: Optional[str]) -> dict:
-    """What best_config.yaml holds: the searched recipe; ``data`` only when the user gave one
+def best_config_values(base: EnsembleConfig, best: dict, *, data: Optional[str], carried_keys=()) -> dict:
+    """What best_config.yaml holds: the model recipe with the searched lr, freeze and epochs, the
+    other keys of the --config file searched from, and ``data`` only when the user gave one
     (without it the driver applies its CPU preset to the bundled digits, as this search did)."""
-    values = {k: getattr(base, k) for k in RECIPE_KEYS}
+    values = {k: getattr(base, k) for k in (*carried_keys, *RECIPE_KEYS) if k != "data"}
     values.update(lr=float(best["lr"]), freeze=best["freeze"], epochs=int(best["best_epoch"]))
     if data is not None:
         values = {"data": data, **values}
@@ -229,14 +244,14 @@ def trials_csv(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def format_table(rows: list[dict], best: dict, max_epochs: int) -> str:
+def format_table(rows: list[dict], best: dict) -> str:
     lines = [f"{'trial':>5}  {'lr':>9}  {'freeze':>6}  {'epochs':>6}  {'best epoch':>10}  {'val acc':>7}  status"]
     for k, r in enumerate(rows):
         acc = f"{r['best_val_acc']:.4f}" if r["best_val_acc"] is not None else "-"
-        stopped = "stopped by ASHA" if r["status"] == "TERMINATED" and r["epochs_reached"] < max_epochs else r["status"].lower()
+        status = "stopped by ASHA" if r["status"] == "stopped" else r["status"]
         lines.append(f"{k:>5}  {r['lr']:>9.3g}  {r['freeze']:>6}  {r['epochs_reached']:>6}  "
                      f"{r['best_epoch'] if r['best_epoch'] is not None else '-':>10}  {acc:>7}  "
-                     f"{stopped}{'  <- best' if r is best else ''}")
+                     f"{status}{'  <- best' if r is best else ''}")
     return "\n".join(lines)
 
 
@@ -245,44 +260,6 @@ class SearchFailed(RuntimeError):
 
 
 # ---------------------------------------------------------------- cluster
-
-def connect(address: Optional[str]) -> None:
-    """Join ``address`` (or RAY_ADDRESS / the local cluster) or start one; reuse an initialized Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address and address not in ("auto", "local"):
-        _check_reachable(address)
-    kwargs = {"logging_level": logging.WARNING}
-    if address:
-        kwargs["address"] = address
-    try:
-        ray.init(**kwargs)
-    except ConnectionError as exc:
-        raise ConfigError(f"--address {address}: no Ray cluster found ({str(exc).splitlines()[0][:120]}); "
-                          f"start one with 'ray start --head' or leave --address out") from None
-
-
-def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """A TCP connect, so a wrong address fails in seconds rather than after Ray's retries."""
-    import socket
-    from urllib.parse import urlsplit
-
-    target = urlsplit(address if "://" in address else f"tcp://{address}")
-    try:
-        host, port = target.hostname, target.port or (10001 if target.scheme == "ray" else 6379)
-    except ValueError:
-        host, port = None, None
-    if not host:
-        raise ConfigError(f"--address {address}: not host:port, ray://host:port, auto or local")
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            pass
-    except OSError as exc:
-        raise ConfigError(f"--address {address}: nothing answers at {host}:{port} ({exc.__class__.__name__}); "
-                          f"check the address, or leave --address out to start a local cluster") from None
-
 
 def trial_resources(search: SearchSettings) -> dict:
     """{"cpu": .., "gpu": ..} for each trial; refuses requests no node of the cluster can meet."""
@@ -304,23 +281,6 @@ def trial_resources(search: SearchSettings) -> dict:
     return {"cpu": search.cpus_per_trial, "gpu": float(gpus)}
 
 
-def check_output(output: str) -> str:
-    """An absolute path or URI for --output; refuses a file or an unwritable place. Writes nothing."""
-    if storage.is_uri(output):
-        if storage.exists(output) and not storage.is_dir(output):
-            raise ConfigError(f"--output {output}: is a file; pass a folder")
-        return output
-    output = os.path.abspath(output)
-    if os.path.isfile(output):
-        raise ConfigError(f"--output {output}: is a file; pass a folder")
-    parent = output
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise ConfigError(f"--output {output}: {parent} is not a writable folder; pick another place")
-    return output
-
-
 # ---------------------------------------------------------------- main
 
 def run_search(base: EnsembleConfig, search: SearchSettings) -> dict:
@@ -328,14 +288,14 @@ def run_search(base: EnsembleConfig, search: SearchSettings) -> dict:
 
     Raises ConfigError for what the user can fix, before anything is written to --output.
     """
-    import ray
+    import yaml
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from ensemble.data import check_images, quiet_ray_data, scan_layout
     from ensemble.digits import ensure_digits
-    from ensemble.models import build_model, freeze, load_initial_weights, resolve_weights
+    from ensemble.models import build_model, load_initial_weights, resolve_weights
     from ensemble.report import versions
 
     started = time.time()
@@ -346,9 +306,10 @@ def run_search(base: EnsembleConfig, search: SearchSettings) -> dict:
     initial_state = resolve_weights(base.arch, base.weights)
     model = build_model(base.arch, num_classes)
     load_initial_weights(model, initial_state)  # fails here, once, if the file is for another arch
-    freeze(model, FREEZE_CHOICES[-1], freeze_stem=base.freeze_stem)
     del model
     output = check_output(search.output)
+    if not storage.is_uri(output):
+        output = os.path.abspath(output)  # Tune runs trials in their own working directories
 
     # ray.init -> resources -> every image decoded once (unreadable files skipped)
     connect(base.address)
@@ -373,6 +334,7 @@ def run_search(base: EnsembleConfig, search: SearchSettings) -> dict:
         param_space={"lr": tune.loguniform(search.lr_min, search.lr_max), "freeze": tune.choice(FREEZE_CHOICES)},
         tune_config=tune.TuneConfig(
             metric="val_acc", mode="max", num_samples=search.trials,
+            reuse_actors=True,  # one process per concurrent trial: torch is imported once, not per trial
             search_alg=BasicVariantGenerator(random_state=base.seed),  # same seed -> same sampled configs
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=search.max_epochs,
                                     grace_period=min(ASHA_GRACE_EPOCHS, search.max_epochs),
@@ -384,16 +346,14 @@ def run_search(base: EnsembleConfig, search: SearchSettings) -> dict:
     for result in results:
         history = [] if result.metrics_dataframe is None else \
             result.metrics_dataframe[["epoch", "val_acc"]].to_dict("records")
-        status = "ERROR" if result.error is not None else "TERMINATED"
         if result.error is not None:
             log.error("trial %s failed: %s", result.path, str(result.error).strip().splitlines()[-1][:300])
-        rows.append(summarize_trial(_trial_id(result), result.config, history, status))
+        rows.append(summarize_trial(_trial_id(result), result.config, history, max_epochs=search.max_epochs,
+                                    failed=result.error is not None))
     rows.sort(key=lambda r: r["trial_id"])  # creation order: ids of one search share a prefix, end in a counter
     best = pick_best(rows)
-    values = best_config_values(base, best, data=index.root if base.data is not None else None)
-
-    import yaml
-
+    values = best_config_values(base, best, data=index.root if base.data is not None else None,
+                                carried_keys=search.carried_keys)
     storage.write_text(storage.join(output, "best_config.yaml"), yaml.safe_dump(values, sort_keys=False))
     storage.write_text(storage.join(output, "trials.csv"), trials_csv(rows))
     summary = {"best_config": values, "best_trial": best["trial_id"], "trials": rows,
@@ -405,7 +365,7 @@ def run_search(base: EnsembleConfig, search: SearchSettings) -> dict:
                "versions": versions(), "seconds": time.time() - started}
     storage.write_text(storage.join(output, "tune_report.json"), json.dumps(summary, indent=2))
 
-    print(format_table(rows, best, search.max_epochs))
+    print(format_table(rows, best))
     print("best config: " + ", ".join(f"{k}={v}" for k, v in values.items() if k in ("lr", "freeze", "epochs")))
     print(f"outputs in {output}: best_config.yaml, trials.csv, tune_report.json; "
           f"train with: python -m ensemble.driver --config {storage.join(output, 'best_config.yaml')}")
