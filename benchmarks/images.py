@@ -1,0 +1,64 @@
+"""Real-image data sets of any size for benchmarks: scikit-learn's digits written as PNG files.
+
+The digits set holds 1,797 scans; a larger tree reuses them, each copy shifted by a pixel or
+two (np.roll) so files differ. Decoding cost per file is what a real 16x16 PNG costs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def write_digits_images(root: str, *, n_train: int, n_val: int, n_test: int, classes: int = 10,
+                        size: int = 16, seed: int = 0) -> str:
+    """A study-layout tree (train/<class>/, val/<class>/, flat test/) of real digit scans.
+
+    Rows are spread evenly over ``classes``; returns ``root``.
+    """
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)  # (1797, 8, 8)
+    rng = np.random.default_rng(seed)
+    by_class = [np.flatnonzero(digits.target == c) for c in range(classes)]
+
+    def scan(label: int) -> np.ndarray:
+        i = rng.choice(by_class[label])
+        shift = rng.integers(-1, 2, size=2)
+        return np.roll(images[i], tuple(shift), axis=(0, 1))
+
+    def save(pixels: np.ndarray, path: str) -> None:
+        Image.fromarray(pixels, mode="L").resize((size, size)).convert("RGB").save(path)
+
+    for split, n in (("train", n_train), ("val", n_val)):
+        for k in range(n):
+            label = k % classes
+            folder = os.path.join(root, split, f"class_{label}")
+            os.makedirs(folder, exist_ok=True)
+            save(scan(label), os.path.join(folder, f"{split}{k:06d}.png"))
+    os.makedirs(os.path.join(root, "test"), exist_ok=True)
+    for k in range(n_test):
+        save(scan(k % classes), os.path.join(root, "test", f"test{k:06d}.png"))
+    return root
+
+
+def write_flat_images(folder: str, *, n: int, classes: int = 10, size: int = 16, seed: int = 1) -> list[str]:
+    """``n`` unlabelled digit PNGs in one folder (a test set to vote on); returns their paths."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
+    keep = np.flatnonzero(digits.target < classes)
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for k in range(n):
+        pixels = np.roll(images[rng.choice(keep)], tuple(rng.integers(-1, 2, size=2)), axis=(0, 1))
+        path = os.path.join(folder, f"vote{k:06d}.png")
+        Image.fromarray(pixels, mode="L").resize((size, size)).convert("RGB").save(path)
+        paths.append(path)
+    return paths
