@@ -84,7 +84,23 @@ def _labelled_split(root: str, split: str, classes: Optional[list[str]]) -> tupl
 
 
 def scan_layout(root: str) -> DatasetIndex:
-    """List the three splits; ConfigError with one clear line for a layout we cannot use."""
+    """List the three splits; ConfigError with one clear line for a layout we cannot use.
+
+    ``root`` is a local folder or a URI (``s3://bucket/prefix``); storage errors there (no such
+    bucket, no credentials, endpoint unreachable) also become one line.
+    """
+    if storage.is_uri(root):
+        root = root.rstrip("/")  # one spelling, so file paths (and the resume fingerprint) match
+    try:
+        return _scan_layout(root)
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as exc:  # ValueError: a URI storage cannot resolve
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc.__class__.__name__
+        raise ConfigError(f"--data {root}: cannot read it ({reason})") from None
+
+
+def _scan_layout(root: str) -> DatasetIndex:
     if not storage.is_dir(root):
         raise ConfigError(f"--data {root}: no such folder")
     classes, train = _labelled_split(root, "train", None)

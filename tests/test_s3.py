@@ -1,0 +1,248 @@
+"""s3:// for --data and --output, against a real S3 API on loopback (moto's standalone server).
+
+The server runs as a subprocess on a free 127.0.0.1 port; this process and the Ray workers it
+starts reach it through the standard AWS variables (AWS_ENDPOINT_URL, keys, region), exactly as
+a run on EC2 reaches S3, so the URIs stay plain ``s3://bucket/prefix``.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+pafs = pytest.importorskip("pyarrow.fs")
+ray = pytest.importorskip("ray")
+
+from ensemble import storage  # noqa: E402
+from ensemble.config import CPU_PRESET, ConfigError, build_config  # noqa: E402
+from ensemble.data import scan_layout  # noqa: E402
+
+from tests.conftest import write_digits_tree  # noqa: E402
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+BUCKET = "ensemble-test"
+N_TEST = 5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End the server we started, by its pid."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(tmp_path_factory):
+    """A moto S3 server on 127.0.0.1 and the AWS variables pointing at it; skips if it cannot start."""
+    if importlib.util.find_spec("moto") is None or importlib.util.find_spec("flask") is None:
+        pytest.skip("moto[server] is not installed (pip install -e '.[test]')")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    # Its request log goes to a file: a pipe nobody reads fills up and blocks the server.
+    log = tmp_path_factory.mktemp("moto") / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 30
+        while True:
+            if proc.poll() is not None:
+                err = log.read_text(errors="replace").strip().splitlines()
+                pytest.skip(f"moto server exited with code {proc.returncode}: {err[-1] if err else 'no output'}")
+            try:
+                with urllib.request.urlopen(f"{url}/moto-api/", timeout=1):
+                    break
+            except OSError:
+                if time.time() > deadline:
+                    pytest.skip(f"moto server did not answer on {url} within 30 s")
+                time.sleep(0.2)
+        with pytest.MonkeyPatch.context() as mp:
+            for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE",
+                         "AWS_SHARED_CREDENTIALS_FILE"):
+                mp.delenv(name, raising=False)
+            mp.setenv("AWS_ENDPOINT_URL", url)
+            mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+            mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+            mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+            mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
+            storage._fs_for.cache_clear()
+            # Only the test creates buckets (the package never does); S3FileSystem() itself
+            # ignores AWS_ENDPOINT_URL, hence the explicit endpoint_override here.
+            admin = pafs.S3FileSystem(endpoint_override=url, region="us-east-1", access_key="testing",
+                                      secret_key="testing", allow_bucket_creation=True)
+            admin.create_dir(BUCKET)
+            yield admin
+            storage._fs_for.cache_clear()
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def s3_data(s3_endpoint, tmp_path_factory):
+    """The local digits tree and its copy uploaded to s3://BUCKET/data."""
+    local = write_digits_tree(tmp_path_factory.mktemp("digits"), per_class_train=6, per_class_val=3,
+                              n_test=N_TEST, classes=3)
+    pafs.copy_files(local, f"{BUCKET}/data", source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=s3_endpoint)
+    return local, f"s3://{BUCKET}/data"
+
+
+def _keys(admin, prefix: str) -> list[str]:
+    infos = admin.get_file_info(pafs.FileSelector(f"{BUCKET}/{prefix}", recursive=True, allow_not_found=True))
+    return sorted(i.path[len(BUCKET) + 1:] for i in infos if i.type == pafs.FileType.File)
+
+
+# ---------------------------------------------------------------- storage on S3 (no Ray)
+
+def test_storage_folders_are_prefixes(s3_endpoint):
+    base = f"s3://{BUCKET}/st/a"
+    assert storage.join(f"s3://{BUCKET}/st/", "a", "b.txt") == f"s3://{BUCKET}/st/a/b.txt"
+    assert not storage.exists(base) and not storage.is_dir(base)
+    storage.write_text(storage.join(base, "deep", "x.txt"), "x")  # no makedirs needed
+    assert storage.is_dir(base) and storage.is_dir(storage.join(base, "deep"))
+    assert storage.exists(storage.join(base, "deep", "x.txt"))
+    assert not storage.is_dir(storage.join(base, "deep", "x.txt"))
+    storage.makedirs(storage.join(base, "empty"))  # an empty folder exists once made
+    assert storage.is_dir(storage.join(base, "empty"))
+    assert storage.list_dir(base) == [("deep", True), ("empty", True)]
+    assert storage.list_dir(f"s3://{BUCKET}/st") == [("a", True)]
+    with pytest.raises(FileNotFoundError):
+        storage.list_dir(f"s3://{BUCKET}/st/nothing")
+
+
+def test_storage_write_read_replace_remove(s3_endpoint):
+    path = f"s3://{BUCKET}/rw/f.bin"
+    storage.write_bytes(path, b"one")
+    storage.write_bytes(path, b"two")  # replaces
+    assert storage.read_bytes(path) == b"two"
+    assert _keys(s3_endpoint, "rw") == ["rw/f.bin"]  # the temporary object is gone
+    storage.remove(path)
+    assert not storage.exists(path)
+    with pytest.raises(OSError):
+        storage.read_bytes(path)
+
+
+def test_storage_names_round_trip_raw(s3_endpoint):
+    """Keys are raw: spaces, '#', '?', '%' and non-ASCII survive list_dir -> join -> read."""
+    folder = f"s3://{BUCKET}/names"
+    names = ["a b.png", "c#1.png", "d?.png", "e%20f.png", "ü.png"]
+    for name in names:
+        storage.write_bytes(storage.join(folder, name), name.encode())
+    listed = storage.list_dir(folder)
+    assert listed == sorted((n, False) for n in names)
+    assert [storage.read_bytes(storage.join(folder, n)).decode() for n, _ in listed] == [n for n, _ in listed]
+
+
+def test_storage_remove_tree(s3_endpoint):
+    folder = f"s3://{BUCKET}/tree"
+    for rel in ("x", "sub/y", "sub/deeper/z"):
+        storage.write_text(storage.join(folder, rel), rel)
+    storage.write_text(f"s3://{BUCKET}/tree-sibling", "keep")  # same prefix text, not under tree/
+    storage.remove_tree(folder)
+    assert not storage.exists(folder)
+    assert storage.read_bytes(f"s3://{BUCKET}/tree-sibling") == b"keep"
+    storage.remove_tree(folder)  # already gone: nothing to do
+    with pytest.raises(ValueError, match="whole bucket"):
+        storage.remove_tree(f"s3://{BUCKET}")
+
+
+def test_scan_layout_s3_matches_local(s3_data):
+    local, uri = s3_data
+    on_s3, on_disk = scan_layout(uri + "/"), scan_layout(local)
+    assert on_s3.root == uri
+    assert on_s3.classes == on_disk.classes == ("class_0", "class_1", "class_2")
+    for split in ("train", "val", "test"):
+        a, b = getattr(on_s3, split), getattr(on_disk, split)
+        assert a.column("image_name").to_pylist() == b.column("image_name").to_pylist()
+        assert a.column("label").to_pylist() == b.column("label").to_pylist()
+        assert all(p.startswith(uri + f"/{split}/") for p in a.column("path").to_pylist())
+    assert on_s3.test.num_rows == N_TEST
+
+
+def test_scan_layout_missing_bucket_is_one_line(s3_endpoint):
+    with pytest.raises(ConfigError, match=r"^--data s3://no-such-bucket/data: ") as info:
+        scan_layout("s3://no-such-bucket/data")
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="no such folder"):
+        scan_layout(f"s3://{BUCKET}/nothing-here")
+
+
+# ---------------------------------------------------------------- the pipeline, data and outputs on S3
+
+@pytest.fixture(scope="module")
+def cluster(s3_endpoint):
+    # Started after the AWS variables are set: its workers inherit them.
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def s3_run(cluster, s3_data):
+    from ensemble.driver import run
+
+    _, data = s3_data
+    cfg = build_config(flag_values={**CPU_PRESET, "data": data, "output": f"s3://{BUCKET}/runs/r1",
+                                    "members": 2, "epochs": 1, "image_size": 16, "batch_size": 16})
+    return cfg, run(cfg)
+
+
+def test_pipeline_writes_every_output_to_s3(s3_run, s3_endpoint):
+    cfg, report = s3_run
+    keys = set(_keys(s3_endpoint, "runs/r1"))
+    for name in ("predictions.csv", "probabilities.parquet", "report.json", "report.md", "config.yaml", "run.json"):
+        assert f"runs/r1/{name}" in keys, name
+    for i in range(cfg.members):
+        for name in ("model.pt", "member.json", "val_probs.npz"):
+            assert f"runs/r1/members/member-{i}/{name}" in keys, (i, name)
+    assert not [k for k in keys if ".tmp-" in k or "checkpoint" in k]  # no temporaries, no stale checkpoints
+
+    rows = list(csv.DictReader(io.StringIO(storage.read_bytes(f"s3://{BUCKET}/runs/r1/predictions.csv").decode())))
+    assert len(rows) == N_TEST == report["data"]["test"]
+    test_names = scan_layout(f"s3://{BUCKET}/data").test.column("image_name").to_pylist()
+    assert sorted(r["image_name"] for r in rows) == sorted(test_names)
+    assert {r["pred_label"] for r in rows} <= {"class_0", "class_1", "class_2"}
+    on_s3 = json.loads(storage.read_bytes(f"s3://{BUCKET}/runs/r1/report.json"))
+    assert on_s3["data"]["root"] == f"s3://{BUCKET}/data"
+    assert [m["member"] for m in on_s3["members"]] == list(range(cfg.members))
+
+
+def test_rerun_resumes_from_s3(s3_run):
+    """The same command again loads both members from the bucket (hashes checked) instead of training."""
+    from ensemble.driver import run
+
+    cfg, first = s3_run
+    again = run(cfg)
+    assert [m["finished"] for m in again["members"]] == [m["finished"] for m in first["members"]]
+    assert again["ensemble"]["val_acc"] == first["ensemble"]["val_acc"]
+
+
+def test_same_predictions_as_local_run(s3_run, s3_data, tmp_path):
+    """Where the files live changes nothing: the same images and seed on local disk predict the same."""
+    from ensemble.driver import run
+
+    cfg, _ = s3_run
+    local, _ = s3_data
+    run(cfg.replace(data=local, output=str(tmp_path / "local")))
+    on_disk = (tmp_path / "local" / "predictions.csv").read_bytes()
+    assert storage.read_bytes(f"s3://{BUCKET}/runs/r1/predictions.csv") == on_disk
