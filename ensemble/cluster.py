@@ -72,7 +72,11 @@ def resolve_gpus(requested: Optional[float], cluster: dict, what: str) -> float:
 def check_output(output: str) -> str:
     """Refuse an --output that is a file or lies in an unwritable place. Writes nothing."""
     if storage.is_uri(output):
-        if storage.exists(output) and not storage.is_dir(output):
+        try:
+            taken = storage.exists(output) and not storage.is_dir(output)
+        except OSError as exc:  # no such bucket, wrong endpoint, no credentials
+            raise ConfigError(f"--output {output}: cannot reach it ({str(exc).splitlines()[0][:160]})") from None
+        if taken:
             raise ConfigError(f"--output {output}: is a file; pass a folder")
         return output
     if os.path.isfile(output):

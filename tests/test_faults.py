@@ -173,7 +173,10 @@ def test_killed_driver_rerun_resumes(data, tmp_path, how):
         except ProcessLookupError:
             pass
     assert not (output / "predictions.csv").exists()
-    resumed = [i for i in (1, 2) if _checkpoint_epoch(str(output), i)]
+    # Members stopped mid-training (a checkpoint, and not finished: a kill can land between
+    # writing member.json and removing checkpoint.json) must resume, not restart.
+    resumed = [i for i in (1, 2) if _checkpoint_epoch(str(output), i)
+               and not (output / "members" / f"member-{i}" / "member.json").exists()]
 
     again = subprocess.run(_driver_cmd(data, output), capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -230,13 +230,15 @@ def test_member_metrics_on_the_metrics_endpoint(cluster):
             self.metrics = MemberMetrics(member)  # kept alive with the actor, as in MemberTrainer
             self.metrics.update(epoch=2, train_loss=0.5, val_acc=val_acc, best_val_acc=val_acc, images_per_s=10)
 
-    members = [Member.remote() for _ in range(2)]
-    ray.get([m.report.remote(i, 0.5 + i / 10) for i, m in enumerate(members)])
+    tags = (1000, 1001)  # not the ids of the members earlier tests trained on this cluster
+    members = [Member.remote() for _ in tags]
+    ray.get([m.report.remote(tag, 0.5 + k / 10) for k, (tag, m) in enumerate(zip(tags, members))])
     node = [n for n in ray.nodes() if n["Alive"]][0]
     url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
     pattern = re.compile(r'^ray_ensemble_member_val_acc\{[^}]*member="(\d+)"[^}]*\} (\S+)$', re.M)
     deadline, found = time.time() + 90, {}
     while time.time() < deadline and len(found) < 2:
-        found = {int(m): float(v) for m, v in pattern.findall(urllib.request.urlopen(url, timeout=5).read().decode())}
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        found = {int(m): float(v) for m, v in pattern.findall(text) if int(m) in tags}
         time.sleep(1)
-    assert found == {0: 0.5, 1: 0.6}
+    assert found == {1000: 0.5, 1001: 0.6}
