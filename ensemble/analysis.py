@@ -44,6 +44,9 @@ def render_report_md(report: Mapping[str, Any], figures: Mapping[str, str]) -> s
     lines = ["# Ensemble report", ""]
     lines += _headline(members, ensemble, vote, bagging, report.get("data"))
     lines += ["", "## Members vs ensemble", ""] + _score_table(members, ensemble, vote)
+    curve = ensemble.get("size_curve")
+    if curve and curve.get("k"):
+        lines += ["", "## Ensemble size", ""] + _size_table(curve)
     if figures:
         lines += ["", "## Figures"]
         for name, file in figures.items():
@@ -106,6 +109,17 @@ def _score_table(members: list, ensemble: Mapping, vote: str) -> list[str]:
     oob = (ensemble.get("oob") or {}).get("acc")
     rows.append([f"**ensemble ({vote} vote)**", "", ""] + [f"**{s}**" for s in scores(ensemble, oob)])
     return ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _size_table(curve: Mapping[str, Any]) -> list[str]:
+    """Soft vote of the first k members: accuracy and NLL in member order and over random orders."""
+    rows = ["| k | val acc (member order) | NLL (member order) | val acc (mean of random orders) "
+            "| NLL (mean of random orders) |", "|---:|---:|---:|---:|---:|"]
+    n = len(curve["k"])
+    for i, k in enumerate(curve["k"]):
+        cells = [curve.get(key, [None] * n)[i] for key in ("accuracy", "nll", "accuracy_mean", "nll_mean")]
+        rows.append(f"| {k} | " + " | ".join(_num(c) for c in cells) + " |")
+    return rows
 
 
 def _config_table(config: Mapping[str, Any]) -> list[str]:

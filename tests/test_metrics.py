@@ -331,3 +331,13 @@ def test_render_report_md_skips_missing_optional_parts():
     assert "| member 1 | 6 | 2 | 0.7500 | – | – | – |" in lines
     assert "| **ensemble (soft vote)** |  |  | **0.7800** | **–** | **–** | **–** |" in lines
     assert "OOB" not in md and "## Figures" not in md and "## Config" not in md and "## Time" not in md
+
+
+def test_report_md_has_the_size_curve_table():
+    from ensemble.analysis import render_report_md
+
+    curve = {"k": [1, 2], "accuracy": [0.5, 0.75], "nll": [1.0, 0.5], "accuracy_mean": [0.6, 0.75],
+             "nll_mean": [0.9, 0.5]}
+    md = render_report_md({"members": [], "ensemble": {"val_acc": 0.75, "size_curve": curve}}, {})
+    assert "| 1 | 0.5000 | 1.0000 | 0.6000 | 0.9000 |" in md
+    assert "| 2 | 0.7500 | 0.5000 | 0.7500 | 0.5000 |" in md
