@@ -106,10 +106,8 @@ def test_ensemble_val_acc_equals_sequential_soft_vote(run, tiny_digits):
         assert m["val_acc"] == pytest.approx(accuracy(p, labels), abs=1e-12)
 
 
-def test_test_probabilities_equal_sequential_inference(run, tiny_digits):
-    """The Ray Data soft-vote stage == the saved members run one after another in this process."""
-    cfg, _, output = run
-    index = scan_layout(tiny_digits)
+def _sequential_test_probs(cfg, index, output, *, hflip=False) -> np.ndarray:
+    """The saved members run one after another in this process on the test images: (members, n, classes)."""
     batch = {k: index.test.column(k).to_numpy(zero_copy_only=False) for k in ("id", "path", "label")}
     images = torch.from_numpy(decode_batch(batch, image_size=cfg.image_size)["image"])
     member_probs = []
@@ -118,8 +116,18 @@ def test_test_probabilities_equal_sequential_inference(run, tiny_digits):
         model.load_state_dict(torch.load(os.path.join(output, "members", f"member-{i}", "model.pt"),
                                          weights_only=True))
         with torch.no_grad():
-            member_probs.append(torch.softmax(model.eval()(images), dim=1).numpy())
-    expected = soft_vote(np.stack(member_probs))
+            p = torch.softmax(model.eval()(images), dim=1)
+            if hflip:
+                p = (p + torch.softmax(model(torch.flip(images, dims=[3])), dim=1)) / 2
+        member_probs.append(p.numpy())
+    return np.stack(member_probs)
+
+
+def test_test_probabilities_equal_sequential_inference(run, tiny_digits):
+    """The Ray Data soft-vote stage == the saved members run one after another in this process."""
+    cfg, _, output = run
+    index = scan_layout(tiny_digits)
+    expected = soft_vote(_sequential_test_probs(cfg, index, output))
     table = pq.read_table(os.path.join(output, "probabilities.parquet"))
     got = np.stack([table.column(c).to_numpy() for c in index.classes], axis=1)
     order = {n: k for k, n in enumerate(table.column("image_name").to_pylist())}
@@ -200,17 +208,7 @@ def test_hard_vote_hflip_tta_full_bagging(cluster, tiny_digits, tmp_path):
     index = scan_layout(tiny_digits)
     assert report["ensemble"]["bagging"] == "full" and "oob" not in report["ensemble"]
     assert all(m["history"][0]["images"] == index.train.num_rows for m in report["members"])
-    batch = {k: index.test.column(k).to_numpy(zero_copy_only=False) for k in ("id", "path", "label")}
-    images = torch.from_numpy(decode_batch(batch, image_size=cfg.image_size)["image"])
-    member_probs = []
-    for i in range(cfg.members):
-        model = make_member_model(cfg.arch, len(index.classes), None, "none")
-        model.load_state_dict(torch.load(os.path.join(tmp_path, "members", f"member-{i}", "model.pt"),
-                                         weights_only=True))
-        with torch.no_grad():
-            p = torch.softmax(model.eval()(images), 1) + torch.softmax(model(torch.flip(images, dims=[3])), 1)
-        member_probs.append((p / 2).numpy())
-    expected = [index.classes[k] for k in hard_vote(np.stack(member_probs))]
+    expected = [index.classes[k] for k in hard_vote(_sequential_test_probs(cfg, index, tmp_path, hflip=True))]
     rows = [line.split(",") for line in (tmp_path / "predictions.csv").read_text().splitlines()[1:]]
     by_name = dict(rows)
     assert [by_name[n] for n in index.test.column("image_name").to_pylist()] == expected
