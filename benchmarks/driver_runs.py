@@ -89,7 +89,7 @@ def run_driver(values: dict, *, log_path: str, address: str | None = None, timeo
         "start_to_first_fit_s": first_fit - t0,
         "start_to_run_s": t_run - t0,                  # interpreter, imports, argument parsing
         "run_to_train_s": t_train - t_run,             # scan, ray.init, image check, output folder
-        "train_to_first_fit_s": first_fit - t_train,   # actor start-up, dataset hand-over
+        "train_to_first_fit_s": first_fit - t_train,   # actor start-up (overlaps the val decode)
         "last_finish_to_predictions_s": t_predictions - last_done,
         "vote_s": seconds["vote"],                     # the soft-vote stage (val, test, train for OOB)
         "report_s": seconds.get("report", 0.0),        # metrics, figures, report.md

@@ -239,14 +239,14 @@ def report_fixed_cost(m: dict, results: dict) -> None:
     section(f"3. fixed cost: python -m ensemble.driver as a subprocess (same config as (a)); it {cluster}")
     say(f"process start -> first member fit() start {base['start_to_first_fit_s']:6.1f} s   "
         f"[imports + args {base['start_to_run_s']:.1f}, scan + {'connect' if address else 'ray.init'} + image "
-        f"check + output {base['run_to_train_s']:.1f}, first member actor start {base['train_to_first_fit_s']:.1f}]")
+        f"check + output {base['run_to_train_s']:.1f}, first member actor start + val decode {base['train_to_first_fit_s']:.1f}]")
     say(f"last member finished -> predictions.csv   {base['last_finish_to_predictions_s']:6.1f} s   "
         f"[soft-vote stage {base['vote_s']:.1f}, metrics + figures + report {base['report_s']:.1f}]")
     say(f"predictions.csv -> process exit           {base['predictions_to_exit_s']:6.1f} s")
     gaps = base["train_s"] - sum(base["member_fit_s"])
     say(f"whole run {base['wall_s']:.1f} s; training {base['train_s']:.1f} s = member fits "
         f"{sum(base['member_fit_s']):.1f} s (of which train_one_epoch {base['in_train_loop_s']:.1f} s) + "
-        f"{gaps:.1f} s between fits (actor starts, gathering){' [members overlap]' if gaps < 0 else ''}")
+        f"{gaps:.1f} s between fits (first actor start, val decode, gathering){' [members overlap]' if gaps < 0 else ''}")
     results["fixed_cost"] = base
 
 

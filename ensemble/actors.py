@@ -6,23 +6,27 @@ class of the soft-vote inference stage (Ray Data ``map_batches`` on an actor poo
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
 import os
 import random
 import time
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Optional
 
 import numpy as np
 import ray
 import torch
 
 from ensemble import storage
-from ensemble.bootstrap import epoch_seed
+from ensemble.bootstrap import epoch_rows, epoch_seed
 from ensemble.checkpoint import (CheckpointError, load_torch_bytes, read_json, read_verified, rng_state,
                                  set_rng_state, torch_bytes, write_file)
 from ensemble.config import EnsembleConfig
-from ensemble.data import bootstrap_dataset, decode_batch, decoded, quiet_ray_data
+from ensemble.data import decode_batch, decoded, epoch_dataset, quiet_ray_data
 from ensemble.engine import (evaluate, member_probabilities, pick_device, prepare_for_device, resolve_precision,
                              train_one_epoch)
 from ensemble.models import make_member_model
@@ -42,25 +46,37 @@ class MemberMetrics:
              "images_per_s": "training images per second in the last epoch"}
 
     def __init__(self, member: int):
-        from ray.util.metrics import Gauge
-
         self.tags = {"member": str(member)}
-        self.gauges = {k: Gauge(f"ensemble_member_{k}", description=d, tag_keys=("member",))
-                       for k, d in self.NAMES.items()}
+        self.gauges = _member_gauges()
 
     def update(self, **values: float) -> None:
         for key, value in values.items():
             self.gauges[key].set(float(value), tags=self.tags)
 
 
+@functools.lru_cache(maxsize=None)
+def _member_gauges() -> dict:
+    """One set of gauges per process; a trainer that runs several members sets them by tag."""
+    from ray.util.metrics import Gauge
+
+    return {k: Gauge(f"ensemble_member_{k}", description=d, tag_keys=("member",))
+            for k, d in MemberMetrics.NAMES.items()}
+
+
 def member_dir(output: str, member: int) -> str:
     return storage.join(output, "members", f"member-{member}")
 
 
-def _setup_worker(threads: float, seed: int) -> None:
+def _setup_worker(threads: float) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+    # Batches from the object store are read-only numpy arrays; the model only reads its inputs.
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     torch.set_num_threads(max(1, int(threads)))  # a fractional CPU share still gets one thread
     quiet_ray_data()
+
+
+def seed_everything(seed: int) -> None:
+    """A member's torch, numpy and random seeds (its initial weights come from torch's)."""
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
@@ -68,27 +84,38 @@ def _setup_worker(threads: float, seed: int) -> None:
 
 @ray.remote
 class MemberTrainer:
-    """One member: bootstrap shard -> epochs of train + val -> best weights by val accuracy.
+    """Trains members one after another: bootstrap shard -> epochs of train + val -> best weights.
 
-    After every epoch it writes a checkpoint (model, optimizer, RNG, history, best so far), so a
-    restarted actor (Ray's ``max_restarts``) or a rerun driver resumes after the last finished
+    One actor per concurrent slot, reused for the slot's members, so each process imports torch
+    and starts once, not once per member. After every epoch ``fit`` writes the member's
+    checkpoint (model, optimizer, RNG, history, best so far), so a restarted actor (Ray's
+    ``max_restarts``; the call is retried) or a rerun driver resumes after the last finished
     epoch instead of epoch 0.
     """
 
-    def __init__(self, member: int, member_seed: int, config: EnsembleConfig, output: str,
-                 fingerprint: dict):
-        self.member, self.seed, self.cfg, self.output = member, member_seed, config, output
-        self.fingerprint = fingerprint
-        self.folder = member_dir(output, member)
-        _setup_worker(config.cpus_per_member, member_seed)
+    def __init__(self, threads: float):
+        # Only what the process needs: the driver starts trainers while it still checks the images.
+        _setup_worker(threads)
         self.device = pick_device(ray.get_gpu_ids())
-        self.metrics = MemberMetrics(member)
+        self.metrics: dict[int, MemberMetrics] = {}
 
     @ray.method(num_returns=2)
-    def fit(self, train_ds, val_ds, counts_box: list, initial_state, num_classes: int):
-        """Returns (summary dict, best state dict on CPU). ``counts_box`` = [ObjectRef of counts]."""
+    def fit(self, member: int, member_seed: int, plan: dict, train_table, val_ds, counts_box: list):
+        """Train member ``member``; returns (summary dict, best state dict on CPU).
+
+        ``plan``: config, output, fingerprint, num_classes and initial_state (None or a state
+        dict), shared by the run's members. ``train_table``: the training split's file rows (id,
+        path, label); ``val_ds``: the val split, already decoded (eval transform);
+        ``counts_box`` = [ObjectRef of bootstrap counts].
+        """
+        self.cfg, self.output, self.fingerprint = plan["config"], plan["output"], plan["fingerprint"]
+        self.member, self.seed, self.folder = member, member_seed, member_dir(self.output, member)
+        seed_everything(member_seed)
+        metrics = self.metrics.setdefault(member, MemberMetrics(member))
         cfg, start = self.cfg, time.time()
-        model = make_member_model(cfg.arch, num_classes, initial_state, cfg.freeze, cfg.freeze_stem)
+        initial_state = plan["initial_state"]  # an ObjectRef (shared by the members) or None
+        initial_state = ray.get(initial_state) if initial_state is not None else None
+        model = make_member_model(cfg.arch, plan["num_classes"], initial_state, cfg.freeze, cfg.freeze_stem)
         model = prepare_for_device(model, self.device)
         amp = resolve_precision(cfg.precision, self.device)
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
@@ -101,32 +128,45 @@ class MemberTrainer:
             history, best = saved["history"], saved["best"]
             resumed = saved["resumed"] + [saved["epoch"]]
             log.info("member %d resumes after epoch %d/%d", self.member, saved["epoch"], cfg.epochs)
-        shard = bootstrap_dataset(train_ds, counts_box[0])
-        val = decoded(val_ds, image_size=cfg.image_size, batch_size=cfg.batch_size, num_cpus=DATA_CPUS)
+        counts = ray.get(counts_box[0])
+        pin = self.device.type == "cuda"
+        writer = _BackgroundWriter()
 
-        for epoch in range(len(history) + 1, cfg.epochs + 1):
-            seed = epoch_seed(self.seed, epoch)
-            epoch_ds = decoded(shard.random_shuffle(seed=seed, num_cpus=DATA_CPUS),
-                               image_size=cfg.image_size, batch_size=cfg.batch_size,
-                               augment=cfg.augment, seed=seed, num_cpus=DATA_CPUS)
-            pin = self.device.type == "cuda"
-            train = train_one_epoch(model, _xy(epoch_ds, cfg.batch_size, pin), optimizer, self.device, amp)
-            ev = evaluate(model, _ixy(val, cfg.batch_size, pin), self.device, amp)
-            history.append({"epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"],
-                            "val_loss": ev["loss"], "val_acc": ev["acc"],
-                            "images": train["images"], "images_per_s": train["images_per_s"],
-                            "seconds": train["seconds"]})
-            if best is None or ev["acc"] > best["val_acc"]:
-                best = {"epoch": epoch, "val_acc": ev["acc"], "val_loss": ev["loss"],
-                        "ids": torch.from_numpy(ev["ids"]), "probs": torch.from_numpy(ev["probs"]),
-                        "state": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}}
-            self.metrics.update(epoch=epoch, train_loss=train["loss"], val_acc=ev["acc"],
-                                best_val_acc=best["val_acc"], images_per_s=train["images_per_s"])
-            log.info("member %d epoch %d/%d train_loss %.4f train_acc %.4f val_loss %.4f val_acc %.4f "
-                     "images/s %.1f", self.member, epoch, cfg.epochs, train["loss"], train["acc"],
-                     ev["loss"], ev["acc"], train["images_per_s"])
-            if epoch < cfg.epochs:
-                self._save_checkpoint(epoch, model, optimizer, history, best, resumed)
+        try:
+            for epoch in range(len(history) + 1, cfg.epochs + 1):
+                seed = epoch_seed(self.seed, epoch)
+                rows = epoch_rows(counts, seed)  # this epoch's bootstrap rows, shuffled
+                epoch_ds = decoded(epoch_dataset(train_table, rows, rows_per_block=cfg.batch_size),
+                                   image_size=cfg.image_size, batch_size=cfg.batch_size,
+                                   augment=cfg.augment, seed=seed, num_cpus=DATA_CPUS)
+                batches = _xy(epoch_ds, cfg.batch_size, pin)
+                if plan.get("progress"):
+                    batches = _progress(batches, total=-(-len(rows) // cfg.batch_size),
+                                        desc=f"member {member} epoch {epoch}/{cfg.epochs}")
+                train = train_one_epoch(model, batches, optimizer, self.device, amp)
+                ev = evaluate(model, _ixy(val_ds, cfg.batch_size, pin), self.device, amp)
+                history.append({"epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"],
+                                "val_loss": ev["loss"], "val_acc": ev["acc"],
+                                "images": train["images"], "images_per_s": train["images_per_s"],
+                                "seconds": train["seconds"]})
+                if best is None or ev["acc"] > best["val_acc"]:
+                    best = {"epoch": epoch, "val_acc": ev["acc"], "val_loss": ev["loss"],
+                            "ids": torch.from_numpy(ev["ids"]), "probs": torch.from_numpy(ev["probs"]),
+                            "state": _cpu_copy(model.state_dict())}
+                metrics.update(epoch=epoch, train_loss=train["loss"], val_acc=ev["acc"],
+                                    best_val_acc=best["val_acc"], images_per_s=train["images_per_s"])
+                log.info("member %d epoch %d/%d train_loss %.4f train_acc %.4f val_loss %.4f val_acc %.4f "
+                         "images/s %.1f", self.member, epoch, cfg.epochs, train["loss"], train["acc"],
+                         ev["loss"], ev["acc"], train["images_per_s"])
+                if epoch < cfg.epochs:
+                    # A snapshot now; serializing, hashing and writing overlap the next epoch.
+                    snapshot = {"epoch": epoch, "model": _cpu_copy(model.state_dict()),
+                                "optimizer": _cpu_copy(optimizer.state_dict()), "rng": rng_state(),
+                                "history": list(history), "best": best, "resumed": resumed}
+                    writer.submit(self._save_checkpoint, snapshot)
+            writer.wait()
+        finally:
+            writer.close()
 
         summary = {"member": self.member, "seed": self.seed, "best_epoch": best["epoch"],
                    "val_acc": best["val_acc"], "val_loss": best["val_loss"], "history": history,
@@ -136,6 +176,9 @@ class MemberTrainer:
                    "seconds": time.time() - start, "started": start, "finished": time.time(),
                    "val_ids": best["ids"].numpy(), "val_probs": best["probs"].numpy()}
         summary["files"] = self._save_final(summary, best["state"])
+        del model, optimizer
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the slot's next member starts from an empty cache
         return summary, best["state"]
 
     # ------------------------------------------------------------ files
@@ -151,11 +194,11 @@ class MemberTrainer:
                              what=storage.join(self.folder, "checkpoint.json"))
         return load_torch_bytes(data)
 
-    def _save_checkpoint(self, epoch, model, optimizer, history, best, resumed) -> None:
+    def _save_checkpoint(self, snapshot: dict) -> None:
+        """checkpoint-e<k>.pt, then checkpoint.json (the commit point), then drop older epochs."""
+        epoch = snapshot["epoch"]
         name = f"checkpoint-e{epoch}.pt"
-        digest = write_file(storage.join(self.folder, name), torch_bytes({
-            "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "rng": rng_state(), "history": history, "best": best, "resumed": resumed}))
+        digest = write_file(storage.join(self.folder, name), torch_bytes(snapshot))
         storage.write_text(storage.join(self.folder, "checkpoint.json"), json.dumps(
             {"epoch": epoch, "file": name, "sha256": digest, "fingerprint": self.fingerprint,
              "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}))
@@ -198,15 +241,67 @@ def load_finished_member(output: str, member: int, fingerprint: dict):
     return summary, state
 
 
+def _cpu_copy(obj):
+    """A detached CPU copy of the tensors in a (nested) state dict; other values as they are."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
+
+
+class _BackgroundWriter:
+    """One checkpoint write at a time, on a thread; ``wait`` re-raises a failed write."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._pending: Optional[Future] = None
+
+    def submit(self, fn, *args) -> None:
+        self.wait()
+        self._pending = self._pool.submit(fn, *args)
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def _batches(ds, batch_size: int, pin: bool):
+    """Numpy batches as tensors without a copy (pinned on GPU members, for asynchronous copies)."""
+    for b in ds.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2):
+        image = torch.from_numpy(b["image"])
+        yield b, (image.pin_memory() if pin else image)
+
+
+def _progress(batches, *, total: int, desc: str):
+    """A progress bar per epoch in the driver's terminal (Ray's distributed tqdm)."""
+    from ray.experimental.tqdm_ray import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="batch")
+    try:
+        for batch in batches:
+            yield batch
+            bar.update(1)
+    finally:
+        bar.close()
+
+
 def _xy(ds, batch_size: int, pin: bool = False):
-    """(images, labels) batches; pinned host memory on GPU members for asynchronous copies."""
-    for b in ds.iter_torch_batches(batch_size=batch_size, device="cpu", prefetch_batches=2, pin_memory=pin):
-        yield b["image"], b["label"]
+    """(images, labels) batches."""
+    for b, image in _batches(ds, batch_size, pin):
+        yield image, torch.from_numpy(b["label"])
 
 
 def _ixy(ds, batch_size: int, pin: bool = False):
-    for b in ds.iter_torch_batches(batch_size=batch_size, device="cpu", prefetch_batches=2, pin_memory=pin):
-        yield b["id"].numpy(), b["image"], b["label"].numpy()
+    """(ids, images, labels) batches; ids and labels as numpy."""
+    for b, image in _batches(ds, batch_size, pin):
+        yield b["id"], image, b["label"]
 
 
 class SoftVoter:

@@ -29,3 +29,13 @@ def bootstrap_counts(seed: int, n_rows: int, n_samples: int) -> np.ndarray:
 def epoch_seed(member_seed: int, epoch: int) -> int:
     """Seed for one member's epoch (shuffle order, augmentation draws)."""
     return int(np.random.SeedSequence([member_seed, epoch]).generate_state(1, dtype=np.uint32)[0])
+
+
+def epoch_rows(counts: np.ndarray, seed: int) -> np.ndarray:
+    """The shard's rows for one epoch, in training order: row ``i`` appears ``counts[i]`` times.
+
+    A seeded permutation of ``np.repeat(arange(n_rows), counts)``, so a restarted member sees
+    the same order. Returns int64 row ids, shape (counts.sum(),).
+    """
+    rows = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    return np.random.default_rng(seed).permutation(rows)

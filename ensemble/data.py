@@ -147,20 +147,21 @@ def to_dataset(table: pa.Table, *, rows_per_block: int = 256):
     return ray.data.from_arrow(table, override_num_blocks=blocks)
 
 
-def repeat_rows(batch: dict, *, counts) -> dict:
-    """Repeat each row ``counts[id]`` times (0 drops it): a bootstrap sample of the batch."""
-    import ray
+def epoch_dataset(table: pa.Table, rows: np.ndarray, *, rows_per_block: int):
+    """One epoch of a member's shard: file rows in training order (``bootstrap.epoch_rows``).
 
-    if isinstance(counts, ray.ObjectRef):
-        counts = ray.get(counts)
-    reps = counts[batch["id"]]
-    return {key: np.repeat(values, reps, axis=0) for key, values in batch.items()}
+    Blocks hold ``rows_per_block`` rows (a batch), so the first batch waits for one decode task,
+    not for a shuffle of the whole shard. ``pos`` is the row's place in the epoch; it seeds the
+    augmentation draws of the batch it starts.
+    """
+    import ray.data
 
-
-def bootstrap_dataset(train_ds, counts_ref):
-    """Member shard: the training rows, each repeated by its bootstrap count."""
-    return train_ds.map_batches(repeat_rows, fn_kwargs={"counts": counts_ref}, batch_size=None,
-                                batch_format="numpy", num_cpus=0.25)
+    base = table.select(["id", "path", "label"])
+    blocks = []
+    for start in range(0, len(rows), rows_per_block):
+        block = base.take(pa.array(rows[start:start + rows_per_block]))  # take: a compact copy
+        blocks.append(block.append_column("pos", pa.array(np.arange(start, start + block.num_rows, dtype=np.int64))))
+    return ray.data.from_arrow(blocks)
 
 
 def read_image(path: str, *, min_size: Optional[int] = None):
@@ -195,13 +196,14 @@ def decode_batch(batch: dict, *, image_size: int, augment: Optional[str] = None,
     """Read, decode and transform a batch of file rows -> float32 ``image`` (B, 3, S, S).
 
     ``augment=None`` applies the eval transform. With ``seed``, augmentation draws are seeded
-    from (seed, first row id) so a run is repeatable.
+    from (seed, the batch's first ``pos``, else its first ``id``) so a run is repeatable.
     """
     import torch
 
     tf = _transform(image_size, augment)
     if seed is not None and len(batch["id"]):
-        torch.manual_seed(int(np.random.SeedSequence([seed, int(batch["id"][0])]).generate_state(1)[0]))
+        first = int(batch["pos"][0] if "pos" in batch else batch["id"][0])
+        torch.manual_seed(int(np.random.SeedSequence([seed, first]).generate_state(1)[0]))
     images = np.stack([tf(read_image(p, min_size=image_size)).numpy() for p in batch["path"]]) if len(batch["path"]) else \
         np.zeros((0, 3, image_size, image_size), np.float32)
     return {"id": batch["id"], "label": batch["label"], "image": images}
@@ -213,6 +215,19 @@ def decoded(ds, *, image_size: int, batch_size: int, augment: Optional[str] = No
     return ds.map_batches(decode_batch, batch_size=batch_size, batch_format="numpy",
                           fn_kwargs={"image_size": image_size, "augment": augment, "seed": seed},
                           num_cpus=num_cpus)
+
+
+def decoded_eval(table: pa.Table, *, image_size: int, batch_size: int, num_cpus: float, max_bytes: float):
+    """Eval-transformed images of a labelled split, decoded once for every member and epoch.
+
+    Kept in the object store (``materialize``) when its float32 pixels fit in ``max_bytes``;
+    larger splits stream, decoded again on each pass. Returns (dataset, materialized).
+    """
+    ds = decoded(to_dataset(table, rows_per_block=batch_size), image_size=image_size, batch_size=batch_size,
+                 num_cpus=num_cpus)
+    if table.num_rows * 3 * image_size * image_size * 4 <= max_bytes:
+        return ds.materialize(), True
+    return ds, False
 
 
 # ---------------------------------------------------------------- input checks

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import logging
 import math
 import os
 import sys
 import time
+import warnings
 from typing import Optional, Sequence
 
 import numpy as np
@@ -117,7 +119,8 @@ def member_window(cfg: EnsembleConfig, cluster: dict, data_cpus: float) -> int:
     """How many members run at once, leaving ``data_cpus`` for their decode tasks.
 
     Members that hold every CPU would starve their own Ray Data tasks (a hang, not an error).
-    Past this window, members wait in line; within it, Ray itself queues those that do not fit.
+    This many trainer actors start; each trains its share of the members in turn. Ray queues
+    the actors that do not fit yet (a GPU member on a cluster still scaling up).
     """
     cpus = cluster.get("CPU", 0.0)
     return max(1, min(cfg.members, math.floor((cpus - data_cpus) / cfg.cpus_per_member + 1e-9)))
@@ -188,16 +191,42 @@ def open_output(output: str, fingerprint: dict, *, fresh: bool) -> bool:
     return resuming
 
 
+EVAL_CACHE_SHARE = 0.2  # decoded val may take up to this share of the object store; larger streams
+
 MEMBER_RESTARTS = 3  # a member's process may die this often (preemption, OOM) before the run fails
 
 
-def train_members(cfg: EnsembleConfig, *, output: str, train_ds, val_ds, seeds: list[int],
+def slot_members(queue: list[int], window: int) -> list[list[int]]:
+    """Members per trainer slot: at most ``window`` slots, members dealt round-robin."""
+    slots = max(1, min(window, len(queue)))
+    return [queue[k::slots] for k in range(slots)] if queue else []
+
+
+def slot_name(members: list[int]) -> str:
+    """The actor's name in the dashboard: ensemble-member-3, or ensemble-members-0-2-4 for a slot of several."""
+    if len(members) == 1:
+        return f"ensemble-member-{members[0]}"
+    return "ensemble-members-" + "-".join(map(str, members))
+
+
+def show_progress() -> bool:
+    """Progress bars (members' epochs, the soft vote) only on a terminal; CI logs stay plain.
+    ENSEMBLE_PROGRESS=1 or 0 overrides."""
+    forced = os.environ.get("ENSEMBLE_PROGRESS")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+def train_members(cfg: EnsembleConfig, *, output: str, train_ref, make_val, seeds: list[int],
                   n_train: int, initial_ref, num_classes: int, gpus: float, window: int,
                   fingerprint: dict, resuming: bool):
-    """Launch every unfinished member (at most ``window`` at once), wait with ray.wait, gather.
+    """Train every unfinished member on at most ``window`` trainer actors; wait with ray.wait; gather.
 
-    Members an earlier run finished are loaded (hashes checked), not retrained. A member whose
-    process dies is restarted by Ray and resumes from its last epoch checkpoint.
+    Each actor (a slot) trains its members one after another, so a process starts once per slot,
+    not once per member; ``make_val()`` (the decoded val split) runs while the actors start. Members an earlier run finished are loaded (hashes checked), not
+    retrained. A slot whose process dies is restarted by Ray; its member resumes from its last
+    epoch checkpoint, and its later members follow.
     Returns (summaries sorted by member, weight ObjectRefs in member order).
     """
     import ray
@@ -213,23 +242,32 @@ def train_members(cfg: EnsembleConfig, *, output: str, train_ds, val_ds, seeds: 
         else:
             summaries[i], weights[i] = finished[0], ray.put(finished[1])
             log.info("member %d: finished earlier (val acc %.4f), loaded from %s", i, finished[0]["val_acc"], output)
-    running: dict = {}   # summary ref -> (member, actor, weights ref)
+    plan = ray.put({"config": cfg, "output": output, "fingerprint": fingerprint, "num_classes": num_classes,
+                    "initial_state": initial_ref, "progress": show_progress()})
+    running: dict = {}   # summary ref -> (member, slot, weights ref)
+    actors, left = [], []  # per slot: the actor, and how many of its members are unfinished
     try:
-        while queue or running:
-            while queue and len(running) < window:
-                i = queue.pop(0)
+        for slot, members in enumerate(slot_members(queue, window)):
+            # Named after its members, so the dashboard's Actors view reads like the ensemble.
+            actor = MemberTrainer.options(
+                name=slot_name(members), num_cpus=cfg.cpus_per_member, num_gpus=gpus,
+                max_restarts=MEMBER_RESTARTS, max_task_retries=MEMBER_RESTARTS,
+            ).remote(cfg.cpus_per_member)
+            actors.append(actor)
+            left.append(len(members))
+        val_ds = make_val() if queue else None
+        for slot, members in enumerate(slot_members(queue, window)):
+            actor = actors[slot]
+            for i in members:  # queued on the actor; it runs them in this order
                 counts = (np.ones(n_train, dtype=np.int64) if cfg.bagging == "full"
                           else bootstrap_counts(seeds[i], n_train, fingerprint["bootstrap_size"]))
-                counts_ref = ray.put(counts)
-                actor = MemberTrainer.options(
-                    name=f"ensemble-member-{i}", num_cpus=cfg.cpus_per_member, num_gpus=gpus,
-                    max_restarts=MEMBER_RESTARTS, max_task_retries=MEMBER_RESTARTS,
-                ).remote(i, seeds[i], cfg, output, fingerprint)
-                summary_ref, weights_ref = actor.fit.remote(train_ds, val_ds, [counts_ref], initial_ref, num_classes)
-                running[summary_ref] = (i, actor, weights_ref)
+                summary_ref, weights_ref = actor.fit.options(name=f"ensemble-member-{i}.fit").remote(
+                    i, seeds[i], plan, train_ref, val_ds, [ray.put(counts)])
+                running[summary_ref] = (i, slot, weights_ref)
+        while running:
             done, _ = ray.wait(list(running), num_returns=1)
             for ref in done:
-                i, actor, weights_ref = running.pop(ref)
+                i, slot, weights_ref = running.pop(ref)
                 try:
                     summary = ray.get(ref)
                 except ray.exceptions.RayError as exc:
@@ -239,19 +277,31 @@ def train_members(cfg: EnsembleConfig, *, output: str, train_ds, val_ds, seeds: 
                     raise MemberFailed(f"member {i} failed after {MEMBER_RESTARTS} restarts "
                                        f"({exc.__class__.__name__}); finished members are saved in {output}: "
                                        f"rerun the same command to resume") from exc
-                ray.kill(actor)  # frees its resources; its returned weights stay in the object store
+                left[slot] -= 1
+                if left[slot] == 0:
+                    ray.kill(actors[slot])  # frees its resources; returned weights stay in the object store
                 summaries[i], weights[i] = summary, weights_ref
                 log.info("member %d done: best val acc %.4f at epoch %d (%.0f s) [%d/%d]", i, summary["val_acc"],
                          summary["best_epoch"], summary["seconds"], len(summaries), cfg.members)
     finally:
-        for _, actor, _ in running.values():  # on Ctrl-C or a failure: stop the others now
-            ray.kill(actor)
+        for slot, actor in enumerate(actors):  # on Ctrl-C or a failure: stop the others now
+            if left[slot]:
+                ray.kill(actor)
     order = sorted(summaries)
     return [summaries[i] for i in order], [weights[i] for i in order]
 
 
 class MemberFailed(RuntimeError):
     """A member died more often than Ray may restart it."""
+
+
+_VOTERS = itertools.count()
+
+
+def voter_names():
+    """Ray Data calls this for each pool actor it starts: ensemble-voter-0, -1, ... in the dashboard.
+    Numbered per driver process, so a second run in it cannot meet a name still in use."""
+    return lambda: {"name": f"ensemble-voter-{next(_VOTERS)}"}
 
 
 def soft_vote_stage(cfg: EnsembleConfig, table, *, weight_refs: list, num_classes: int, gpus: float) -> dict:
@@ -265,14 +315,21 @@ def soft_vote_stage(cfg: EnsembleConfig, table, *, weight_refs: list, num_classe
     from ensemble.actors import SoftVoter
     from ensemble.data import to_dataset
 
-    ds = to_dataset(table, rows_per_block=cfg.infer_batch_size).map_batches(
-        SoftVoter, batch_size=cfg.infer_batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=cfg.infer_actors),
-        num_cpus=cfg.cpus_per_infer_actor, num_gpus=gpus,
-        fn_constructor_kwargs={"arch": cfg.arch, "num_classes": num_classes, "weight_refs": weight_refs,
-                               "image_size": cfg.image_size, "threads": cfg.cpus_per_infer_actor,
-                               "tta": cfg.tta, "precision": cfg.precision})
-    parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = show_progress()  # the vote's own bar (a dataset keeps the context it was made in)
+    try:
+        with warnings.catch_warnings():  # deprecated from Ray 2.60 (removal planned for 2.64); names the pool's actors
+            warnings.filterwarnings("ignore", message="`ray_remote_args_fn` is deprecated")
+            ds = to_dataset(table, rows_per_block=cfg.infer_batch_size).map_batches(
+                SoftVoter, batch_size=cfg.infer_batch_size, batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=cfg.infer_actors),
+                num_cpus=cfg.cpus_per_infer_actor, num_gpus=gpus, ray_remote_args_fn=voter_names(),
+                fn_constructor_kwargs={"arch": cfg.arch, "num_classes": num_classes, "weight_refs": weight_refs,
+                                       "image_size": cfg.image_size, "threads": cfg.cpus_per_infer_actor,
+                                       "tta": cfg.tta, "precision": cfg.precision})
+        parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    finally:
+        context.enable_progress_bars = False
     keys = ("id", "image_name", "label", "probs", "member_probs")
     out = {k: np.concatenate([p[k] for p in parts]) for k in keys}
     order = np.argsort(out["id"], kind="stable")
@@ -319,7 +376,7 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False) -> dict:
     """
     import ray
 
-    from ensemble.data import check_images, quiet_ray_data, scan_layout, to_dataset
+    from ensemble.data import check_images, decoded_eval, quiet_ray_data, scan_layout
     from ensemble.digits import ensure_digits
     from ensemble.models import build_model, count_parameters, freeze, load_initial_weights, resolve_weights
 
@@ -363,12 +420,17 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False) -> dict:
     log.info("running up to %d member(s) at once on %g CPU / %g GPU", window, cluster.get("CPU", 0),
              cluster.get("GPU", 0))
 
-    # data -> members -> gather
-    train_ds, val_ds = to_dataset(index.train), to_dataset(index.val)
-    initial_ref = ray.put(initial_state) if initial_state is not None else None
+    # data -> members -> gather. Members read the train rows (names) and decode their own
+    # epochs; val is decoded once for all of them when it fits in the object store.
     t_train = time.time()
+    train_ref = ray.put(index.train)
+
+    def make_val():
+        return decoded_eval(index.val, image_size=cfg.image_size, batch_size=cfg.batch_size, num_cpus=DATA_CPUS,
+                            max_bytes=EVAL_CACHE_SHARE * ray.cluster_resources().get("object_store_memory", 0))[0]
+    initial_ref = ray.put(initial_state) if initial_state is not None else None
     summaries, weight_refs = train_members(
-        resolved, output=output, train_ds=train_ds, val_ds=val_ds, seeds=seeds, n_train=index.train.num_rows,
+        resolved, output=output, train_ref=train_ref, make_val=make_val, seeds=seeds, n_train=index.train.num_rows,
         initial_ref=initial_ref, num_classes=num_classes, gpus=gpus, window=window,
         fingerprint=fingerprint, resuming=resuming)
     t_vote = time.time()

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from ensemble.config import ConfigError
-from ensemble.data import decode_batch, read_image, repeat_rows, scan_layout
+from ensemble.data import decode_batch, read_image, scan_layout
 from ensemble.digits import ensure_digits
 from ensemble.report import predictions_csv, probabilities_table
 
@@ -230,40 +230,36 @@ def test_decode_batch_empty(tree):
     assert out["image"].dtype == np.float32
 
 
-# ------------------------------------------------------------------ repeat_rows
+# ------------------------------------------------------------------ epoch order
 
-def test_repeat_rows_repeats_by_counts():
-    batch = {"id": np.array([2, 0, 3, 1], np.int64),
-             "path": np.array(["p2", "p0", "p3", "p1"], dtype=object),
-             "label": np.array([20, 0, 30, 10], np.int64)}
-    counts = np.array([1, 0, 3, 2], np.int64)   # indexed by id, not position
-    out = repeat_rows(batch, counts=counts)
-    np.testing.assert_array_equal(out["id"], [2, 2, 2, 0, 3, 3])
-    assert out["path"].tolist() == ["p2", "p2", "p2", "p0", "p3", "p3"]
-    np.testing.assert_array_equal(out["label"], [20, 20, 20, 0, 30, 30])
-    import ray
-
-    assert not ray.is_initialized()   # a plain array never touches Ray
-
-
-def test_repeat_rows_with_bootstrap_counts_sums():
-    from ensemble.bootstrap import bootstrap_counts
+def test_epoch_rows_holds_each_row_as_often_as_drawn():
+    from ensemble.bootstrap import bootstrap_counts, epoch_rows
 
     n = 50
     counts = bootstrap_counts(3, n, n)
-    batch = {"id": np.arange(n, dtype=np.int64), "x": np.arange(n, dtype=np.float64) * 2}
-    out = repeat_rows(batch, counts=counts)
-    assert len(out["id"]) == n
-    np.testing.assert_array_equal(np.bincount(out["id"], minlength=n), counts)
-    np.testing.assert_array_equal(out["x"], out["id"] * 2.0)
+    rows = epoch_rows(counts, seed=7)
+    assert rows.dtype == np.int64 and len(rows) == n
+    np.testing.assert_array_equal(np.bincount(rows, minlength=n), counts)
 
 
-def test_repeat_rows_multidimensional_column():
-    batch = {"id": np.array([0, 1]), "image": np.arange(8).reshape(2, 2, 2)}
-    out = repeat_rows(batch, counts=np.array([2, 1]))
-    assert out["image"].shape == (3, 2, 2)
-    np.testing.assert_array_equal(out["image"][1], batch["image"][0])
-    np.testing.assert_array_equal(out["image"][2], batch["image"][1])
+def test_epoch_rows_order_depends_on_the_seed_only():
+    from ensemble.bootstrap import epoch_rows
+
+    counts = np.array([1, 0, 3, 2, 1, 1, 4], np.int64)
+    np.testing.assert_array_equal(epoch_rows(counts, 5), epoch_rows(counts.copy(), 5))
+    assert not np.array_equal(epoch_rows(counts, 5), epoch_rows(counts, 6))
+    assert sorted(epoch_rows(counts, 5).tolist()) == [0, 2, 2, 2, 3, 3, 4, 5, 6, 6, 6, 6]
+
+
+def test_decode_batch_seeds_augmentation_by_epoch_position(tree):
+    """Two batches of the same files at different places in the epoch get different draws."""
+    batch = _batch(scan_layout(str(tree)).train)
+    batch["id"] = np.zeros_like(batch["id"])  # the same first row id in both: only pos differs
+    first = decode_batch({**batch, "pos": np.arange(5)}, image_size=32, augment="seed", seed=1)
+    again = decode_batch({**batch, "pos": np.arange(5)}, image_size=32, augment="seed", seed=1)
+    later = decode_batch({**batch, "pos": np.arange(9, 14)}, image_size=32, augment="seed", seed=1)
+    np.testing.assert_array_equal(first["image"], again["image"])
+    assert not np.array_equal(first["image"], later["image"])
 
 
 # ------------------------------------------------------------------ report tables
