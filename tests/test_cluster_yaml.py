@@ -96,7 +96,9 @@ def test_token_auth_on_every_node(prepared):
     for role, commands in starts.items():
         ray_start = [c for c in commands if "ray start" in c]
         assert len(ray_start) == 1, role
-        assert "RAY_AUTH_MODE=token ray start" in ray_start[0], role
+        # `VAR=value ... ray start`: the token mode is among the variables set for that command.
+        env = re.search(r"((?:\w+=\S+ )+)ray start", ray_start[0])
+        assert env and "RAY_AUTH_MODE=token" in env.group(1).split(), (role, ray_start[0])
     # The token travels from `ray get-auth-token --generate` on this machine to Ray's default path on each node.
     assert prepared["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
     # Shells on the nodes (ray exec, job entrypoints) also talk to Ray with the token.
