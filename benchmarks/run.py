@@ -129,6 +129,7 @@ def measure(args, values: dict, workdir: str, vote_paths: list[str]) -> dict:
     from benchmarks.voting import load_states, run_voting
     from ensemble.actors import DATA_CPUS
     from ensemble.config import build_config
+    from ensemble.cluster import cluster_capacity
     from ensemble.driver import member_window
 
     m = {"load": {}}
@@ -143,7 +144,7 @@ def measure(args, values: dict, workdir: str, vote_paths: list[str]) -> dict:
     progress("(a) pipeline in this process (ray.init first)")
     ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     cfg = build_config(flag_values=values)
-    m["window"] = member_window(cfg, ray.cluster_resources(), DATA_CPUS)
+    m["window"] = member_window(cfg, cluster_capacity(), cfg.gpus_per_member or 0.0, DATA_CPUS)
     m["cluster_cpus"] = ray.cluster_resources().get("CPU", 0)
     m["load"]["a1"] = load_average()
     m["a1"] = run_pipeline(values)

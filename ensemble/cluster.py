@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 from ensemble import storage
 from ensemble.config import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 PRELOAD_MODULES = "torch,torchvision,ensemble.actors"
@@ -60,19 +63,112 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
                           f"check the address, or leave --address out to start a local cluster") from None
 
 
-def resolve_gpus(requested: Optional[float], cluster: dict, what: str) -> float:
-    """Auto -> 1 GPU when the cluster has any; check an explicit request can ever be met."""
+# Where `ray up` leaves the cluster's config on the head (cluster.yaml starts the autoscaler with it).
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What the cluster has now and what its autoscaler may add; sizes GPU use and member slots.
+
+    ``node_types``: (resources, max_workers) of each node type the autoscaler may launch, from
+    the autoscaler's cluster config in the GCS (KubeRay) or ``BOOTSTRAP_CONFIG`` (a `ray up`
+    head). ``autoscaler``: an autoscaler runs, even when its node types are not visible here.
+    """
+
+    nodes: tuple[dict, ...]                          # resources of each alive node
+    node_types: tuple[tuple[dict, int], ...] = ()
+    autoscaler: bool = False
+
+    @property
+    def unknown_growth(self) -> bool:
+        """An autoscaler may add nodes whose resources the driver cannot see."""
+        return self.autoscaler and not self.node_types
+
+    def most(self, resource: str) -> float:
+        """An upper bound on ``resource`` in the cluster: what it has plus what the autoscaler may add."""
+        now = sum(n.get(resource, 0.0) for n in self.nodes)
+        return now + sum(r.get(resource, 0.0) * count for r, count in self.node_types)
+
+    def largest(self, resource: str) -> float:
+        """The most of ``resource`` on one node, alive or launchable."""
+        return max([n.get(resource, 0.0) for n in self.nodes] + [r.get(resource, 0.0) for r, _ in self.node_types],
+                   default=0.0)
+
+
+def cluster_capacity() -> Capacity:
+    """Read the connected cluster's nodes and, when it autoscales, the node types it may launch."""
     import ray
 
-    total = cluster.get("GPU", 0.0)
+    nodes = tuple(dict(n["Resources"]) for n in ray.nodes() if n["Alive"])
+    return Capacity(nodes=nodes, node_types=_autoscaler_node_types(), autoscaler=_autoscaler_running())
+
+
+def _autoscaler_running() -> bool:
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    try:
+        return bool(_internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS))
+    except Exception:  # an older GCS or no KV access: treat as a fixed cluster
+        return False
+
+
+def _autoscaler_node_types() -> tuple[tuple[dict, int], ...]:
+    """(resources, max workers) per launchable worker type; () when the driver cannot see them."""
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()  # set by KubeRay / hosted autoscalers
+    except Exception:
+        config = None
+    if config is not None and config.node_group_configs:
+        return tuple((dict(g.resources), int(g.max_count) if g.max_count >= 0 else 10**6)
+                     for g in config.node_group_configs if g.max_count != 0)
+    return node_types_from_launcher_config(os.path.expanduser(BOOTSTRAP_CONFIG))
+
+
+def node_types_from_launcher_config(path: str) -> tuple[tuple[dict, int], ...]:
+    """Worker types of a cluster-launcher YAML (``available_node_types``), each with its max_workers."""
+    import yaml
+
+    try:
+        with open(path) as fh:
+            config = yaml.safe_load(fh) or {}
+    except (OSError, yaml.YAMLError):
+        return ()
+    head = config.get("head_node_type")
+    limit = config.get("max_workers", 10**6)
+    types = []
+    for name, spec in (config.get("available_node_types") or {}).items():
+        count = min(int(spec.get("max_workers", limit)), limit)
+        if name != head and count > 0 and spec.get("resources"):
+            types.append(({k: float(v) for k, v in spec["resources"].items()}, count))
+    return tuple(types)
+
+
+def resolve_gpus(requested: Optional[float], capacity: Capacity, what: str, *, auto: Optional[float] = None) -> float:
+    """GPUs per actor. Unset: ``auto`` if given, else 1 when the cluster has or can add GPUs, else 0.
+
+    An explicit request must fit on some node, alive or launchable; where an autoscaler's node
+    types are unknown, the request is trusted and the actors wait for it.
+    """
+    largest = capacity.largest("GPU")
     if requested is None:
-        return 1.0 if total > 0 else 0.0
-    if requested > 0:
-        if total == 0:
-            raise ConfigError(f"--{what} {requested:g} but the cluster has no GPUs; use --{what} 0")
-        largest = max((n["Resources"].get("GPU", 0.0) for n in ray.nodes() if n["Alive"]), default=0.0)
+        if auto is not None:
+            return auto
+        if largest == 0 and capacity.unknown_growth:
+            log.warning("the cluster has no GPUs now and its autoscaler's node types are not visible here, so "
+                        "training runs on CPUs; pass --%s 1 (or 0.5) to have it add GPU nodes", what)
+        return 1.0 if largest > 0 else 0.0
+    if requested > 0 and not capacity.unknown_growth:
+        if largest == 0:
+            grow = " and its autoscaler cannot add any" if capacity.autoscaler else ""
+            raise ConfigError(f"--{what} {requested:g} but the cluster has no GPUs{grow}; use --{what} 0")
         if requested > largest:
             raise ConfigError(f"--{what} {requested:g} but the largest node has {largest:g} GPU(s)")
+    if requested > 0 and capacity.most("GPU") == 0:
+        log.info("--%s %g: the cluster has no GPUs yet; waiting for its autoscaler to add GPU nodes", what, requested)
     return float(requested)
 
 

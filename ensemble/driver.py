@@ -28,7 +28,7 @@ import numpy as np
 from ensemble import storage
 from ensemble.bootstrap import bootstrap_counts, member_seeds
 from ensemble.checkpoint import CheckpointError
-from ensemble.cluster import check_output, connect, resolve_gpus
+from ensemble.cluster import check_output, cluster_capacity, connect, resolve_gpus
 from ensemble.config import (AUGMENTS, CPU_PRESET, FREEZE_STAGES, ARCHS, ConfigError, EnsembleConfig,
                              build_config, load_yaml)
 from ensemble.analysis import render_report_md
@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
                                      f"(default {d.augment})")
     g = p.add_argument_group("resources")
     g.add_argument("--gpus-per-member", type=float, help="0, a fraction (0.25, 0.5) or whole GPUs "
-                                                         "(default: 1 if the cluster has GPUs, else 0)")
+                                                         "(default: 1 if the cluster has or its autoscaler can add GPUs, else 0)")
     g.add_argument("--cpus-per-member", type=float, help=f"CPUs per member = its torch threads (default {d.cpus_per_member:g})")
     g.add_argument("--infer-actors", type=int, help=f"soft-vote actor pool size (default {d.infer_actors})")
     g.add_argument("--infer-batch-size", type=int, help=f"images per soft-vote batch (default {d.infer_batch_size})")
@@ -115,15 +115,20 @@ def config_from_argv(argv: Optional[Sequence[str]]) -> tuple[EnsembleConfig, boo
 
 # ---------------------------------------------------------------- stages
 
-def member_window(cfg: EnsembleConfig, cluster: dict, data_cpus: float) -> int:
+def member_window(cfg: EnsembleConfig, capacity, gpus: float, data_cpus: float) -> int:
     """How many members run at once, leaving ``data_cpus`` for their decode tasks.
 
     Members that hold every CPU would starve their own Ray Data tasks (a hang, not an error).
     This many trainer actors start; each trains its share of the members in turn. Ray queues
-    the actors that do not fit yet (a GPU member on a cluster still scaling up).
+    the actors that do not fit yet, and an autoscaler adds nodes for them: the count is taken
+    from what the cluster can grow to, and where that is unknown every member gets a slot.
     """
-    cpus = cluster.get("CPU", 0.0)
-    return max(1, min(cfg.members, math.floor((cpus - data_cpus) / cfg.cpus_per_member + 1e-9)))
+    if capacity.unknown_growth:
+        return cfg.members
+    slots = math.floor((capacity.most("CPU") - data_cpus) / cfg.cpus_per_member + 1e-9)
+    if gpus > 0:
+        slots = min(slots, math.floor(capacity.most("GPU") / gpus + 1e-9))
+    return max(1, min(cfg.members, slots))
 
 
 def plan_lines(cfg: EnsembleConfig, params: dict, sizes: Optional[dict], num_classes: int) -> list[str]:
@@ -400,9 +405,11 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False) -> dict:
     if dashboard:
         log.info("Ray dashboard: http://%s", dashboard)
     quiet_ray_data()
-    cluster = ray.cluster_resources()
-    gpus = resolve_gpus(cfg.gpus_per_member, cluster, "gpus-per-member")
-    infer_gpus = resolve_gpus(cfg.gpus_per_infer_actor, cluster, "gpus-per-infer-actor")
+    capacity = cluster_capacity()
+    gpus = resolve_gpus(cfg.gpus_per_member, capacity, "gpus-per-member")
+    # Voters follow GPU members, also onto GPU nodes an autoscaler has yet to add.
+    infer_gpus = resolve_gpus(cfg.gpus_per_infer_actor, capacity, "gpus-per-infer-actor",
+                              auto=1.0 if gpus > 0 else None)
     index, skipped = check_images(index, strict=cfg.strict)
     for bad in skipped:
         log.warning("skipping unreadable %s image %s: %s", bad["split"], bad["path"], bad["reason"])
@@ -411,14 +418,15 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False) -> dict:
     resuming = open_output(output, fingerprint, fresh=fresh)  # first write to --output
 
     from ensemble.actors import DATA_CPUS
-    window = member_window(cfg, cluster, DATA_CPUS)
+    window = member_window(cfg, capacity, gpus, DATA_CPUS)
     resolved = dataclasses.replace(cfg, data=index.root, output=output, gpus_per_member=gpus,
                                    gpus_per_infer_actor=infer_gpus)
     _save_config(output, resolved, seeds, fingerprint)
     for line in plan_lines(resolved, params, index.sizes(), num_classes):
         log.info(line)
-    log.info("running up to %d member(s) at once on %g CPU / %g GPU", window, cluster.get("CPU", 0),
-             cluster.get("GPU", 0))
+    grows = " (more when the autoscaler adds nodes)" if capacity.autoscaler else ""
+    log.info("running up to %d member(s) at once on %g CPU / %g GPU%s", window, capacity.most("CPU"),
+             capacity.most("GPU"), grows)
 
     # data -> members -> gather. Members read the train rows (names) and decode their own
     # epochs; val is decoded once for all of them when it fits in the object store.

@@ -32,7 +32,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from ensemble import storage
-from ensemble.cluster import check_output, connect
+from ensemble.cluster import check_output, cluster_capacity, connect, resolve_gpus
 from ensemble.config import (AUGMENTS, ARCHS, CPU_PRESET, PRECISIONS, ConfigError, EnsembleConfig, build_config,
                              load_yaml)
 
@@ -263,19 +263,10 @@ class SearchFailed(RuntimeError):
 
 def trial_resources(search: SearchSettings) -> dict:
     """{"cpu": .., "gpu": ..} for each trial; refuses requests no node of the cluster can meet."""
-    import ray
-
-    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
-    largest_gpu = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
-    largest_cpu = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
-    gpus = search.gpus_per_trial
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0.0) > 0 else 0.0
-    elif gpus > 0 and largest_gpu == 0:
-        raise ConfigError(f"--gpus-per-trial {gpus:g} but the cluster has no GPUs; use --gpus-per-trial 0")
-    elif gpus > largest_gpu:
-        raise ConfigError(f"--gpus-per-trial {gpus:g} but the largest node has {largest_gpu:g} GPU(s)")
-    if search.cpus_per_trial > largest_cpu:
+    capacity = cluster_capacity()
+    gpus = resolve_gpus(search.gpus_per_trial, capacity, "gpus-per-trial")
+    largest_cpu = capacity.largest("CPU")
+    if search.cpus_per_trial > largest_cpu and not capacity.unknown_growth:
         raise ConfigError(f"--cpus-per-trial {search.cpus_per_trial:g} but the largest node has "
                           f"{largest_cpu:g} CPU(s)")
     return {"cpu": search.cpus_per_trial, "gpu": float(gpus)}

@@ -51,3 +51,75 @@ def pytest_collection_modifyitems(config, items):
 def tiny_digits(tmp_path_factory) -> str:
     return write_digits_tree(tmp_path_factory.mktemp("tiny_digits"), per_class_train=12,
                              per_class_val=5, n_test=25, classes=4)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RayHead:
+    """A `ray start --head --block` cluster of the test's own, and its end.
+
+    Everything it starts lives in its own process session and under its own temp dir, so the
+    test stops exactly those processes (never `ray stop`, which would stop every cluster here).
+    """
+
+    def __init__(self, args: list, env: dict, *, temp_dir: str, log_path: str):
+        import subprocess
+        import sys
+
+        self.temp_dir, self.log_path = temp_dir, log_path
+        ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+        self.proc = subprocess.Popen([ray_cli, "start", "--head", "--block", f"--temp-dir={temp_dir}",
+                                      "--disable-usage-stats", *args],
+                                     stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+
+    def wait_ready(self, timeout_s: float = 120) -> None:
+        import time
+
+        deadline = time.time() + timeout_s
+        while "Ray runtime started" not in open(self.log_path).read():
+            assert self.proc.poll() is None, f"ray start exited:\n{open(self.log_path).read()[-3000:]}"
+            assert time.time() < deadline, "ray start did not come up"
+            time.sleep(0.5)
+        time.sleep(2)  # `ray start --block` reports a process that died right after the start (the autoscaler)
+        log = open(self.log_path).read()
+        assert self.proc.poll() is None and "exited unexpectedly" not in log, log[-3000:]
+
+    def _leftovers(self) -> list[int]:
+        """Processes of this cluster still alive: any whose command line names its temp dir."""
+        pids = []
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                try:
+                    cmdline = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+                except OSError:
+                    continue
+                if self.temp_dir in cmdline:
+                    pids.append(int(pid))
+        return pids
+
+    def stop(self) -> None:
+        import signal
+        import time
+
+        for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            for pid in self._leftovers():
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.time() + wait_s
+            while (self.proc.poll() is None or self._leftovers()) and time.time() < deadline:
+                time.sleep(0.2)
+            if self.proc.poll() is not None and not self._leftovers():
+                return

@@ -1,0 +1,100 @@
+"""How the driver sizes GPU use and member slots from the cluster: fixed, autoscaling with known
+node types (a `ray up` head's config), and autoscaling with unknown ones. Pure: no Ray cluster."""
+
+from __future__ import annotations
+
+import pytest
+
+from ensemble.cluster import Capacity, node_types_from_launcher_config, resolve_gpus
+from ensemble.config import CPU_PRESET, ConfigError, build_config
+from ensemble.driver import member_window, slot_members, slot_name
+
+LAPTOP = Capacity(nodes=({"CPU": 2.0},))
+ONE_GPU_BOX = Capacity(nodes=({"CPU": 8.0, "GPU": 1.0},))
+# A CPU head and up to three single-GPU workers of 4 CPUs, none running yet.
+AUTOSCALING = Capacity(nodes=({"CPU": 2.0},), node_types=(({"CPU": 4.0, "GPU": 1.0}, 3),), autoscaler=True)
+UNKNOWN = Capacity(nodes=({"CPU": 2.0},), autoscaler=True)
+
+
+def _cfg(**values):
+    return build_config(preset=CPU_PRESET, flag_values=values)
+
+
+def test_capacity_counts_nodes_and_what_the_autoscaler_may_add():
+    assert AUTOSCALING.most("GPU") == 3.0 and AUTOSCALING.most("CPU") == 14.0
+    assert AUTOSCALING.largest("GPU") == 1.0 and AUTOSCALING.largest("CPU") == 4.0
+    assert not AUTOSCALING.unknown_growth and UNKNOWN.unknown_growth and not LAPTOP.unknown_growth
+    assert LAPTOP.most("GPU") == 0.0 and LAPTOP.largest("GPU") == 0.0
+
+
+@pytest.mark.parametrize("capacity, expected", [(LAPTOP, 0.0), (ONE_GPU_BOX, 1.0), (AUTOSCALING, 1.0),
+                                                (UNKNOWN, 0.0)])
+def test_auto_gpus_follow_what_the_cluster_has_or_can_add(capacity, expected):
+    assert resolve_gpus(None, capacity, "gpus-per-member") == expected
+
+
+def test_auto_warns_when_an_autoscaler_hides_its_node_types(caplog):
+    resolve_gpus(None, UNKNOWN, "gpus-per-member")
+    assert "pass --gpus-per-member 1 (or 0.5) to have it add GPU nodes" in caplog.text
+
+
+def test_auto_for_voters_follows_gpu_members():
+    assert resolve_gpus(None, UNKNOWN, "gpus-per-infer-actor", auto=1.0) == 1.0
+    assert resolve_gpus(0.0, UNKNOWN, "gpus-per-infer-actor", auto=1.0) == 0.0
+
+
+def test_explicit_gpus_checked_against_launchable_nodes():
+    assert resolve_gpus(0.5, AUTOSCALING, "gpus-per-member") == 0.5  # no GPU node yet: the autoscaler adds one
+    with pytest.raises(ConfigError, match=r"^--gpus-per-member 2 but the largest node has 1 GPU\(s\)$"):
+        resolve_gpus(2.0, AUTOSCALING, "gpus-per-member")
+    with pytest.raises(ConfigError, match=r"^--gpus-per-member 0.5 but the cluster has no GPUs; use --gpus-per-member 0$"):
+        resolve_gpus(0.5, LAPTOP, "gpus-per-member")
+    cpu_only = Capacity(nodes=({"CPU": 2.0},), node_types=(({"CPU": 8.0}, 4),), autoscaler=True)
+    with pytest.raises(ConfigError, match="no GPUs and its autoscaler cannot add any"):
+        resolve_gpus(1.0, cpu_only, "gpus-per-member")
+
+
+def test_explicit_gpus_trusted_when_node_types_are_unknown():
+    assert resolve_gpus(4.0, UNKNOWN, "gpus-per-member") == 4.0
+
+
+def test_member_window_keeps_a_cpu_for_decoding_on_cpu_clusters():
+    assert member_window(_cfg(members=9, cpus_per_member=0.5), LAPTOP, 0.0, 1.0) == 2
+    assert member_window(_cfg(members=9, cpus_per_member=1.0), LAPTOP, 0.0, 1.0) == 1
+    assert member_window(_cfg(members=1, cpus_per_member=0.5), LAPTOP, 0.0, 1.0) == 1
+
+
+def test_member_window_counts_gpus_the_autoscaler_can_add():
+    # 3 launchable GPUs at 0.5 per member: 6 at once, though no GPU node runs yet.
+    assert member_window(_cfg(members=9, cpus_per_member=1.0), AUTOSCALING, 0.5, 1.0) == 6
+    assert member_window(_cfg(members=9, cpus_per_member=1.0), ONE_GPU_BOX, 0.25, 1.0) == 4
+    assert member_window(_cfg(members=9, cpus_per_member=4.0), ONE_GPU_BOX, 0.25, 1.0) == 1  # CPU-bound
+    assert member_window(_cfg(members=9, cpus_per_member=1.0), UNKNOWN, 1.0, 1.0) == 9  # Ray queues the rest
+
+
+def test_slots_deal_members_round_robin():
+    assert slot_members([0, 1, 2, 3, 4], 2) == [[0, 2, 4], [1, 3]]
+    assert slot_members([3], 4) == [[3]]
+    assert slot_members([], 2) == []
+    assert slot_name([3]) == "ensemble-member-3" and slot_name([0, 2, 4]) == "ensemble-members-0-2-4"
+
+
+def test_node_types_from_a_launcher_config(tmp_path):
+    path = tmp_path / "ray_bootstrap_config.yaml"
+    path.write_text(
+        "max_workers: 4\nhead_node_type: head\navailable_node_types:\n"
+        "  head: {resources: {CPU: 2}, node_config: {}, max_workers: 0}\n"
+        "  gpu1: {resources: {CPU: 4, GPU: 1}, node_config: {}, min_workers: 0, max_workers: 8}\n"
+        "  gpu4: {resources: {CPU: 48, GPU: 4}, node_config: {}, min_workers: 0, max_workers: 2}\n"
+        "  off: {resources: {CPU: 4, GPU: 1}, node_config: {}, max_workers: 0}\n")
+    assert node_types_from_launcher_config(str(path)) == (({"CPU": 4.0, "GPU": 1.0}, 4),
+                                                          ({"CPU": 48.0, "GPU": 4.0}, 2))
+    assert node_types_from_launcher_config(str(tmp_path / "missing.yaml")) == ()
+
+
+def test_this_projects_cluster_yaml_offers_gpu_workers():
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    types = node_types_from_launcher_config(os.path.join(root, "cluster.yaml"))
+    assert types and all(r.get("GPU", 0) >= 1 for r, _ in types)
