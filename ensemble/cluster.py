@@ -73,17 +73,15 @@ class Capacity:
 
     ``node_types``: (resources, max_workers) of each node type the autoscaler may launch, from
     the autoscaler's cluster config in the GCS (KubeRay) or ``BOOTSTRAP_CONFIG`` (a `ray up`
-    head). ``autoscaler``: an autoscaler runs, even when its node types are not visible here.
+    head); empty for a fixed cluster, or where the driver cannot see them.
     """
 
     nodes: tuple[dict, ...]                          # resources of each alive node
     node_types: tuple[tuple[dict, int], ...] = ()
-    autoscaler: bool = False
 
     @property
-    def unknown_growth(self) -> bool:
-        """An autoscaler may add nodes whose resources the driver cannot see."""
-        return self.autoscaler and not self.node_types
+    def autoscaling(self) -> bool:
+        return bool(self.node_types)
 
     def most(self, resource: str) -> float:
         """An upper bound on ``resource`` in the cluster: what it has plus what the autoscaler may add."""
@@ -101,17 +99,7 @@ def cluster_capacity() -> Capacity:
     import ray
 
     nodes = tuple(dict(n["Resources"]) for n in ray.nodes() if n["Alive"])
-    return Capacity(nodes=nodes, node_types=_autoscaler_node_types(), autoscaler=_autoscaler_running())
-
-
-def _autoscaler_running() -> bool:
-    from ray._private import ray_constants
-    from ray.experimental.internal_kv import _internal_kv_get
-
-    try:
-        return bool(_internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS))
-    except Exception:  # an older GCS or no KV access: treat as a fixed cluster
-        return False
+    return Capacity(nodes=nodes, node_types=_autoscaler_node_types())
 
 
 def _autoscaler_node_types() -> tuple[tuple[dict, int], ...]:
@@ -150,25 +138,22 @@ def node_types_from_launcher_config(path: str) -> tuple[tuple[dict, int], ...]:
 def resolve_gpus(requested: Optional[float], capacity: Capacity, what: str, *, auto: Optional[float] = None) -> float:
     """GPUs per actor. Unset: ``auto`` if given, else 1 when the cluster has or can add GPUs, else 0.
 
-    An explicit request must fit on some node, alive or launchable; where an autoscaler's node
-    types are unknown, the request is trusted and the actors wait for it.
+    An explicit request must fit on some node, alive or launchable.
     """
     largest = capacity.largest("GPU")
     if requested is None:
         if auto is not None:
             return auto
-        if largest == 0 and capacity.unknown_growth:
-            log.warning("the cluster has no GPUs now and its autoscaler's node types are not visible here, so "
-                        "training runs on CPUs; pass --%s 1 (or 0.5) to have it add GPU nodes", what)
         return 1.0 if largest > 0 else 0.0
-    if requested > 0 and not capacity.unknown_growth:
+    if requested > 0:
         if largest == 0:
-            grow = " and its autoscaler cannot add any" if capacity.autoscaler else ""
+            grow = " and its autoscaler cannot add any" if capacity.autoscaling else ""
             raise ConfigError(f"--{what} {requested:g} but the cluster has no GPUs{grow}; use --{what} 0")
         if requested > largest:
             raise ConfigError(f"--{what} {requested:g} but the largest node has {largest:g} GPU(s)")
-    if requested > 0 and capacity.most("GPU") == 0:
-        log.info("--%s %g: the cluster has no GPUs yet; waiting for its autoscaler to add GPU nodes", what, requested)
+        if sum(n.get("GPU", 0.0) for n in capacity.nodes) == 0:
+            log.info("--%s %g: the cluster has no GPU node yet; its autoscaler adds them for the members", what,
+                     requested)
     return float(requested)
 
 

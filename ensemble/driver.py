@@ -121,10 +121,8 @@ def member_window(cfg: EnsembleConfig, capacity, gpus: float, data_cpus: float) 
     Members that hold every CPU would starve their own Ray Data tasks (a hang, not an error).
     This many trainer actors start; each trains its share of the members in turn. Ray queues
     the actors that do not fit yet, and an autoscaler adds nodes for them: the count is taken
-    from what the cluster can grow to, and where that is unknown every member gets a slot.
+    from what the cluster can grow to.
     """
-    if capacity.unknown_growth:
-        return cfg.members
     slots = math.floor((capacity.most("CPU") - data_cpus) / cfg.cpus_per_member + 1e-9)
     if gpus > 0:
         slots = min(slots, math.floor(capacity.most("GPU") / gpus + 1e-9))
@@ -424,7 +422,7 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False) -> dict:
     _save_config(output, resolved, seeds, fingerprint)
     for line in plan_lines(resolved, params, index.sizes(), num_classes):
         log.info(line)
-    grows = " (more when the autoscaler adds nodes)" if capacity.autoscaler else ""
+    grows = " (with the nodes its autoscaler may add)" if capacity.autoscaling else ""
     log.info("running up to %d member(s) at once on %g CPU / %g GPU%s", window, capacity.most("CPU"),
              capacity.most("GPU"), grows)
 

@@ -266,7 +266,7 @@ def trial_resources(search: SearchSettings) -> dict:
     capacity = cluster_capacity()
     gpus = resolve_gpus(search.gpus_per_trial, capacity, "gpus-per-trial")
     largest_cpu = capacity.largest("CPU")
-    if search.cpus_per_trial > largest_cpu and not capacity.unknown_growth:
+    if search.cpus_per_trial > largest_cpu:
         raise ConfigError(f"--cpus-per-trial {search.cpus_per_trial:g} but the largest node has "
                           f"{largest_cpu:g} CPU(s)")
     return {"cpu": search.cpus_per_trial, "gpu": float(gpus)}

@@ -1,5 +1,5 @@
-"""How the driver sizes GPU use and member slots from the cluster: fixed, autoscaling with known
-node types (a `ray up` head's config), and autoscaling with unknown ones. Pure: no Ray cluster."""
+"""How the driver sizes GPU use and member slots from the cluster: fixed, or autoscaling with the
+node types of a `ray up` head's config. Pure: no Ray cluster."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ from ensemble.driver import member_window, slot_members, slot_name
 LAPTOP = Capacity(nodes=({"CPU": 2.0},))
 ONE_GPU_BOX = Capacity(nodes=({"CPU": 8.0, "GPU": 1.0},))
 # A CPU head and up to three single-GPU workers of 4 CPUs, none running yet.
-AUTOSCALING = Capacity(nodes=({"CPU": 2.0},), node_types=(({"CPU": 4.0, "GPU": 1.0}, 3),), autoscaler=True)
-UNKNOWN = Capacity(nodes=({"CPU": 2.0},), autoscaler=True)
+AUTOSCALING = Capacity(nodes=({"CPU": 2.0},), node_types=(({"CPU": 4.0, "GPU": 1.0}, 3),))
 
 
 def _cfg(**values):
@@ -23,24 +22,18 @@ def _cfg(**values):
 def test_capacity_counts_nodes_and_what_the_autoscaler_may_add():
     assert AUTOSCALING.most("GPU") == 3.0 and AUTOSCALING.most("CPU") == 14.0
     assert AUTOSCALING.largest("GPU") == 1.0 and AUTOSCALING.largest("CPU") == 4.0
-    assert not AUTOSCALING.unknown_growth and UNKNOWN.unknown_growth and not LAPTOP.unknown_growth
+    assert AUTOSCALING.autoscaling and not LAPTOP.autoscaling and not ONE_GPU_BOX.autoscaling
     assert LAPTOP.most("GPU") == 0.0 and LAPTOP.largest("GPU") == 0.0
 
 
-@pytest.mark.parametrize("capacity, expected", [(LAPTOP, 0.0), (ONE_GPU_BOX, 1.0), (AUTOSCALING, 1.0),
-                                                (UNKNOWN, 0.0)])
+@pytest.mark.parametrize("capacity, expected", [(LAPTOP, 0.0), (ONE_GPU_BOX, 1.0), (AUTOSCALING, 1.0)])
 def test_auto_gpus_follow_what_the_cluster_has_or_can_add(capacity, expected):
     assert resolve_gpus(None, capacity, "gpus-per-member") == expected
 
 
-def test_auto_warns_when_an_autoscaler_hides_its_node_types(caplog):
-    resolve_gpus(None, UNKNOWN, "gpus-per-member")
-    assert "pass --gpus-per-member 1 (or 0.5) to have it add GPU nodes" in caplog.text
-
-
 def test_auto_for_voters_follows_gpu_members():
-    assert resolve_gpus(None, UNKNOWN, "gpus-per-infer-actor", auto=1.0) == 1.0
-    assert resolve_gpus(0.0, UNKNOWN, "gpus-per-infer-actor", auto=1.0) == 0.0
+    assert resolve_gpus(None, LAPTOP, "gpus-per-infer-actor", auto=1.0) == 1.0
+    assert resolve_gpus(0.0, AUTOSCALING, "gpus-per-infer-actor", auto=1.0) == 0.0
 
 
 def test_explicit_gpus_checked_against_launchable_nodes():
@@ -49,13 +42,9 @@ def test_explicit_gpus_checked_against_launchable_nodes():
         resolve_gpus(2.0, AUTOSCALING, "gpus-per-member")
     with pytest.raises(ConfigError, match=r"^--gpus-per-member 0.5 but the cluster has no GPUs; use --gpus-per-member 0$"):
         resolve_gpus(0.5, LAPTOP, "gpus-per-member")
-    cpu_only = Capacity(nodes=({"CPU": 2.0},), node_types=(({"CPU": 8.0}, 4),), autoscaler=True)
+    cpu_only = Capacity(nodes=({"CPU": 2.0},), node_types=(({"CPU": 8.0}, 4),))
     with pytest.raises(ConfigError, match="no GPUs and its autoscaler cannot add any"):
         resolve_gpus(1.0, cpu_only, "gpus-per-member")
-
-
-def test_explicit_gpus_trusted_when_node_types_are_unknown():
-    assert resolve_gpus(4.0, UNKNOWN, "gpus-per-member") == 4.0
 
 
 def test_member_window_keeps_a_cpu_for_decoding_on_cpu_clusters():
@@ -69,7 +58,6 @@ def test_member_window_counts_gpus_the_autoscaler_can_add():
     assert member_window(_cfg(members=9, cpus_per_member=1.0), AUTOSCALING, 0.5, 1.0) == 6
     assert member_window(_cfg(members=9, cpus_per_member=1.0), ONE_GPU_BOX, 0.25, 1.0) == 4
     assert member_window(_cfg(members=9, cpus_per_member=4.0), ONE_GPU_BOX, 0.25, 1.0) == 1  # CPU-bound
-    assert member_window(_cfg(members=9, cpus_per_member=1.0), UNKNOWN, 1.0, 1.0) == 9  # Ray queues the rest
 
 
 def test_slots_deal_members_round_robin():

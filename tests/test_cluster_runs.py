@@ -116,7 +116,7 @@ def test_autoscaler_adds_gpu_nodes_for_members(tiny_digits, tmp_path, short_tmp)
     finally:
         head.stop()
     # GPU members by default (the launcher config offers GPU nodes), two at once, and a line saying so.
-    assert "running up to 2 member(s) at once on 3 CPU / 2 GPU (more when the autoscaler adds nodes)" in proc.stderr
+    assert "running up to 2 member(s) at once on 3 CPU / 2 GPU (with the nodes its autoscaler may add)" in proc.stderr
     report = json.loads((output / "report.json").read_text())
     assert report["config"]["gpus_per_member"] == 1.0 and report["config"]["gpus_per_infer_actor"] == 1.0
     members = report["members"]

@@ -181,6 +181,7 @@ def test_killed_driver_rerun_resumes(data, tmp_path, how):
     again = subprocess.run(_driver_cmd(data, output), capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "member 0: finished earlier" in again.stderr
+    assert "%|" not in again.stderr and "Running Dataset" not in again.stderr  # piped: no progress bars
     report = json.loads((output / "report.json").read_text())
     assert [m["member"] for m in report["members"]] == [0, 1, 2]
     for i in resumed:
