@@ -152,7 +152,7 @@ def resolve_gpus(requested: Optional[float], capacity: Capacity, what: str, *, a
         if requested > largest:
             raise ConfigError(f"--{what} {requested:g} but the largest node has {largest:g} GPU(s)")
         if sum(n.get("GPU", 0.0) for n in capacity.nodes) == 0:
-            log.info("--%s %g: the cluster has no GPU node yet; its autoscaler adds them for the members", what,
+            log.info("--%s %g: the cluster has no GPU node yet; its autoscaler adds them on demand", what,
                      requested)
     return float(requested)
 
