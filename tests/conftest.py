@@ -7,6 +7,10 @@ import os
 import numpy as np
 import pytest
 
+# The CPU preset's recipe as flags: a run with --data gets no preset, so tests that run the
+# driver on their own small data pass these to stay quick and offline (no pretrained weights).
+RECIPE_FLAGS = ["--arch", "resnet18", "--weights", "none", "--freeze", "none", "--augment", "light", "--lr", "2e-3"]
+
 
 def write_digits_tree(root, *, per_class_train: int, per_class_val: int, n_test: int,
                       classes: int = 10, fmt: str = "png") -> str:
@@ -74,21 +78,25 @@ class RayHead:
 
         self.temp_dir, self.log_path = temp_dir, log_path
         ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
-        self.proc = subprocess.Popen([ray_cli, "start", "--head", "--block", f"--temp-dir={temp_dir}",
-                                      "--disable-usage-stats", *args],
-                                     stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+        with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen([ray_cli, "start", "--head", "--block", f"--temp-dir={temp_dir}",
+                                          "--disable-usage-stats", *args],
+                                         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def log(self) -> str:
+        with open(self.log_path) as fh:
+            return fh.read()
 
     def wait_ready(self, timeout_s: float = 120) -> None:
         import time
 
         deadline = time.time() + timeout_s
-        while "Ray runtime started" not in open(self.log_path).read():
-            assert self.proc.poll() is None, f"ray start exited:\n{open(self.log_path).read()[-3000:]}"
+        while "Ray runtime started" not in self.log():
+            assert self.proc.poll() is None, f"ray start exited:\n{self.log()[-3000:]}"
             assert time.time() < deadline, "ray start did not come up"
             time.sleep(0.5)
         time.sleep(2)  # `ray start --block` reports a process that died right after the start (the autoscaler)
-        log = open(self.log_path).read()
+        log = self.log()
         assert self.proc.poll() is None and "exited unexpectedly" not in log, log[-3000:]
 
     def _leftovers(self) -> list[int]:

@@ -19,12 +19,12 @@ from PIL import Image
 ray = pytest.importorskip("ray")
 
 from ensemble.driver import main  # noqa: E402
-from tests.conftest import write_digits_tree  # noqa: E402
+from tests.conftest import RECIPE_FLAGS, write_digits_tree  # noqa: E402
 
 pytestmark = [pytest.mark.ray]
 
-QUICK = ["--arch", "resnet18", "--weights", "none", "--freeze", "none", "--augment", "light", "--lr", "2e-3",
-         "--cpus-per-member", "0.5", "--image-size", "16", "--epochs", "1", "--members", "2", "--batch-size", "16"]
+QUICK = [*RECIPE_FLAGS, "--cpus-per-member", "0.5", "--image-size", "16", "--epochs", "1", "--members", "2",
+         "--batch-size", "16"]
 
 
 @pytest.fixture(scope="module")

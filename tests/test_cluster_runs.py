@@ -20,7 +20,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from tests.conftest import RayHead, free_port  # noqa: E402
+from tests.conftest import RECIPE_FLAGS, RayHead, free_port  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -85,8 +85,7 @@ def _env(home: str, **extra) -> dict:
 def _driver_args(data, output, *extra):
     return ["-m", "ensemble.driver", "--data", data, "--output", str(output), "--members", "2", "--epochs", "1",
             "--image-size", "16", "--batch-size", "16", "--cpus-per-member", "0.5", "--cpus-per-infer-actor", "0.5",
-            "--infer-batch-size", "32", "--seed", "1", "--arch", "resnet18", "--weights", "none", "--freeze", "none",
-            "--augment", "light", "--lr", "2e-3", *extra]
+            "--infer-batch-size", "32", "--seed", "1", *RECIPE_FLAGS, *extra]
 
 
 @pytest.fixture

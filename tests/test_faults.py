@@ -16,7 +16,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from ensemble.config import CPU_PRESET, build_config  # noqa: E402
-from tests.conftest import write_digits_tree  # noqa: E402
+from tests.conftest import RECIPE_FLAGS, write_digits_tree  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -138,9 +138,8 @@ def test_rerun_with_other_config_is_refused_unless_fresh(cluster, data, clean_ru
 
 def _driver_cmd(data, output, *extra):
     return [sys.executable, "-m", "ensemble.driver", "--data", data, "--output", str(output), "--members", "3",
-            "--epochs", "3", "--image-size", "48", "--batch-size", "16", "--seed", "3", "--arch", "resnet18",
-            "--weights", "none", "--freeze", "none", "--augment", "light", "--lr", "2e-3", "--cpus-per-member", "0.5",
-            *extra]
+            "--epochs", "3", "--image-size", "48", "--batch-size", "16", "--seed", "3", *RECIPE_FLAGS,
+            "--cpus-per-member", "0.5", *extra]
 
 
 @pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])

@@ -15,6 +15,8 @@ import time
 
 import pytest
 
+from tests.conftest import RECIPE_FLAGS
+
 pytest.importorskip("ray")
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -24,8 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _cmd(data, output):
     return [sys.executable, "-m", "ensemble.driver", "--data", data, "--output", str(output), "--members", "2",
-            "--epochs", "1", "--image-size", "16", "--batch-size", "4", "--arch", "resnet18", "--weights", "none",
-            "--freeze", "none", "--augment", "light", "--lr", "2e-3", "--cpus-per-member", "0.5",
+            "--epochs", "1", "--image-size", "16", "--batch-size", "4", *RECIPE_FLAGS, "--cpus-per-member", "0.5",
             "--infer-batch-size", "8"]
 
 
