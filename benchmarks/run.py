@@ -130,7 +130,7 @@ def measure(args, values: dict, workdir: str, vote_paths: list[str]) -> dict:
     from ensemble.actors import DATA_CPUS
     from ensemble.config import build_config
     from ensemble.cluster import cluster_capacity
-    from ensemble.driver import member_window
+    from ensemble.cluster import member_window
 
     m = {"load": {}}
     plain_dir = os.path.join(workdir, "plain")
@@ -334,7 +334,7 @@ def main(argv=None) -> int:
     import torch
 
     from benchmarks.images import write_digits_images, write_flat_images
-    from ensemble.report import versions
+    from ensemble.run_folder import versions
 
     torch.set_num_threads(max(1, int(args.cpus_per_member)))  # (b), (c) and the vote's compute bound
     started = time.time()

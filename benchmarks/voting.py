@@ -1,6 +1,6 @@
 """Section 2: the soft-vote stage against its compute bound and against voting member by member.
 
-- stage: ``ensemble.driver.soft_vote_stage`` (Ray Data actor pool; each batch decoded once and
+- stage: ``ensemble.vote_stage.soft_vote_stage`` (Ray Data actor pool; each batch decoded once and
   run through all N members), end to end, pool start-up included.
 - compute bound: the same N members' forward passes on already-decoded tensors in this process,
   with the stage's thread count: n_images / sum of per-member times.
@@ -113,7 +113,7 @@ def run_voting(cfg, states: list[dict], paths: list[str], num_classes: int) -> d
     """Stage, naive and compute bound on the same files. Ray must be initialised."""
     import ray
 
-    from ensemble.driver import soft_vote_stage
+    from ensemble.vote_stage import soft_vote_stage
 
     refs = [ray.put(s) for s in states]
     table = vote_table(paths)

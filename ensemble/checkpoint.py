@@ -2,11 +2,8 @@
 
 Every file is written atomically (temporary name, then rename) and recorded with its sha256
 in a small JSON record that is written last: the record is the commit point. A loader that finds
-a file whose hash differs from its record refuses it.
-
-Per member, under OUTPUT/members/member-<i>/:
-    checkpoint-e<k>.pt + checkpoint.json   latest finished epoch k (model, optimizer, RNG, best so far)
-    model.pt + val_probs.npz + member.json the finished member (member.json has status "done")
+a file whose hash differs from its record refuses it. A member's files (member_files.py) are
+written and read with these.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Joining a Ray cluster and checking what the user asked of it (shared by the driver and tune).
+"""Joining a Ray cluster, checking what the user asked of it, and sizing member slots to it.
 
 Every check raises ConfigError with one line that names the flag, so both entry points can
 refuse bad input before they write anything.
@@ -7,12 +7,12 @@ refuse bad input before they write anything.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional
 
-from ensemble import storage
-from ensemble.config import ConfigError
+from ensemble.config import ConfigError, EnsembleConfig
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,19 @@ def connect(address: Optional[str]):
     except ConnectionError as exc:
         raise ConfigError(f"--address {address}: no Ray cluster found ({str(exc).splitlines()[0][:120]}); "
                           f"start one with 'ray start --head' or leave --address out") from None
-    return getattr(context, "dashboard_url", None)
+    dashboard = getattr(context, "dashboard_url", None)
+    if dashboard:
+        log.info("Ray dashboard: http://%s", dashboard)
+    return dashboard
+
+
+def resolve_run_gpus(cfg: EnsembleConfig, capacity: Capacity) -> tuple[float, float]:
+    """(GPUs per member, GPUs per voter). Voters follow GPU members, also onto GPU nodes an
+    autoscaler has yet to add."""
+    gpus = resolve_gpus(cfg.gpus_per_member, capacity, "gpus-per-member")
+    infer_gpus = resolve_gpus(cfg.gpus_per_infer_actor, capacity, "gpus-per-infer-actor",
+                              auto=1.0 if gpus > 0 else None)
+    return gpus, infer_gpus
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -157,21 +169,28 @@ def resolve_gpus(requested: Optional[float], capacity: Capacity, what: str, *, a
     return float(requested)
 
 
-def check_output(output: str) -> str:
-    """Refuse an --output that is a file or lies in an unwritable place. Writes nothing."""
-    if storage.is_uri(output):
-        try:
-            taken = storage.exists(output) and not storage.is_dir(output)
-        except OSError as exc:  # no such bucket, wrong endpoint, no credentials
-            raise ConfigError(f"--output {output}: cannot reach it ({str(exc).splitlines()[0][:160]})") from None
-        if taken:
-            raise ConfigError(f"--output {output}: is a file; pass a folder")
-        return output
-    if os.path.isfile(output):
-        raise ConfigError(f"--output {output}: is a file; pass a folder")
-    parent = os.path.abspath(output)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise ConfigError(f"--output {output}: {parent} is not a writable folder; pick another place")
-    return output
+def member_window(cfg: EnsembleConfig, capacity: Capacity, gpus: float, data_cpus: float) -> int:
+    """How many members run at once, leaving ``data_cpus`` for their decode tasks.
+
+    Members that hold every CPU would starve their own Ray Data tasks (a hang, not an error).
+    This many trainer actors start; each trains its share of the members in turn. Ray queues
+    the actors that do not fit yet, and an autoscaler adds nodes for them: the count is taken
+    from what the cluster can grow to.
+    """
+    slots = math.floor((capacity.most("CPU") - data_cpus) / cfg.cpus_per_member + 1e-9)
+    if gpus > 0:
+        slots = min(slots, math.floor(capacity.most("GPU") / gpus + 1e-9))
+    return max(1, min(cfg.members, slots))
+
+
+def slot_members(queue: list[int], window: int) -> list[list[int]]:
+    """Members per trainer slot: at most ``window`` slots, members dealt round-robin."""
+    slots = max(1, min(window, len(queue)))
+    return [queue[k::slots] for k in range(slots)] if queue else []
+
+
+def slot_name(members: list[int]) -> str:
+    """The actor's name in the dashboard: ensemble-member-3, or ensemble-members-0-2-4 for a slot of several."""
+    if len(members) == 1:
+        return f"ensemble-member-{members[0]}"
+    return "ensemble-members-" + "-".join(map(str, members))

@@ -86,7 +86,7 @@ class EnsembleConfig:
             _check_number(self, name, positive=False)
             if value > 1 and not float(value).is_integer():
                 raise ConfigError(
-                    f"--{_flag(name)} {value}: above 1 GPU it must be a whole number (1, 2, 4)")
+                    f"--{flag(name)} {value}: above 1 GPU it must be a whole number (1, 2, 4)")
         _check_choice(self, "arch", ARCHS)
         _check_choice(self, "freeze", FREEZE_STAGES)
         _check_choice(self, "augment", AUGMENTS)
@@ -96,11 +96,11 @@ class EnsembleConfig:
         _check_choice(self, "bagging", BAGGINGS)
         for name in ("freeze_stem", "strict"):
             if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"--{_flag(name)} {getattr(self, name)!r}: must be true or false")
+                raise ConfigError(f"--{flag(name)} {getattr(self, name)!r}: must be true or false")
         for name in ("data", "output", "weights", "address"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
-                raise ConfigError(f"--{_flag(name)} {value!r}: must be a non-empty string")
+                raise ConfigError(f"--{flag(name)} {value!r}: must be a non-empty string")
 
     def replace(self, **changes: Any) -> "EnsembleConfig":
         return dataclasses.replace(self, **changes)
@@ -143,6 +143,15 @@ def build_config(*, preset: Optional[Mapping[str, Any]] = None,
     return EnsembleConfig(**merged)
 
 
+def config_with_preset(file_values: Mapping[str, Any], flag_values: Mapping[str, Any]) -> EnsembleConfig:
+    """The config an entry point runs: the CPU preset applies to the bundled demo only (neither
+    ``data`` nor ``num_classes`` named, in the file or the flags); --num-classes plans for your own data."""
+    named = {k.replace("-", "_") for k, v in file_values.items() if v is not None} | set(flag_values)
+    uses_bundled = not named & {"data", "num_classes"}
+    return build_config(preset=CPU_PRESET if uses_bundled else None, file_values=file_values,
+                        flag_values=flag_values)
+
+
 def load_yaml(path: str) -> dict:
     """Read a --config file with a safe loader; one clear error for anything wrong."""
     import yaml
@@ -175,33 +184,34 @@ def _coerce(name: str, value: Any) -> Any:
         try:
             return float(value)
         except ValueError:
-            raise ConfigError(f"--{_flag(name)} {value!r}: must be a number") from None
+            raise ConfigError(f"--{flag(name)} {value!r}: must be a number") from None
     return value
 
 
-def _flag(name: str) -> str:
+def flag(name: str) -> str:
+    """The command-line spelling of a field: batch_size -> batch-size."""
     return name.replace("_", "-")
 
 
 def _check_int(cfg: EnsembleConfig, name: str, *, low: int) -> None:
     value = getattr(cfg, name)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"--{_flag(name)} {value!r}: must be a whole number >= {low}")
+        raise ConfigError(f"--{flag(name)} {value!r}: must be a whole number >= {low}")
     if value < low:
-        raise ConfigError(f"--{_flag(name)} {value}: must be >= {low}")
+        raise ConfigError(f"--{flag(name)} {value}: must be >= {low}")
 
 
 def _check_number(cfg: EnsembleConfig, name: str, *, positive: bool) -> None:
     value = getattr(cfg, name)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"--{_flag(name)} {value!r}: must be a number")
+        raise ConfigError(f"--{flag(name)} {value!r}: must be a number")
     if positive and value <= 0:
-        raise ConfigError(f"--{_flag(name)} {value}: must be > 0")
+        raise ConfigError(f"--{flag(name)} {value}: must be > 0")
     if not positive and value < 0:
-        raise ConfigError(f"--{_flag(name)} {value}: must be >= 0")
+        raise ConfigError(f"--{flag(name)} {value}: must be >= 0")
 
 
 def _check_choice(cfg: EnsembleConfig, name: str, allowed: tuple) -> None:
     value = getattr(cfg, name)
     if value not in allowed:
-        raise ConfigError(f"--{_flag(name)} {value!r}: choose one of {', '.join(allowed)}")
+        raise ConfigError(f"--{flag(name)} {value!r}: choose one of {', '.join(allowed)}")

@@ -9,6 +9,7 @@ name without extension) and ``label`` (index of the class folder in sorted order
 from __future__ import annotations
 
 import io
+import logging
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -19,6 +20,8 @@ import pyarrow as pa
 
 from ensemble import storage
 from ensemble.config import ConfigError
+
+log = logging.getLogger("ensemble.data")
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -272,6 +275,8 @@ def check_images(index: DatasetIndex, *, strict: bool) -> tuple[DatasetIndex, li
                 bad[str(split)][int(row_id)] = str(reason)
     skipped = [{"split": split, "path": splits[split].column("path")[row_id].as_py(), "reason": reason}
                for split in splits for row_id, reason in sorted(bad[split].items())]
+    for entry in skipped if not strict else ():
+        log.warning("skipping unreadable %s image %s: %s", entry["split"], entry["path"], entry["reason"])
     if not skipped:
         return index, []
     if strict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 from typing import Iterable, Optional
 
@@ -10,7 +11,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ensemble.metrics import nll
+from ensemble.vote import accuracy
+
 Batch = tuple[torch.Tensor, torch.Tensor]  # images (B, 3, S, S) float32, labels (B,) int64
+
+
+def seed_everything(seed: int) -> None:
+    """torch, numpy and random from one seed (a member's initial weights come from torch's)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def set_threads(cpus: float) -> None:
+    """torch's CPU threads = the CPUs Ray reserved for this process (a fractional share gets one)."""
+    torch.set_num_threads(max(1, int(cpus)))
+
+
+def cpu_copy(obj):
+    """A detached CPU copy of the tensors in a (nested) state dict; other values as they are."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
 
 
 def pick_device(gpu_ids: list) -> torch.device:
@@ -92,9 +119,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     order = np.argsort(ids_arr, kind="stable")
     prob_arr = np.concatenate(probs)[order]
     label_arr = np.concatenate(labels_all)[order]
-    nll = float(-np.log(np.clip(prob_arr[np.arange(len(label_arr)), label_arr], 1e-12, None)).mean())
-    acc = float((prob_arr.argmax(1) == label_arr).mean())
-    return {"loss": nll, "acc": acc, "ids": ids_arr[order], "probs": prob_arr, "labels": label_arr}
+    return {"loss": nll(prob_arr, label_arr), "acc": accuracy(prob_arr, label_arr), "ids": ids_arr[order], "probs": prob_arr, "labels": label_arr}
 
 
 @torch.no_grad()

@@ -174,3 +174,28 @@ def reliability_diagram(probs, labels, path: str, bins: int = 15) -> str:
     ax_count.set_ylabel("rows")
     ax_count.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def write_figures(output: str, report: dict, summaries: list, val: dict, preds, classes) -> dict:
+    """The report's PNGs under OUTPUT/figures/ (drawn locally, then written through storage).
+
+    ``val``: the vote stage's val arrays (``probs`` (n, classes), ``label`` (n,)); ``preds``:
+    the ensemble's val labels under the run's vote rule. Returns {figure name: path relative to OUTPUT}.
+    """
+    import tempfile
+
+    from ensemble import storage
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        drawn = {
+            "training_curves": training_curves([s["history"] for s in summaries], os.path.join(tmp, "a.png")),
+            "size_curve": size_curve_plot(report["ensemble"]["size_curve"], os.path.join(tmp, "b.png")),
+            "reliability": reliability_diagram(val["probs"], val["label"], os.path.join(tmp, "c.png")),
+            "confusion_matrix": confusion_matrix_plot(val["label"], preds, list(classes), os.path.join(tmp, "d.png")),
+        }
+        for name, path in drawn.items():
+            with open(path, "rb") as fh:
+                storage.write_bytes(storage.join(output, "figures", f"{name}.png"), fh.read())
+            out[name] = f"figures/{name}.png"
+    return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ensemble.vote import accuracy, soft_vote, vote_labels
+from ensemble.vote import check_member_probs, accuracy, ensemble_labels, ensemble_probs, soft_vote, vote_labels
 
 PROB_FLOOR = 1e-12  # NLL clips probabilities here so a confident miss costs log(1e12) ~ 27.6, not inf
 
@@ -22,13 +22,6 @@ def _probs_labels(probs, labels) -> tuple[np.ndarray, np.ndarray]:
     if labels.size and (labels.min() < 0 or labels.max() >= probs.shape[1]):
         raise ValueError(f"labels must lie in [0, {probs.shape[1]}), got {labels.min()}..{labels.max()}")
     return probs, labels.astype(np.int64)
-
-
-def _member_probs(member_probs) -> np.ndarray:
-    member_probs = np.asarray(member_probs, dtype=np.float64)
-    if member_probs.ndim != 3 or member_probs.shape[0] < 1:
-        raise ValueError(f"expected member_probs (members, n, classes), got shape {member_probs.shape}")
-    return member_probs
 
 
 def nll(probs, labels) -> float:
@@ -114,25 +107,10 @@ def disagreement(member_probs) -> np.ndarray:
     member_probs: (members, n, classes) -> (n,) floats in [0, 1]. Ties go to the lowest class
     index, for members and for the vote alike.
     """
-    member_probs = _member_probs(member_probs)
+    member_probs = check_member_probs(member_probs)
     ensemble_top = vote_labels(soft_vote(member_probs))  # (n,)
     member_top = member_probs.argmax(axis=2)  # (members, n)
     return (member_top != ensemble_top[None, :]).mean(axis=0)
-
-
-def hard_vote(member_probs) -> np.ndarray:
-    """Majority vote of the members' top-1 classes: (members, n, classes) -> (n,) labels.
-
-    A tie between classes with the same number of votes goes to the tied class with the larger
-    probability summed over all members, then to the lowest class index.
-    """
-    member_probs = _member_probs(member_probs)
-    classes = member_probs.shape[2]
-    member_top = member_probs.argmax(axis=2)  # (members, n)
-    votes = (member_top[:, :, None] == np.arange(classes)).sum(axis=0)  # (n, classes)
-    tied = votes == votes.max(axis=1, keepdims=True)  # (n, classes)
-    summed = member_probs.sum(axis=0)  # (n, classes)
-    return np.where(tied, summed, -np.inf).argmax(axis=1)  # argmax: first (lowest) index on ties
 
 
 def summary_metrics(probs, labels) -> dict:
@@ -153,7 +131,7 @@ def size_curve(member_probs, labels, *, n_orders: int = 20, seed: int = 0) -> di
     plus "n_orders" and "seed" (the orders are ``np.random.default_rng(seed).permutation``).
     In member order, k = members is exactly ``soft_vote(member_probs)``.
     """
-    member_probs = _member_probs(member_probs)
+    member_probs = check_member_probs(member_probs)
     _probs_labels(member_probs[0], labels)
     if n_orders < 1:
         raise ValueError(f"n_orders must be >= 1, got {n_orders}")
@@ -186,7 +164,7 @@ def oob_vote(member_train_probs, counts) -> tuple[np.ndarray, np.ndarray]:
     bootstrap counts). Returns (probs (n_train, classes), n_oob_members (n_train,)); rows that
     every member drew have no out-of-bag member and get NaN probabilities.
     """
-    member_train_probs = _member_probs(member_train_probs)
+    member_train_probs = check_member_probs(member_train_probs)
     counts = np.asarray(counts)
     if counts.shape != member_train_probs.shape[:2]:
         raise ValueError(f"counts must be (members, n_train) = {member_train_probs.shape[:2]}, "
@@ -212,7 +190,7 @@ def oob_scores(member_train_probs, counts, labels) -> dict:
       "n_rows_scored"       rows with at least one out-of-bag member
       "n_rows_without_oob"  rows drawn by every member, excluded
     """
-    member_train_probs = _member_probs(member_train_probs)
+    member_train_probs = check_member_probs(member_train_probs)
     _probs_labels(member_train_probs[0], labels)
     labels = np.asarray(labels, dtype=np.int64)
     probs, n_oob = oob_vote(member_train_probs, counts)
@@ -226,3 +204,27 @@ def oob_scores(member_train_probs, counts, labels) -> dict:
         "n_rows_scored": int(scored.sum()),
         "n_rows_without_oob": int((~scored).sum()),
     }
+
+
+def score_run(val_member_probs, val_labels, *, rule: str, seed: int, train_member_probs=None, train_labels=None,
+              counts=None) -> dict:
+    """Members vs ensemble on val (accuracy under ``rule``, NLL, ECE, Brier), the size curve and,
+    with the members' probabilities on the training rows and their bootstrap ``counts``
+    (members, n_train), out-of-bag scores. Data only: report.py lays it out.
+
+    val_member_probs: (members, n_val, classes); val_labels: (n_val,). Returns
+      "ensemble": val_acc, metrics (on the vote's probabilities), size_curve, oob (if counts)
+      "members":  per member, metrics and (if counts) oob_acc
+    """
+    val_member_probs = check_member_probs(val_member_probs)
+    probs = ensemble_probs(val_member_probs)
+    labels = ensemble_labels(val_member_probs, rule)
+    ensemble = {"val_acc": float((labels == np.asarray(val_labels)).mean()),
+                "metrics": summary_metrics(probs, val_labels),
+                "size_curve": size_curve(val_member_probs, val_labels, seed=seed)}
+    members = [{"metrics": summary_metrics(p, val_labels)} for p in val_member_probs]
+    if counts is not None:
+        ensemble["oob"] = oob_scores(train_member_probs, counts, train_labels)
+        for m, acc in zip(members, ensemble["oob"]["member_acc"]):
+            m["oob_acc"] = acc
+    return {"ensemble": ensemble, "members": members}

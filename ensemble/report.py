@@ -1,4 +1,5 @@
-"""Outputs of a run: predictions.csv, probabilities.parquet, report.json and the printed table.
+"""A run's results: report.json (built from the scores), predictions.csv, probabilities.parquet,
+figures/, report.md, and what the driver prints (the plan, the members' table).
 
 Pure functions plus writes through ``storage``; no Ray here.
 """
@@ -7,26 +8,16 @@ from __future__ import annotations
 
 import io
 import json
-import platform
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ensemble import storage
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for name in ("ensemble", "ray", "torch", "torchvision", "numpy", "pyarrow"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
-    return out
+from ensemble.config import EnsembleConfig
+from ensemble.metrics import disagreement, predictive_entropy
+from ensemble.vote import ensemble_labels, rule_title
 
 
 def predictions_csv(image_names: Sequence[str], probs: np.ndarray, classes: Sequence[str],
@@ -85,12 +76,72 @@ def write_outputs(output: str, *, image_names, probs, classes, report: dict, pre
     storage.write_text(storage.join(output, "report.json"), json.dumps(json_safe(report), indent=2, allow_nan=False))
 
 
-def format_table(members: list[dict], ensemble_val_acc: float) -> str:
-    """Each member's val accuracy, their mean, and the ensemble's."""
-    lines = [f"{'member':>8}  {'seed':>10}  {'best epoch':>10}  {'val acc':>8}"]
-    for m in members:
-        lines.append(f"{m['member']:>8}  {m['seed']:>10}  {m['best_epoch']:>10}  {m['val_acc']:>8.4f}")
+def build_report(cfg: EnsembleConfig, *, summaries: list, scores: dict, params: dict, index, skipped: list,
+                 seeds: list, fingerprint: dict, versions: dict, seconds: dict) -> dict:
+    """report.json's content: each member's summary with its scores, the ensemble's scores, the run."""
+    members = []
+    for summary, scored in zip(summaries, scores["members"]):
+        members.append({**{k: v for k, v in summary.items() if k not in ("val_ids", "val_probs")}, **scored})
+    ensemble = {**scores["ensemble"], "vote": cfg.vote, "tta": cfg.tta, "bagging": cfg.bagging,
+                "mean_member_val_acc": float(np.mean([s["val_acc"] for s in summaries]))}
+    return {"members": members, "ensemble": ensemble, "params": params,
+            "data": {"root": index.root, **index.sizes(), "class_names": list(index.classes)},
+            "skipped_files": skipped, "config": cfg.to_dict(), "seeds": seeds, "fingerprint": fingerprint,
+            "versions": versions, "seconds": dict(seconds)}
+
+
+def write_report(output: str, report: dict, *, summaries: list, val: dict, test: dict, classes,
+                 started: float) -> None:
+    """figures/, then predictions.csv, probabilities.parquet, report.json and report.md.
+
+    ``val``/``test``: the vote stage's arrays of that split (``member_probs`` (members, n, classes),
+    ``probs``, ``label``, ``image_name``). ``started``: the run's start, for the total time.
+    """
+    import time
+
+    from ensemble.figures import write_figures
+    from ensemble.markdown import render_report_md
+
+    t_report = time.time()
+    rule = report["ensemble"]["vote"]
+    figures = write_figures(output, report, summaries, val, ensemble_labels(val["member_probs"], rule), classes)
+    report["seconds"].update(report=time.time() - t_report, total=time.time() - started)
+    write_outputs(output, image_names=test["image_name"], probs=test["probs"], classes=classes, report=report,
+                  pred_index=ensemble_labels(test["member_probs"], rule),
+                  extra_columns={"predictive_entropy": predictive_entropy(test["probs"]),
+                                 "member_disagreement": disagreement(test["member_probs"])})
+    storage.write_text(storage.join(output, "report.md"), render_report_md(report, figures))
+
+
+def columns(rows: list[Sequence], widths: Sequence[Optional[int]]) -> str:
+    """Rows of cells as fixed-width text: each cell right-aligned to its column's width (None: as is)."""
+    return "\n".join("  ".join(str(cell) if w is None else f"{cell:>{w}}" for cell, w in zip(row, widths))
+                     for row in rows)
+
+
+def format_table(members: list[dict], ensemble_val_acc: float, rule: str = "soft") -> str:
+    """Each member's val accuracy, their mean, and the ensemble's under its vote ``rule``."""
+    rows = [["member", "seed", "best epoch", "val acc"]]
+    rows += [[m["member"], m["seed"], m["best_epoch"], f"{m['val_acc']:.4f}"] for m in members]
     mean = float(np.mean([m["val_acc"] for m in members]))
-    lines.append(f"{'mean of members':>32}  {mean:>8.4f}")
-    lines.append(f"{'ensemble (soft vote)':>32}  {ensemble_val_acc:>8.4f}")
-    return "\n".join(lines)
+    table = columns(rows, (8, 10, 10, 8))
+    return "\n".join([table, f"{'mean of members':>32}  {mean:>8.4f}",
+                      f"{rule_title(rule):>32}  {ensemble_val_acc:>8.4f}"])
+
+
+def plan_lines(cfg: EnsembleConfig, params: dict, sizes: Optional[dict], num_classes: int) -> list[str]:
+    """The run's plan as the driver logs it (and --dry-run prints it)."""
+    n_boot = cfg.bootstrap_size or (sizes["train"] if sizes else None)
+    gpus = "auto (1 if the cluster has GPUs)" if cfg.gpus_per_member is None else f"{cfg.gpus_per_member:g}"
+    lines = [
+        f"members          {cfg.members} x {cfg.arch} ({num_classes} classes), weights {cfg.weights}, "
+        f"freeze {cfg.freeze}{' + stem' if cfg.freeze_stem else ''}",
+        f"per member       {gpus} GPU, {cfg.cpus_per_member:g} CPU; {cfg.epochs} epochs, batch {cfg.batch_size}, "
+        f"Adam lr {cfg.lr:g}, image {cfg.image_size}, augment {cfg.augment}",
+        f"soft vote        {cfg.infer_actors} actor(s) x batch {cfg.infer_batch_size}",
+        f"parameters       {params['total']:,} total, {params['trainable']:,} trainable",
+    ]
+    if sizes:
+        lines.insert(1, f"data             {sizes['classes']} classes; train {sizes['train']}, val {sizes['val']}, "
+                        f"test {sizes['test']} images; bootstrap {n_boot} rows per member")
+    return lines

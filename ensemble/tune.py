@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import random
 import re
 import sys
 import time
@@ -32,9 +31,11 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from ensemble import storage
-from ensemble.cluster import check_output, cluster_capacity, connect, resolve_gpus
-from ensemble.config import (AUGMENTS, ARCHS, CPU_PRESET, PRECISIONS, ConfigError, EnsembleConfig, build_config,
+from ensemble.cluster import cluster_capacity, connect, resolve_gpus
+from ensemble.config import (AUGMENTS, ARCHS, PRECISIONS, ConfigError, EnsembleConfig, config_with_preset, flag,
                              load_yaml)
+from ensemble.trials import SearchFailed, best_config_values, format_table, pick_best, summarize_trial, trials_csv
+from ensemble.run_folder import check_output
 
 log = logging.getLogger("ensemble.tune")
 
@@ -42,10 +43,6 @@ FREEZE_CHOICES = ("none", "layer1", "layer2")  # the --freeze stages searched
 LR_RANGE = (1e-5, 1e-3)        # log-uniform, around the recipe's 8e-5
 ASHA_GRACE_EPOCHS = 1          # every trial trains at least this many epochs
 ASHA_REDUCTION_FACTOR = 2      # each rung keeps the top half; Ray's default 4 stops most of a small search
-# Keys of the searched model that best_config.yaml carries; run-shape keys (members, resources,
-# output) stay the driver's to choose.
-RECIPE_KEYS = ("arch", "weights", "freeze", "freeze_stem", "epochs", "batch_size", "lr", "image_size", "augment",
-               "precision")
 
 
 @dataclass(frozen=True)
@@ -63,11 +60,11 @@ class SearchSettings:
         for name in ("trials", "max_epochs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"--{_flag(name)} {value!r}: must be a whole number >= 1")
+                raise ConfigError(f"--{flag(name)} {value!r}: must be a whole number >= 1")
         for name in ("lr_min", "lr_max", "cpus_per_trial"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ConfigError(f"--{_flag(name)} {value!r}: must be a number > 0")
+                raise ConfigError(f"--{flag(name)} {value!r}: must be a number > 0")
         if self.lr_min >= self.lr_max:
             raise ConfigError(f"--lr-min {self.lr_min:g} --lr-max {self.lr_max:g}: lr-min must be below lr-max")
         gpus = self.gpus_per_trial
@@ -129,9 +126,7 @@ def settings_from_argv(argv: Optional[Sequence[str]]) -> tuple[EnsembleConfig, S
     args = vars(_parser().parse_args(argv))
     search = {k: args.pop(k) for k in SEARCH_FLAGS if k in args}
     file_values = load_yaml(args.pop("config")) if "config" in args else {}
-    named = {k.replace("-", "_") for k, v in file_values.items() if v is not None} | set(args)
-    uses_bundled = not named & {"data", "num_classes"}
-    base = build_config(preset=CPU_PRESET if uses_bundled else None, file_values=file_values, flag_values=args)
+    base = config_with_preset(file_values, args)
     search.setdefault("max_epochs", base.epochs)
     search["carried_keys"] = tuple(k.replace("-", "_") for k in file_values if k.replace("-", "_") != "output")
     search.setdefault("output", os.path.join("runs", time.strftime("tune-%Y%m%d-%H%M%S")))
@@ -169,14 +164,13 @@ def train_trial(config: dict, *, base: EnsembleConfig, train_table, val_table, n
     from ray import tune
 
     from ensemble.bootstrap import epoch_seed
-    from ensemble.engine import evaluate, pick_device, prepare_for_device, resolve_precision, train_one_epoch
+    from ensemble.engine import (evaluate, pick_device, prepare_for_device, resolve_precision, seed_everything,
+                                 set_threads, train_one_epoch)
     from ensemble.models import make_member_model
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
-    torch.set_num_threads(max(1, int(threads)))  # a fractional CPU share still gets one thread
-    torch.manual_seed(base.seed)
-    np.random.seed(base.seed % 2**32)
-    random.seed(base.seed)
+    set_threads(threads)
+    seed_everything(base.seed)
     device = pick_device(ray.get_gpu_ids())
     model = prepare_for_device(
         make_member_model(base.arch, num_classes, initial_state, config["freeze"], base.freeze_stem), device)
@@ -196,67 +190,6 @@ def train_trial(config: dict, *, base: EnsembleConfig, train_table, val_table, n
                  train["loss"], train["acc"], ev["loss"], ev["acc"])
         tune.report({"epoch": epoch, "val_acc": ev["acc"], "val_loss": ev["loss"],
                      "train_loss": train["loss"], "train_acc": train["acc"]})
-
-
-# ---------------------------------------------------------------- trials -> best (pure)
-
-def summarize_trial(trial_id: str, config: dict, history: list[dict], *, max_epochs: int, failed: bool) -> dict:
-    """One row of trials.csv from a trial's per-epoch history (``epoch``, ``val_acc``).
-
-    ``status``: completed (trained max_epochs), stopped (by ASHA, sooner) or error.
-    """
-    status = "error" if failed else "completed" if len(history) >= max_epochs else "stopped"
-    row = {"trial_id": trial_id, "lr": float(config["lr"]), "freeze": str(config["freeze"]),
-           "epochs_reached": len(history), "best_epoch": None, "best_val_acc": None, "status": status,
-           "history": [{"epoch": int(h["epoch"]), "val_acc": float(h["val_acc"])} for h in history]}
-    if history:
-        best = max(row["history"], key=lambda h: (h["val_acc"], -h["epoch"]))  # earliest epoch on ties
-        row["best_epoch"], row["best_val_acc"] = best["epoch"], best["val_acc"]
-    return row
-
-
-def pick_best(rows: list[dict]) -> dict:
-    """Highest best_val_acc; ties go to fewer epochs, then to the earlier trial (rows in trial order)."""
-    scored = [(r["best_val_acc"], -r["best_epoch"], -k, r) for k, r in enumerate(rows) if r["best_val_acc"] is not None]
-    if not scored:
-        raise SearchFailed("no trial reported a val accuracy; see the trial errors above")
-    return max(scored, key=lambda s: s[:3])[3]
-
-
-def best_config_values(base: EnsembleConfig, best: dict, *, data: Optional[str], carried_keys=()) -> dict:
-    """What best_config.yaml holds: the model recipe with the searched lr, freeze and epochs, the
-    other keys of the --config file searched from, and ``data`` only when the user gave one
-    (without it the driver applies its CPU preset to the bundled digits, as this search did)."""
-    values = {k: getattr(base, k) for k in (*carried_keys, *RECIPE_KEYS) if k != "data"}
-    values.update(lr=float(best["lr"]), freeze=best["freeze"], epochs=int(best["best_epoch"]))
-    if data is not None:
-        values = {"data": data, **values}
-    build_config(file_values=values)  # the driver must accept it back
-    return values
-
-
-def trials_csv(rows: list[dict]) -> str:
-    cols = ("trial_id", "lr", "freeze", "epochs_reached", "best_epoch", "best_val_acc", "status")
-    lines = [",".join(cols)]
-    for r in rows:
-        lines.append(",".join("" if r[c] is None else repr(r[c]) if isinstance(r[c], float) else str(r[c])
-                              for c in cols))
-    return "\n".join(lines) + "\n"
-
-
-def format_table(rows: list[dict], best: dict) -> str:
-    lines = [f"{'trial':>5}  {'lr':>9}  {'freeze':>6}  {'epochs':>6}  {'best epoch':>10}  {'val acc':>7}  status"]
-    for k, r in enumerate(rows):
-        acc = f"{r['best_val_acc']:.4f}" if r["best_val_acc"] is not None else "-"
-        status = "stopped by ASHA" if r["status"] == "stopped" else r["status"]
-        lines.append(f"{k:>5}  {r['lr']:>9.3g}  {r['freeze']:>6}  {r['epochs_reached']:>6}  "
-                     f"{r['best_epoch'] if r['best_epoch'] is not None else '-':>10}  {acc:>7}  "
-                     f"{status}{'  <- best' if r is best else ''}")
-    return "\n".join(lines)
-
-
-class SearchFailed(RuntimeError):
-    """No trial produced a result."""
 
 
 # ---------------------------------------------------------------- cluster
@@ -287,7 +220,7 @@ def run_search(base: EnsembleConfig, search: SearchSettings) -> dict:
     from ensemble.data import check_images, quiet_ray_data, scan_layout
     from ensemble.digits import ensure_digits
     from ensemble.models import build_model, load_initial_weights, resolve_weights
-    from ensemble.report import versions
+    from ensemble.run_folder import versions
 
     started = time.time()
     # config -> data index (names only) -> weights -> output (checked, not yet written)
@@ -307,8 +240,6 @@ def run_search(base: EnsembleConfig, search: SearchSettings) -> dict:
     quiet_ray_data()
     resources = trial_resources(search)
     index, skipped = check_images(index, strict=base.strict)
-    for bad in skipped:
-        log.warning("skipping unreadable %s image %s: %s", bad["split"], bad["path"], bad["reason"])
     log.info("search: %d trials x up to %d epochs of %s (%d classes; train %d, val %d images), lr %g..%g, "
              "freeze %s; %g CPU + %g GPU per trial", search.trials, search.max_epochs, base.arch, num_classes,
              index.train.num_rows, index.val.num_rows, search.lr_min, search.lr_max, "/".join(FREEZE_CHOICES),
@@ -369,10 +300,6 @@ def _trial_id(result) -> str:
         return str(result.metrics["trial_id"])
     found = re.search(r"_([0-9a-f]{5}_[0-9]{5})_", os.path.basename(result.path))
     return found.group(1) if found else os.path.basename(result.path)
-
-
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -7,7 +7,7 @@ import pytest
 
 from ensemble.cluster import Capacity, node_types_from_launcher_config, resolve_gpus
 from ensemble.config import CPU_PRESET, ConfigError, build_config
-from ensemble.driver import member_window, slot_members, slot_name
+from ensemble.cluster import member_window, slot_members, slot_name
 
 LAPTOP = Capacity(nodes=({"CPU": 2.0},))
 ONE_GPU_BOX = Capacity(nodes=({"CPU": 8.0, "GPU": 1.0},))

@@ -6,7 +6,7 @@ import pytest
 
 from ensemble.config import (CPU_PRESET, ConfigError, EnsembleConfig, FIELD_NAMES, build_config,
                              load_yaml)
-from ensemble.driver import config_from_argv
+from ensemble.cli import config_from_argv
 
 
 # ------------------------------------------------------------------ defaults

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from ensemble import figures
-from ensemble.analysis import render_report_md
+from ensemble.markdown import render_report_md
 from ensemble.bootstrap import bootstrap_counts, member_seeds
-from ensemble.metrics import (brier, calibration_bins, disagreement, ece, hard_vote, nll, oob_scores, oob_vote,
+from ensemble.metrics import (brier, calibration_bins, disagreement, ece, nll, oob_scores, oob_vote,
                               predictive_entropy, size_curve, summary_metrics)
-from ensemble.vote import accuracy, soft_vote
+from ensemble.vote import accuracy, hard_vote, soft_vote
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -334,7 +334,7 @@ def test_render_report_md_skips_missing_optional_parts():
 
 
 def test_report_md_has_the_size_curve_table():
-    from ensemble.analysis import render_report_md
+    from ensemble.markdown import render_report_md
 
     curve = {"k": [1, 2], "accuracy": [0.5, 0.75], "nll": [1.0, 0.5], "accuracy_mean": [0.6, 0.75],
              "nll_mean": [0.9, 0.5]}

@@ -201,7 +201,7 @@ def test_entropy_and_disagreement_columns(run, tiny_digits):
 def test_hard_vote_hflip_tta_full_bagging(cluster, tiny_digits, tmp_path):
     """--vote hard --tta hflip --bagging full, checked against the saved members run in this process."""
     from ensemble.driver import run as run_pipeline
-    from ensemble.metrics import hard_vote
+    from ensemble.vote import hard_vote
 
     cfg = _config(tiny_digits, tmp_path, members=3, epochs=1, vote="hard", tta="hflip", bagging="full")
     report = run_pipeline(cfg)

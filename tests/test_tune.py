@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from ensemble.config import CPU_PRESET, ConfigError, build_config
-from ensemble.tune import (FREEZE_CHOICES, LR_RANGE, best_config_values, main, pick_best, settings_from_argv,
-                           summarize_trial, trials_csv)
+from ensemble.trials import best_config_values, pick_best, summarize_trial, trials_csv
+from ensemble.tune import FREEZE_CHOICES, LR_RANGE, main, settings_from_argv
 from tests.conftest import write_digits_tree
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -128,7 +128,7 @@ def _trials(output):
 
 
 def test_best_config_is_accepted_by_the_driver(search, data_root):
-    from ensemble.driver import config_from_argv
+    from ensemble.cli import config_from_argv
 
     output, _ = search
     values = yaml.safe_load((output / "best_config.yaml").read_text())

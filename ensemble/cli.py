@@ -1,0 +1,77 @@
+"""The driver's command line: flags -> a validated EnsembleConfig (no Ray, no torch)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Optional, Sequence
+
+from ensemble.config import AUGMENTS, ARCHS, FREEZE_STAGES, EnsembleConfig, config_with_preset, load_yaml
+
+DEFAULTS = EnsembleConfig()
+
+
+def _parser() -> argparse.ArgumentParser:
+    d = DEFAULTS
+    p = argparse.ArgumentParser(
+        prog="python -m ensemble.driver", argument_default=argparse.SUPPRESS,
+        description="Train N bootstrap members on Ray, soft-vote them, write predictions and a report. "
+                    "Without --data: the bundled digits demo with a CPU preset (flags still override).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data and outputs")
+    g.add_argument("--data", help="dataset root (local path or s3://...) with train/<class>/, val/<class>/, "
+                                  "test/ (default: bundled scikit-learn digits)")
+    g.add_argument("--output", help="results folder (default: runs/<timestamp>)")
+    g.add_argument("--config", metavar="FILE.yaml", help="YAML with the same keys as these flags; flags override")
+    g = p.add_argument_group("ensemble")
+    g.add_argument("--members", type=int, help=f"bagged models (default {d.members})")
+    g.add_argument("--bootstrap-size", type=int, help="rows drawn with replacement per member (default: train size)")
+    g.add_argument("--seed", type=int, help=f"run seed; member seeds derive from it (default {d.seed})")
+    g.add_argument("--bagging", help="bootstrap: each member samples the train set with replacement; full: every "
+                                     f"member trains on all of it with its own seed (deep ensemble) (default {d.bagging})")
+    g.add_argument("--vote", help=f"soft: average probabilities; hard: majority of member top-1, ties by summed "
+                                  f"probability (default {d.vote})")
+    g.add_argument("--tta", help=f"none | hflip: also run each member on the mirrored image and average (default {d.tta})")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", help=f"one of {', '.join(ARCHS)} (default {d.arch})")
+    g.add_argument("--weights", help="none, a torchvision weights name (IMAGENET1K_V1, DEFAULT) or a "
+                                     f"state-dict file (default {d.weights})")
+    g.add_argument("--freeze", help=f"freeze residual stages layer1..this one; one of {', '.join(FREEZE_STAGES)}; "
+                                    f"'stem' freezes the stem only (default {d.freeze}, the study's)")
+    g.add_argument("--freeze-stem", action="store_true", help="also freeze the stem (conv1 + bn1)")
+    g.add_argument("--num-classes", type=int, help="classes for --dry-run without --data")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, help=f"epochs per member (default {d.epochs})")
+    g.add_argument("--batch-size", type=int, help=f"images per step per member (default {d.batch_size})")
+    g.add_argument("--lr", type=float, help=f"Adam learning rate (default {d.lr})")
+    g.add_argument("--image-size", type=int, help=f"train crop size S; eval resizes to S*256/224 (default {d.image_size})")
+    g.add_argument("--precision", help=f"auto | bf16 | fp32: auto = bf16 autocast + channels_last on GPUs that "
+                                       f"support it, fp32 on CPU (default {d.precision})")
+    g.add_argument("--augment", help=f"{' | '.join(AUGMENTS)}: seed = AutoAugment+RandomResizedCrop+flip; "
+                                     f"light = RandomResizedCrop(scale 0.6-1) only; none = eval transform "
+                                     f"(default {d.augment})")
+    g = p.add_argument_group("resources")
+    g.add_argument("--gpus-per-member", type=float, help="0, a fraction (0.25, 0.5) or whole GPUs "
+                                                         "(default: 1 if the cluster has or its autoscaler can add GPUs, else 0)")
+    g.add_argument("--cpus-per-member", type=float, help=f"CPUs per member = its torch threads (default {d.cpus_per_member:g})")
+    g.add_argument("--infer-actors", type=int, help=f"soft-vote actor pool size (default {d.infer_actors})")
+    g.add_argument("--infer-batch-size", type=int, help=f"images per soft-vote batch (default {d.infer_batch_size})")
+    g.add_argument("--gpus-per-infer-actor", type=float, help="like --gpus-per-member")
+    g.add_argument("--cpus-per-infer-actor", type=float, help=f"CPUs per soft-vote actor (default {d.cpus_per_infer_actor:g})")
+    g.add_argument("--address", help="Ray cluster address (ray://..., host:port, auto); default: the running "
+                                     "local cluster or RAY_ADDRESS if any, else start a local one")
+    g = p.add_argument_group("runs")
+    g.add_argument("--strict", action="store_true", help="stop before training if any image file is unreadable "
+                                                       "(default: skip such files and list them in report.json)")
+    g.add_argument("--fresh", action="store_true", help="discard an earlier run in --output instead of resuming it "
+                                                      "(rerunning the same command resumes by default)")
+    g.add_argument("--dry-run", action="store_true", help="print the plan and parameter counts; train nothing")
+    return p
+
+
+def config_from_argv(argv: Optional[Sequence[str]]) -> tuple[EnsembleConfig, bool, bool]:
+    """(config, dry_run, fresh). Precedence: defaults < CPU preset (no --data) < --config < flags."""
+    args = vars(_parser().parse_args(argv))
+    dry_run = args.pop("dry_run", False)
+    fresh = args.pop("fresh", False)
+    file_values = load_yaml(args.pop("config")) if "config" in args else {}
+    return config_with_preset(file_values, args), dry_run, fresh

@@ -1,0 +1,119 @@
+"""A member's files under OUTPUT/members/member-<i>/ (torch + storage, no Ray).
+
+    checkpoint-e<k>.pt + checkpoint.json   latest finished epoch k (model, optimizer, RNG, best so far)
+    model.pt + val_probs.npz + member.json the finished member (member.json has status "done")
+
+Each file is written atomically and recorded with its sha256 in a JSON record written last
+(the commit point; see checkpoint.py). Only the actor's epoch loop calls ``save_checkpoint``
+and ``save_final``; the driver calls ``load_finished_member`` when it resumes a run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Optional
+
+import numpy as np
+
+from ensemble import storage
+from ensemble.checkpoint import CheckpointError, load_torch_bytes, read_json, read_verified, torch_bytes, write_file
+
+# member.json keys that are bookkeeping, not the member's summary
+_RECORD_ONLY = ("status", "config", "fingerprint", "sha256")
+
+
+def member_dir(output: str, member: int) -> str:
+    return storage.join(output, "members", f"member-{member}")
+
+
+class MemberFiles:
+    """The files of member ``member`` of the run in ``output`` whose fingerprint is ``fingerprint``."""
+
+    def __init__(self, output: str, member: int, fingerprint: dict):
+        self.folder = member_dir(output, member)
+        self.fingerprint = fingerprint
+
+    def load_checkpoint(self) -> Optional[dict]:
+        """The last epoch checkpoint (hash checked), or None when the member has none."""
+        record = read_json(storage.join(self.folder, "checkpoint.json"))
+        if record is None:
+            return None
+        if record.get("fingerprint") != self.fingerprint:
+            raise CheckpointError(f"{self.folder}: its checkpoint is from a run with another config; "
+                                  f"rerun with --fresh to start over")
+        data = read_verified(storage.join(self.folder, record["file"]), record["sha256"],
+                             what=storage.join(self.folder, "checkpoint.json"))
+        return load_torch_bytes(data)
+
+    def save_checkpoint(self, snapshot: dict, *, node: str = "") -> None:
+        """checkpoint-e<k>.pt, then checkpoint.json (the commit point), then drop older epochs."""
+        epoch = snapshot["epoch"]
+        name = f"checkpoint-e{epoch}.pt"
+        digest = write_file(storage.join(self.folder, name), torch_bytes(snapshot))
+        storage.write_text(storage.join(self.folder, "checkpoint.json"), json.dumps(
+            {"epoch": epoch, "file": name, "sha256": digest, "fingerprint": self.fingerprint,
+             "pid": os.getpid(), "node": node}))
+        self._remove_old_checkpoints(keep=name)
+
+    def save_final(self, summary: dict, state: dict, config: dict) -> dict:
+        """model.pt and val_probs.npz, then member.json (status done) as the commit point.
+
+        ``summary`` holds ``val_ids`` and ``val_probs`` (saved to val_probs.npz) and the rest of
+        the member's summary (saved in member.json). Returns {file name: sha256}.
+        """
+        buf = io.BytesIO()
+        np.savez(buf, ids=summary["val_ids"], probs=summary["val_probs"])
+        files = {"model.pt": write_file(storage.join(self.folder, "model.pt"), torch_bytes(state)),
+                 "val_probs.npz": write_file(storage.join(self.folder, "val_probs.npz"), buf.getvalue())}
+        record = {k: v for k, v in summary.items() if k not in ("val_ids", "val_probs")}
+        record.update(status="done", sha256=files, config=config, fingerprint=self.fingerprint)
+        storage.write_text(storage.join(self.folder, "member.json"), json.dumps(record, indent=2))
+        if storage.exists(storage.join(self.folder, "checkpoint.json")):
+            storage.remove(storage.join(self.folder, "checkpoint.json"))
+        self._remove_old_checkpoints()
+        return files
+
+    def _remove_old_checkpoints(self, keep: str = "") -> None:
+        for name, is_dir in storage.list_dir(self.folder):
+            if not is_dir and name.startswith("checkpoint-e") and name != keep:
+                storage.remove(storage.join(self.folder, name))
+
+
+def load_finished_member(output: str, member: int, fingerprint: dict):
+    """(summary, best state) of a member a previous run finished, or None; hashes verified."""
+    folder = member_dir(output, member)
+    record = read_json(storage.join(folder, "member.json"))
+    if record is None or record.get("status") != "done":
+        return None
+    if record.get("fingerprint") != fingerprint:
+        raise CheckpointError(f"{folder}: trained with another config; rerun with --fresh to start over")
+    what = storage.join(folder, "member.json")
+    state = load_torch_bytes(read_verified(storage.join(folder, "model.pt"), record["sha256"]["model.pt"], what=what))
+    saved = np.load(io.BytesIO(read_verified(storage.join(folder, "val_probs.npz"),
+                                             record["sha256"]["val_probs.npz"], what=what)))
+    summary = {k: v for k, v in record.items() if k not in _RECORD_ONLY}
+    summary.update(val_ids=saved["ids"], val_probs=saved["probs"], files=record["sha256"])
+    return summary, state
+
+
+class BackgroundWriter:
+    """One checkpoint write at a time, on a thread; ``wait`` re-raises a failed write."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._pending: Optional[Future] = None
+
+    def submit(self, fn, *args, **kwargs) -> None:
+        self.wait()
+        self._pending = self._pool.submit(fn, *args, **kwargs)
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)

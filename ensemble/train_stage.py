@@ -1,0 +1,112 @@
+"""The training stage: start the member slots, hand each its members, wait, gather.
+
+Map, then reduce: every member's ``fit`` is queued on its slot's actor at once, the driver
+waits with ``ray.wait`` and keeps each member's best weights in the object store for the vote.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import numpy as np
+
+from ensemble.bootstrap import bootstrap_counts
+from ensemble.checkpoint import CheckpointError
+from ensemble.cluster import slot_members, slot_name
+from ensemble.config import ConfigError
+from ensemble.member_files import load_finished_member
+
+log = logging.getLogger("ensemble.driver")
+
+MEMBER_RESTARTS = 3  # a member's process may die this often (preemption, OOM) before the run fails
+
+
+class MemberFailed(RuntimeError):
+    """A member died more often than Ray may restart it."""
+
+
+def member_counts(bagging: str, seed: int, n_train: int, n_samples: int) -> np.ndarray:
+    """How often the member draws each training row: its bootstrap counts, or all ones for ``full``."""
+    if bagging == "full":
+        return np.ones(n_train, dtype=np.int64)
+    return bootstrap_counts(seed, n_train, n_samples)
+
+
+def train_members(plan, *, seeds: list[int], train_table, make_val: Callable, gpus: float, window: int,
+                  resuming: bool):
+    """Train every unfinished member on at most ``window`` trainer actors; wait with ray.wait; gather.
+
+    ``plan``: the run's ``actors.MemberPlan``. ``train_table``: the train split's file rows.
+    Each actor (a slot) trains its members one after another, so a process starts once per slot,
+    not once per member; ``make_val()`` (the decoded val split) runs while the actors start.
+    Members an earlier run finished are loaded (hashes checked), not retrained. A slot whose
+    process dies is restarted by Ray; its member resumes from its last epoch checkpoint, and
+    its later members follow.
+    Returns (summaries sorted by member, weight ObjectRefs in member order).
+    """
+    import ray
+
+    from ensemble.actors import MemberTrainer
+
+    cfg, output = plan.config, plan.output
+    n_train, n_samples = train_table.num_rows, plan.fingerprint["bootstrap_size"]
+    summaries, weights = {}, {}
+    queue = []
+    for i in range(cfg.members):
+        finished = load_finished_member(output, i, plan.fingerprint) if resuming else None
+        if finished is None:
+            queue.append(i)
+        else:
+            summaries[i], weights[i] = finished[0], ray.put(finished[1])
+            log.info("member %d: finished earlier (val acc %.4f), loaded from %s", i, finished[0]["val_acc"], output)
+    plan_ref, train_ref = ray.put(plan), ray.put(train_table)
+    running: dict = {}   # summary ref -> (member, slot, weights ref)
+    actors, left = [], []  # per slot: the actor, and how many of its members are unfinished
+    try:
+        slots = slot_members(queue, window)
+        for members in slots:
+            # Named after its members, so the dashboard's Actors view reads like the ensemble.
+            actors.append(MemberTrainer.options(
+                name=slot_name(members), num_cpus=cfg.cpus_per_member, num_gpus=gpus,
+                max_restarts=MEMBER_RESTARTS, max_task_retries=MEMBER_RESTARTS,
+            ).remote(cfg.cpus_per_member))
+            left.append(len(members))
+        val_ds = make_val() if queue else None
+        for slot, members in enumerate(slots):
+            for i in members:  # queued on the actor; it runs them in this order
+                counts = member_counts(cfg.bagging, seeds[i], n_train, n_samples)
+                summary_ref, weights_ref = actors[slot].fit.options(name=f"ensemble-member-{i}.fit").remote(
+                    i, seeds[i], plan_ref, train_ref, val_ds, [ray.put(counts)])
+                running[summary_ref] = (i, slot, weights_ref)
+        while running:
+            done, _ = ray.wait(list(running), num_returns=1)
+            for ref in done:
+                i, slot, weights_ref = running.pop(ref)
+                summaries[i], weights[i] = _gather(ref, i, output), weights_ref
+                left[slot] -= 1
+                if left[slot] == 0:
+                    ray.kill(actors[slot])  # frees its resources; returned weights stay in the object store
+                log.info("member %d done: best val acc %.4f at epoch %d (%.0f s) [%d/%d]", i, summaries[i]["val_acc"],
+                         summaries[i]["best_epoch"], summaries[i]["seconds"], len(summaries), cfg.members)
+    finally:
+        for slot, actor in enumerate(actors):  # on Ctrl-C or a failure: stop the others now
+            if left[slot]:
+                ray.kill(actor)
+    order = sorted(summaries)
+    return [summaries[i] for i in order], [weights[i] for i in order]
+
+
+def _gather(ref, member: int, output: str) -> dict:
+    """A finished member's summary; what the user can fix is raised as is, a dead member as MemberFailed."""
+    import ray
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, (CheckpointError, ConfigError)):
+            raise cause from None
+        raise MemberFailed(f"member {member} failed after {MEMBER_RESTARTS} restarts "
+                           f"({exc.__class__.__name__}); finished members are saved in {output}: "
+                           f"rerun the same command to resume") from exc

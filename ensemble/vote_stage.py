@@ -1,0 +1,79 @@
+"""The soft-vote stage: a Ray Data actor pool runs every member on each batch, decoded once."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import numpy as np
+
+from ensemble.config import EnsembleConfig
+
+_VOTERS = itertools.count()
+
+
+def voter_names():
+    """Ray Data calls this for each pool actor it starts: ensemble-voter-0, -1, ... in the dashboard.
+    Numbered per driver process, so a second run in it cannot meet a name still in use."""
+    return lambda: {"name": f"ensemble-voter-{next(_VOTERS)}"}
+
+
+def soft_vote_stage(cfg: EnsembleConfig, table, *, weight_refs: list, num_classes: int, gpus: float) -> dict:
+    """Ray Data inference: an actor pool of SoftVoters over file rows.
+
+    Returns arrays sorted by row id: id, image_name, label, probs (n, classes) = soft vote,
+    member_probs (n, members, classes).
+    """
+    import ray.data
+
+    from ensemble.actors import SoftVoter, show_progress
+    from ensemble.data import to_dataset
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = show_progress()  # the vote's own bar (a dataset keeps the context it was made in)
+    try:
+        with warnings.catch_warnings():  # deprecated from Ray 2.60 (removal planned for 2.64); names the pool's actors
+            warnings.filterwarnings("ignore", message="`ray_remote_args_fn` is deprecated")
+            ds = to_dataset(table, rows_per_block=cfg.infer_batch_size).map_batches(
+                SoftVoter, batch_size=cfg.infer_batch_size, batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=cfg.infer_actors),
+                num_cpus=cfg.cpus_per_infer_actor, num_gpus=gpus, ray_remote_args_fn=voter_names(),
+                fn_constructor_kwargs={"arch": cfg.arch, "num_classes": num_classes, "weight_refs": weight_refs,
+                                       "image_size": cfg.image_size, "threads": cfg.cpus_per_infer_actor,
+                                       "tta": cfg.tta, "precision": cfg.precision})
+        parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    finally:
+        context.enable_progress_bars = False
+    keys = ("id", "image_name", "label", "probs", "member_probs")
+    out = {k: np.concatenate([p[k] for p in parts]) for k in keys}
+    order = np.argsort(out["id"], kind="stable")
+    return {k: v[order] for k, v in out.items()}
+
+
+def stack_splits(tables: dict):
+    """One table of several splits with ids offset so they stay unique; returns (table, id ranges)."""
+    import pyarrow as pa
+
+    parts, ranges, offset = [], {}, 0
+    for name, table in tables.items():
+        ids = table.column("id").to_numpy() + offset
+        parts.append(table.set_column(0, "id", pa.array(ids)))
+        ranges[name] = (offset, offset + table.num_rows)
+        offset += table.num_rows
+    return pa.concat_tables(parts), ranges
+
+
+
+
+def vote_splits(cfg: EnsembleConfig, splits: dict, *, weight_refs: list, num_classes: int, gpus: float) -> dict:
+    """Every split through one pass of the voter pool: {name: arrays of that split}, each with
+    id, image_name, label, probs (n, classes) and member_probs (members, n, classes)."""
+    table, ranges = stack_splits(splits)
+    voted = soft_vote_stage(cfg, table, weight_refs=weight_refs, num_classes=num_classes, gpus=gpus)
+    out = {}
+    for name, (lo, hi) in ranges.items():
+        part = {k: v[lo:hi] for k, v in voted.items()}
+        part["member_probs"] = np.ascontiguousarray(part["member_probs"].transpose(1, 0, 2))
+        part["id"] = part["id"] - lo
+        out[name] = part
+    return out
