@@ -4,9 +4,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sklearn.datasets import load_sample_image
+from torchvision import transforms as T
 from torchvision.transforms import v2
 
-from ensemble.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_resize, eval_transform, train_transform
+from ensemble.transforms import (EVAL_RESIZES, IMAGENET_MEAN, IMAGENET_STD, eval_resize, eval_transform,
+                                 train_transform)
 
 
 def _assert_tensor_tail(steps):
@@ -59,15 +62,36 @@ def test_light_train_transform_steps():
 
 
 @pytest.mark.parametrize("size", [32, 64, 224])
-def test_none_train_transform_is_eval(size):
-    tf = train_transform(image_size=size, augment="none")
+@pytest.mark.parametrize("resize", EVAL_RESIZES)
+def test_none_train_transform_is_eval(size, resize):
+    tf = train_transform(image_size=size, augment="none", resize=resize)
     assert isinstance(tf, v2.Compose)
-    assert _describe(tf) == _describe(eval_transform(image_size=size))
+    assert _describe(tf) == _describe(eval_transform(image_size=size, resize=resize))
+
+
+def test_none_train_transform_defaults_to_squash():
+    assert _describe(train_transform(image_size=32, augment="none")) == \
+        _describe(eval_transform(image_size=32, resize="squash"))
 
 
 def test_unknown_augment_raises():
     with pytest.raises(ValueError, match="augment"):
         train_transform(image_size=32, augment="heavy")
+
+
+def test_eval_resizes():
+    assert EVAL_RESIZES == ("squash", "short-side")
+
+
+@pytest.mark.parametrize("build", [
+    lambda resize: eval_transform(image_size=32, resize=resize),
+    lambda resize: train_transform(image_size=32, augment="none", resize=resize),
+    lambda resize: train_transform(image_size=32, augment="seed", resize=resize),  # checked even if unused
+])
+@pytest.mark.parametrize("bad", ["crop", "Squash", "short_side", "", None])
+def test_unknown_resize_raises(build, bad):
+    with pytest.raises(ValueError, match=r"resize .*: choose squash or short-side"):
+        build(bad)
 
 
 @pytest.mark.parametrize("size,resize", [(224, 256), (32, 37), (64, 73), (16, 18)])
@@ -76,8 +100,8 @@ def test_eval_resize(size, resize):
 
 
 @pytest.mark.parametrize("size,resize", [(224, 256), (32, 37), (64, 73)])
-def test_eval_transform_steps(size, resize):
-    tf = eval_transform(image_size=size)
+def test_short_side_eval_transform_steps(size, resize):
+    tf = eval_transform(image_size=size, resize="short-side")
     assert isinstance(tf, v2.Compose)
     steps = tf.transforms
     assert len(steps) == 5
@@ -88,15 +112,30 @@ def test_eval_transform_steps(size, resize):
     _assert_tensor_tail(steps[2:])
 
 
+@pytest.mark.parametrize("size,resize", [(224, 256), (32, 37), (64, 73)])
+def test_squash_eval_transform_steps(size, resize):
+    tf = eval_transform(image_size=size)        # squash is the default
+    steps = tf.transforms
+    assert [type(s) for s in steps[:3]] == [v2.Resize, v2.Resize, v2.CenterCrop]
+    assert list(steps[0].size) == [size, size]  # both sides: aspect ratio not kept
+    assert list(steps[1].size) == [resize, resize]
+    assert tuple(steps[2].size) == (size, size)
+    assert len(steps) == 6
+    _assert_tensor_tail(steps[3:])
+
+
 def _noise_image(w, h, seed=0):
     arr = np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
     return Image.fromarray(arr)
 
 
 @pytest.mark.parametrize("size", [32, 64])
-@pytest.mark.parametrize("augment", ["seed", "light", "none", "eval"])
+@pytest.mark.parametrize("augment", ["seed", "light", "none", "eval-squash", "eval-short-side"])
 def test_transforms_give_float32_chw(size, augment):
-    tf = eval_transform(image_size=size) if augment == "eval" else train_transform(image_size=size, augment=augment)
+    if augment.startswith("eval-"):
+        tf = eval_transform(image_size=size, resize=augment.removeprefix("eval-"))
+    else:
+        tf = train_transform(image_size=size, augment=augment)
     torch.manual_seed(0)
     for w, h in [(100, 60), (40, 90), (size, size)]:
         out = tf(_noise_image(w, h))
@@ -124,10 +163,90 @@ def test_normalization_values_exact_for_black_and_white():
         assert torch.allclose(white[c], torch.full((16, 16), expect_white), atol=1e-5)
 
 
-def test_eval_transform_center_crops():
+@pytest.mark.parametrize("resize", EVAL_RESIZES)
+def test_eval_transform_center_crops(resize):
     # left half black, right half white, 2:1 wide: the centre crop keeps both halves equally
     arr = np.zeros((64, 128, 3), np.uint8)
     arr[:, 64:] = 255
-    out = eval_transform(image_size=32)(Image.fromarray(arr))
+    out = eval_transform(image_size=32, resize=resize)(Image.fromarray(arr))
     left, right = out[:, :, :14], out[:, :, 18:]
     assert (left < 0).all() and (right > 0).all()
+
+
+# --- values against torchvision's own (v1) composition of the study's eval transform ---------
+#
+# Our v2 builders get PIL images (ensemble.data.read_image), and v2 resizes a PIL image with
+# PIL, as v1 does, so the pixels match; only ToTensor's divide vs ToDtype's scale differs in
+# the last float bit (max |diff| ~7e-7 after Normalize).
+
+
+def _v1_squash(size):
+    return T.Compose([T.Resize((size, size)), T.Resize(eval_resize(size)), T.CenterCrop(size),
+                      T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def _v1_short_side(size):
+    return T.Compose([T.Resize(eval_resize(size)), T.CenterCrop(size),
+                      T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def _china(w, h):
+    """scikit-learn's sample photo (640x427), resized small: a real, smooth, non-square image."""
+    return Image.fromarray(load_sample_image("china.jpg")).resize((w, h), Image.BILINEAR)
+
+
+NON_SQUARE = {
+    "noise-300x200": lambda: _noise_image(300, 200, seed=0),
+    "noise-200x300": lambda: _noise_image(200, 300, seed=1),
+    "china-320x214": lambda: _china(320, 214),
+    "china-150x225": lambda: _china(150, 225),
+}
+
+
+@pytest.mark.parametrize("size", [224, 32])
+@pytest.mark.parametrize("name", NON_SQUARE)
+def test_squash_matches_torchvision_v1(size, name):
+    img = NON_SQUARE[name]()
+    ours = eval_transform(image_size=size, resize="squash")(img)
+    ref = _v1_squash(size)(img)
+    assert ours.shape == ref.shape == (3, size, size)
+    torch.testing.assert_close(ours.as_subclass(torch.Tensor), ref, atol=1e-5, rtol=0)
+
+
+def test_squash_at_32_is_resize_32_then_37():
+    # spelled out: Resize((32, 32)) -> Resize(37) -> CenterCrop(32)
+    img = _china(320, 214)
+    ref = T.Compose([T.Resize((32, 32)), T.Resize(37), T.CenterCrop(32),
+                     T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])(img)
+    torch.testing.assert_close(eval_transform(image_size=32)(img).as_subclass(torch.Tensor), ref,
+                               atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("size", [224, 32])
+@pytest.mark.parametrize("name", NON_SQUARE)
+def test_short_side_matches_torchvision_v1(size, name):
+    img = NON_SQUARE[name]()
+    ours = eval_transform(image_size=size, resize="short-side")(img)
+    ref = _v1_short_side(size)(img)
+    torch.testing.assert_close(ours.as_subclass(torch.Tensor), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("size", [224, 32])
+@pytest.mark.parametrize("name", NON_SQUARE)
+def test_squash_and_short_side_differ_on_non_square(size, name):
+    img = NON_SQUARE[name]()
+    squash = eval_transform(image_size=size, resize="squash")(img)
+    short = eval_transform(image_size=size, resize="short-side")(img)
+    # not a rounding difference: whole regions of the picture move
+    assert (squash - short).abs().mean().item() > 0.05
+
+
+@pytest.mark.parametrize("size", [224, 32])
+@pytest.mark.parametrize("img", [lambda s: _noise_image(s, s, seed=2), lambda s: _china(s, s)])
+def test_squash_and_short_side_agree_on_square(size, img):
+    # An S x S image: squashing to (S, S) is a no-op, so both are Resize to R -> CenterCrop(S).
+    # (A square image of another size differs by squash's extra resampling, as in the study.)
+    img = img(size)
+    squash = eval_transform(image_size=size, resize="squash")(img)
+    short = eval_transform(image_size=size, resize="short-side")(img)
+    torch.testing.assert_close(squash, short, atol=1e-5, rtol=0)
