@@ -127,7 +127,6 @@ def measure(args, values: dict, workdir: str, vote_paths: list[str]) -> dict:
     from benchmarks.driver_runs import run_driver
     from benchmarks.training import run_pipeline, run_plain, run_torchensemble
     from benchmarks.voting import load_states, run_voting
-    from ensemble.actors import DATA_CPUS
     from ensemble.config import build_config
     from ensemble.cluster import cluster_capacity
     from ensemble.cluster import member_window
@@ -144,7 +143,7 @@ def measure(args, values: dict, workdir: str, vote_paths: list[str]) -> dict:
     progress("(a) pipeline in this process (ray.init first)")
     ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     cfg = build_config(flag_values=values)
-    m["window"] = member_window(cfg, cluster_capacity(), cfg.gpus_per_member or 0.0, DATA_CPUS)
+    m["window"] = member_window(cfg, cluster_capacity(), cfg.gpus_per_member or 0.0)
     m["cluster_cpus"] = ray.cluster_resources().get("CPU", 0)
     m["load"]["a1"] = load_average()
     m["a1"] = run_pipeline(values)

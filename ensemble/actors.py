@@ -16,13 +16,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import ray
 import torch
 
 from ensemble.bootstrap import epoch_rows, epoch_seed
 from ensemble.checkpoint import rng_state, set_rng_state
 from ensemble.config import EnsembleConfig
-from ensemble.data import decode_batch, decoded, epoch_dataset, quiet_ray_data
+from ensemble.data import decode_batch, local_batches, quiet_ray_data
 from ensemble.engine import (cpu_copy, evaluate, member_probabilities, pick_device, prepare_for_device,
                              resolve_precision, seed_everything, set_threads, train_one_epoch)
 from ensemble.member_files import BackgroundWriter, MemberFiles
@@ -30,10 +31,6 @@ from ensemble.models import make_member_model
 from ensemble.vote import soft_vote
 
 log = logging.getLogger("ensemble.member")
-
-# CPUs each Ray Data decode task asks for; the driver keeps this much free beside the members.
-DATA_CPUS = 1.0
-
 
 class MemberMetrics:
     """Per-member gauges on Ray's metrics endpoint (charted by Prometheus/Grafana, tagged by member)."""
@@ -107,11 +104,12 @@ class MemberTrainer:
         self.metrics: dict[int, MemberMetrics] = {}
 
     @ray.method(num_returns=2)
-    def fit(self, member: int, member_seed: int, plan: MemberPlan, train_table, val_ds, counts_box: list):
+    def fit(self, member: int, member_seed: int, plan: MemberPlan, train_table, val, counts_box: list):
         """Train member ``member``; returns (summary dict, best state dict on CPU).
 
-        ``train_table``: the training split's file rows (id, path, label); ``val_ds``: the val
-        split, already decoded (eval transform); ``counts_box`` = [ObjectRef of bootstrap counts].
+        ``train_table``: the training split's file rows (id, path, label); ``val``: the val split
+        decoded once for every member (a materialized Dataset), or its file rows to decode here;
+        ``counts_box`` = [ObjectRef of bootstrap counts].
         """
         cfg, start = plan.config, time.time()
         files = MemberFiles(plan.output, member, plan.fingerprint)
@@ -140,15 +138,13 @@ class MemberTrainer:
             for epoch in range(len(history) + 1, cfg.epochs + 1):
                 seed = epoch_seed(member_seed, epoch)
                 rows = epoch_rows(counts, seed)  # this epoch's bootstrap rows, shuffled
-                epoch_ds = decoded(epoch_dataset(train_table, rows, rows_per_block=cfg.batch_size),
-                                   image_size=cfg.image_size, batch_size=cfg.batch_size,
-                                   augment=cfg.augment, seed=seed, num_cpus=DATA_CPUS)
-                batches = _xy(epoch_ds, cfg.batch_size, pin)
+                batches = _xy(local_batches(train_table, rows, batch_size=cfg.batch_size,
+                                            image_size=cfg.image_size, augment=cfg.augment, seed=seed), pin)
                 if plan.progress:
                     batches = _progress(batches, total=-(-len(rows) // cfg.batch_size),
                                         desc=f"member {member} epoch {epoch}/{cfg.epochs}")
                 train = train_one_epoch(model, batches, optimizer, self.device, amp)
-                ev = evaluate(model, _ixy(val_ds, cfg.batch_size, pin), self.device, amp)
+                ev = evaluate(model, _ixy(_val_batches(val, cfg), pin), self.device, amp)
                 history.append({"epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"],
                                 "val_loss": ev["loss"], "val_acc": ev["acc"],
                                 "images": train["images"], "images_per_s": train["images_per_s"],
@@ -185,9 +181,17 @@ class MemberTrainer:
         return summary, best["state"]
 
 
-def _batches(ds, batch_size: int, pin: bool):
-    """Numpy batches as tensors without a copy (pinned on GPU members, for asynchronous copies)."""
-    for b in ds.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2):
+def _val_batches(val, cfg: EnsembleConfig):
+    """Val batches from the shared decoded Dataset, or decoded here from its file rows."""
+    if isinstance(val, pa.Table):
+        return local_batches(val, batch_size=cfg.batch_size, image_size=cfg.image_size, resize=cfg.eval_resize)
+    return val.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", prefetch_batches=2)
+
+
+def _tensors(batches, pin: bool):
+    """Numpy batches with their images as tensors, without a copy (pinned on GPU members, for
+    asynchronous copies)."""
+    for b in batches:
         image = torch.from_numpy(b["image"])
         yield b, (image.pin_memory() if pin else image)
 
@@ -205,15 +209,15 @@ def _progress(batches, *, total: int, desc: str):
         bar.close()
 
 
-def _xy(ds, batch_size: int, pin: bool = False):
+def _xy(batches, pin: bool = False):
     """(images, labels) batches."""
-    for b, image in _batches(ds, batch_size, pin):
+    for b, image in _tensors(batches, pin):
         yield image, torch.from_numpy(b["label"])
 
 
-def _ixy(ds, batch_size: int, pin: bool = False):
+def _ixy(batches, pin: bool = False):
     """(ids, images, labels) batches; ids and labels as numpy."""
-    for b, image in _batches(ds, batch_size, pin):
+    for b, image in _tensors(batches, pin):
         yield b["id"], image, b["label"]
 
 
@@ -225,10 +229,10 @@ class SoftVoter:
     """
 
     def __init__(self, *, arch: str, num_classes: int, weight_refs: list, image_size: int,
-                 threads: float, tta: str = "none", precision: str = "auto"):
+                 threads: float, tta: str = "none", precision: str = "auto", resize: str = "squash"):
         set_threads(threads)
         self.device = pick_device(ray.get_gpu_ids())
-        self.image_size, self.tta = image_size, tta
+        self.image_size, self.tta, self.resize = image_size, tta, resize
         self.amp = resolve_precision(precision, self.device)
         self.models = []
         for state in ray.get(list(weight_refs)):
@@ -237,7 +241,7 @@ class SoftVoter:
             self.models.append(prepare_for_device(model, self.device).eval())
 
     def __call__(self, batch: dict) -> dict:
-        decoded_batch = decode_batch(batch, image_size=self.image_size)
+        decoded_batch = decode_batch(batch, image_size=self.image_size, resize=self.resize)
         images = torch.from_numpy(decoded_batch["image"]).to(self.device, non_blocking=True)
         probs = member_probabilities(self.models, images, self.amp)  # (members, B, classes)
         if self.tta == "hflip":

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from ensemble.config import AUGMENTS, ARCHS, FREEZE_STAGES, EnsembleConfig, config_with_preset, load_yaml
+from ensemble.config import (AUGMENTS, ARCHS, EVAL_RESIZES, FREEZE_STAGES, EnsembleConfig, config_with_preset,
+                             load_yaml)
 
 DEFAULTS = EnsembleConfig()
 
@@ -44,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, help=f"images per step per member (default {d.batch_size})")
     g.add_argument("--lr", type=float, help=f"Adam learning rate (default {d.lr})")
     g.add_argument("--image-size", type=int, help=f"train crop size S; eval resizes to S*256/224 (default {d.image_size})")
+    g.add_argument("--eval-resize", help=f"{' | '.join(EVAL_RESIZES)}: squash = the study's eval transform "
+                                         f"(S x S, then round(S*256/224) square, centre S; aspect ratio not kept); "
+                                         f"short-side = resize the short side, crop the centre (default {d.eval_resize})")
     g.add_argument("--precision", help=f"auto | bf16 | fp32: auto = bf16 autocast + channels_last on GPUs that "
                                        f"support it, fp32 on CPU (default {d.precision})")
     g.add_argument("--augment", help=f"{' | '.join(AUGMENTS)}: seed = AutoAugment+RandomResizedCrop+flip; "
@@ -52,7 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("resources")
     g.add_argument("--gpus-per-member", type=float, help="0, a fraction (0.25, 0.5) or whole GPUs "
                                                          "(default: 1 if the cluster has or its autoscaler can add GPUs, else 0)")
-    g.add_argument("--cpus-per-member", type=float, help=f"CPUs per member = its torch threads (default {d.cpus_per_member:g})")
+    g.add_argument("--cpus-per-member", type=float, help="CPUs per member = its torch threads; it decodes its own "
+                                                          "images on them (default: 2, or all of the largest "
+                                                          "node's if it has fewer)")
     g.add_argument("--infer-actors", type=int, help=f"soft-vote actor pool size (default {d.infer_actors})")
     g.add_argument("--infer-batch-size", type=int, help=f"images per soft-vote batch (default {d.infer_batch_size})")
     g.add_argument("--gpus-per-infer-actor", type=float, help="like --gpus-per-member")

@@ -46,13 +46,41 @@ def connect(address: Optional[str]):
     return dashboard
 
 
-def resolve_run_gpus(cfg: EnsembleConfig, capacity: Capacity) -> tuple[float, float]:
-    """(GPUs per member, GPUs per voter). Voters follow GPU members, also onto GPU nodes an
-    autoscaler has yet to add."""
+DEFAULT_MEMBER_CPUS = 2.0  # --cpus-per-member when unset, or all of the largest node's CPUs if it has fewer
+
+
+def resolve_resources(cfg: EnsembleConfig, capacity: Capacity) -> EnsembleConfig:
+    """``cfg`` with what each actor gets on this cluster: CPUs and GPUs per member, GPUs per voter
+    and the voter pool's size. An explicit request no node can meet is refused in one line; the
+    defaults shrink to fit, so the bundled defaults run on any cluster and no actor waits forever
+    for resources that will never exist."""
+    cpus = fit_cpus(cfg.cpus_per_member, capacity, "cpus-per-member", default=DEFAULT_MEMBER_CPUS)
+    fit_cpus(cfg.cpus_per_infer_actor, capacity, "cpus-per-infer-actor")
     gpus = resolve_gpus(cfg.gpus_per_member, capacity, "gpus-per-member")
+    # voters follow GPU members, also onto GPU nodes an autoscaler has yet to add
     infer_gpus = resolve_gpus(cfg.gpus_per_infer_actor, capacity, "gpus-per-infer-actor",
                               auto=1.0 if gpus > 0 else None)
-    return gpus, infer_gpus
+    fits = math.floor(capacity.most("CPU") / cfg.cpus_per_infer_actor + 1e-9)
+    if infer_gpus > 0:
+        fits = min(fits, math.floor(capacity.most("GPU") / infer_gpus + 1e-9))
+    voters = max(1, min(cfg.infer_actors, fits))
+    if voters < cfg.infer_actors:
+        log.info("--infer-actors %d: %d fit(s) on this cluster; the vote runs with %d", cfg.infer_actors, voters,
+                 voters)
+    return cfg.replace(cpus_per_member=cpus, gpus_per_member=gpus, gpus_per_infer_actor=infer_gpus,
+                       infer_actors=voters)
+
+
+def fit_cpus(requested: Optional[float], capacity: Capacity, what: str, *, default: Optional[float] = None) -> float:
+    """CPUs per actor: an explicit request must fit on some node (alive or launchable); an unset
+    one is ``default``, or the largest node's CPUs where that is less."""
+    largest = capacity.largest("CPU")
+    if requested is None:
+        return min(default, largest) if largest > 0 else default
+    if requested > largest:
+        raise ConfigError(f"--{what} {requested:g} but the largest node has {largest:g} CPU(s); "
+                          f"use --{what} {largest:g} or less")
+    return float(requested)
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -169,15 +197,15 @@ def resolve_gpus(requested: Optional[float], capacity: Capacity, what: str, *, a
     return float(requested)
 
 
-def member_window(cfg: EnsembleConfig, capacity: Capacity, gpus: float, data_cpus: float) -> int:
-    """How many members run at once, leaving ``data_cpus`` for their decode tasks.
+def member_window(cfg: EnsembleConfig, capacity: Capacity, gpus: float) -> int:
+    """How many members run at once: as many as the cluster's CPUs (and GPUs) hold.
 
-    Members that hold every CPU would starve their own Ray Data tasks (a hang, not an error).
-    This many trainer actors start; each trains its share of the members in turn. Ray queues
-    the actors that do not fit yet, and an autoscaler adds nodes for them: the count is taken
-    from what the cluster can grow to.
+    Members decode their own input on their own CPUs, so they may fill the cluster. This many
+    trainer actors start; each trains its share of the members in turn. Ray queues the actors
+    that do not fit yet, and an autoscaler adds nodes for them: the count is taken from what the
+    cluster can grow to. ``cfg.cpus_per_member`` must be resolved (``resolve_resources``).
     """
-    slots = math.floor((capacity.most("CPU") - data_cpus) / cfg.cpus_per_member + 1e-9)
+    slots = math.floor(capacity.most("CPU") / cfg.cpus_per_member + 1e-9)
     if gpus > 0:
         slots = min(slots, math.floor(capacity.most("GPU") / gpus + 1e-9))
     return max(1, min(cfg.members, slots))

@@ -19,6 +19,7 @@ ARCHS = (
 )
 FREEZE_STAGES = ("none", "stem", "layer1", "layer2", "layer3", "layer4")
 AUGMENTS = ("seed", "light", "none")
+EVAL_RESIZES = ("squash", "short-side")
 VOTES = ("soft", "hard")
 TTAS = ("none", "hflip")
 BAGGINGS = ("bootstrap", "full")
@@ -53,10 +54,11 @@ class EnsembleConfig:
     lr: float = 8e-5                    # Adam learning rate
     image_size: int = 224               # training crop S; eval resizes to round(S*256/224) first
     augment: str = "seed"               # seed | light | none (see transforms.py)
+    eval_resize: str = "squash"         # squash (the study's: S x S, then R x R, centre S) | short-side (keeps aspect)
     precision: str = "auto"             # auto = bf16 autocast on GPUs that support it; fp32; bf16
     # --- resources
     gpus_per_member: Optional[float] = None   # 0, a fraction (0.25, 0.5) or whole GPUs; None = 1 if the cluster has GPUs else 0
-    cpus_per_member: float = 2.0        # CPUs reserved per member; its torch thread count
+    cpus_per_member: Optional[float] = None  # CPUs reserved per member (its torch threads); None = 2, or a node's all if fewer
     infer_actors: int = 2               # soft-vote actor pool size
     infer_batch_size: int = 64          # images per soft-vote batch
     gpus_per_infer_actor: Optional[float] = None  # like gpus_per_member
@@ -77,7 +79,8 @@ class EnsembleConfig:
         if self.num_classes is not None:
             _check_int(self, "num_classes", low=2)
         _check_number(self, "lr", positive=True)
-        _check_number(self, "cpus_per_member", positive=True)
+        if self.cpus_per_member is not None:
+            _check_number(self, "cpus_per_member", positive=True)
         _check_number(self, "cpus_per_infer_actor", positive=True)
         for name in ("gpus_per_member", "gpus_per_infer_actor"):
             value = getattr(self, name)
@@ -90,6 +93,7 @@ class EnsembleConfig:
         _check_choice(self, "arch", ARCHS)
         _check_choice(self, "freeze", FREEZE_STAGES)
         _check_choice(self, "augment", AUGMENTS)
+        _check_choice(self, "eval_resize", EVAL_RESIZES)
         _check_choice(self, "vote", VOTES)
         _check_choice(self, "precision", PRECISIONS)
         _check_choice(self, "tta", TTAS)
@@ -119,7 +123,7 @@ CPU_PRESET: Mapping[str, Any] = {
     "lr": 2e-3,                 # from scratch, a higher rate than the fine-tuning recipe's 8e-5
     "image_size": 32,
     "augment": "light",         # flips and heavy crops change what a digit means
-    "cpus_per_member": 0.5,     # two members train at once on a 2-core laptop, one thread each
+    "cpus_per_member": 1.0,     # two members train at once on a 2-core laptop, one thread each
     "infer_actors": 1,
     "infer_batch_size": 128,
 }

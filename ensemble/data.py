@@ -150,23 +150,6 @@ def to_dataset(table: pa.Table, *, rows_per_block: int = 256):
     return ray.data.from_arrow(table, override_num_blocks=blocks)
 
 
-def epoch_dataset(table: pa.Table, rows: np.ndarray, *, rows_per_block: int):
-    """One epoch of a member's shard: file rows in training order (``bootstrap.epoch_rows``).
-
-    Blocks hold ``rows_per_block`` rows (a batch), so the first batch waits for one decode task,
-    not for a shuffle of the whole shard. ``pos`` is the row's place in the epoch; it seeds the
-    augmentation draws of the batch it starts.
-    """
-    import ray.data
-
-    base = table.select(["id", "path", "label"])
-    blocks = []
-    for start in range(0, len(rows), rows_per_block):
-        block = base.take(pa.array(rows[start:start + rows_per_block]))  # take: a compact copy
-        blocks.append(block.append_column("pos", pa.array(np.arange(start, start + block.num_rows, dtype=np.int64))))
-    return ray.data.from_arrow(blocks)
-
-
 def read_image(path: str, *, min_size: Optional[int] = None):
     """Decode one file to an RGB PIL image (grayscale, palette, RGBA, CMYK and 16-bit are converted).
 
@@ -186,24 +169,25 @@ def read_image(path: str, *, min_size: Optional[int] = None):
 
 
 @lru_cache(maxsize=8)
-def _transform(image_size: int, augment: Optional[str]):
+def _transform(image_size: int, augment: Optional[str], resize: str):
     from ensemble.transforms import eval_transform, train_transform
 
     if augment is None:
-        return eval_transform(image_size=image_size)
-    return train_transform(image_size=image_size, augment=augment)
+        return eval_transform(image_size=image_size, resize=resize)
+    return train_transform(image_size=image_size, augment=augment, resize=resize)
 
 
 def decode_batch(batch: dict, *, image_size: int, augment: Optional[str] = None,
-                 seed: Optional[int] = None) -> dict:
+                 seed: Optional[int] = None, resize: str = "squash") -> dict:
     """Read, decode and transform a batch of file rows -> float32 ``image`` (B, 3, S, S).
 
-    ``augment=None`` applies the eval transform. With ``seed``, augmentation draws are seeded
-    from (seed, the batch's first ``pos``, else its first ``id``) so a run is repeatable.
+    ``augment=None`` applies the eval transform (``resize``: squash | short-side). With ``seed``,
+    augmentation draws are seeded from (seed, the batch's first ``pos``, else its first ``id``)
+    so a run is repeatable.
     """
     import torch
 
-    tf = _transform(image_size, augment)
+    tf = _transform(image_size, augment, resize)
     if seed is not None and len(batch["id"]):
         first = int(batch["pos"][0] if "pos" in batch else batch["id"][0])
         torch.manual_seed(int(np.random.SeedSequence([seed, first]).generate_state(1)[0]))
@@ -212,25 +196,55 @@ def decode_batch(batch: dict, *, image_size: int, augment: Optional[str] = None,
     return {"id": batch["id"], "label": batch["label"], "image": images}
 
 
-def decoded(ds, *, image_size: int, batch_size: int, augment: Optional[str] = None,
-            seed: Optional[int] = None, num_cpus: float = 1.0):
-    """Add the decode + transform stage to a dataset of file rows."""
-    return ds.map_batches(decode_batch, batch_size=batch_size, batch_format="numpy",
-                          fn_kwargs={"image_size": image_size, "augment": augment, "seed": seed},
-                          num_cpus=num_cpus)
+def local_batches(table: pa.Table, rows: Optional[np.ndarray] = None, *, batch_size: int, image_size: int,
+                  augment: Optional[str] = None, seed: Optional[int] = None, resize: str = "squash",
+                  prefetch: int = 2):
+    """Decoded batches of ``table``'s ``rows`` (default: all, in order), made in THIS process.
 
-
-def decoded_eval(table: pa.Table, *, image_size: int, batch_size: int, num_cpus: float, max_bytes: float):
-    """Eval-transformed images of a labelled split, decoded once for every member and epoch.
-
-    Kept in the object store (``materialize``) when its float32 pixels fit in ``max_bytes``;
-    larger splits stream, decoded again on each pass. Returns (dataset, materialized).
+    A member's input work runs on the CPUs Ray gave the member, never in tasks that wait for
+    CPUs the members hold (the deadlock of a member pipeline in Ray Data on a small machine).
+    One background thread decodes up to ``prefetch`` batches ahead of the consumer; one thread,
+    because the augmentation draws come from torch's global generator, seeded per batch from
+    (seed, the batch's place in the epoch), so the batches are the same on every run.
+    Yields ``decode_batch`` dicts: id, label (numpy), image float32 (B, 3, S, S).
     """
-    ds = decoded(to_dataset(table, rows_per_block=batch_size), image_size=image_size, batch_size=batch_size,
-                 num_cpus=num_cpus)
-    if table.num_rows * 3 * image_size * image_size * 4 <= max_bytes:
-        return ds.materialize(), True
-    return ds, False
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    ids = table.column("id").to_numpy()
+    paths = np.asarray(table.column("path").to_pylist(), dtype=object)
+    labels = table.column("label").to_numpy()
+    rows = np.arange(len(ids)) if rows is None else np.asarray(rows)
+
+    def make(start: int) -> dict:
+        part = rows[start:start + batch_size]
+        return decode_batch({"id": ids[part], "path": paths[part], "label": labels[part],
+                             "pos": np.arange(start, start + len(part))},
+                            image_size=image_size, augment=augment, seed=seed, resize=resize)
+
+    starts = iter(range(0, len(rows), batch_size))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
+        pending = deque(pool.submit(make, start) for _, start in zip(range(max(1, prefetch)), starts))
+        while pending:
+            batch = pending.popleft().result()
+            following = next(starts, None)
+            if following is not None:
+                pending.append(pool.submit(make, following))
+            yield batch
+
+
+def decoded_eval(table: pa.Table, *, image_size: int, batch_size: int, resize: str, max_bytes: float):
+    """Eval-transformed images of a labelled split, decoded once (Ray Data) for every member and epoch.
+
+    Run before the members start, so its tasks never wait for CPUs the members hold. Returns the
+    materialized dataset when its float32 pixels fit in ``max_bytes``, else None: the members
+    then decode the split themselves (``local_batches``).
+    """
+    if table.num_rows * 3 * image_size * image_size * 4 > max_bytes:
+        return None
+    return to_dataset(table, rows_per_block=batch_size).map_batches(
+        decode_batch, batch_size=batch_size, batch_format="numpy", num_cpus=1,
+        fn_kwargs={"image_size": image_size, "resize": resize}).materialize()
 
 
 # ---------------------------------------------------------------- input checks

@@ -38,8 +38,8 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False) -> dict:
     import numpy as np
     import ray
 
-    from ensemble.actors import DATA_CPUS, MemberPlan, show_progress
-    from ensemble.cluster import cluster_capacity, connect, member_window, resolve_run_gpus
+    from ensemble.actors import MemberPlan, show_progress
+    from ensemble.cluster import cluster_capacity, connect, member_window, resolve_resources
     from ensemble.data import check_images, decoded_eval, quiet_ray_data, scan_layout
     from ensemble.digits import ensure_digits
     from ensemble.metrics import score_run
@@ -63,8 +63,8 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False) -> dict:
     connect(cfg.address)
     quiet_ray_data()
     capacity = cluster_capacity()
-    gpus, infer_gpus = resolve_run_gpus(cfg, capacity)
-    window = member_window(cfg, capacity, gpus, DATA_CPUS)
+    sized = resolve_resources(cfg, capacity)  # CPUs and GPUs per member and voter, the voter pool
+    window = member_window(sized, capacity, sized.gpus_per_member)
 
     # image check: every file decoded once in Ray Data (unreadable ones skipped, or --strict stops)
     index, skipped = check_images(index, strict=cfg.strict)
@@ -73,7 +73,7 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False) -> dict:
     n_samples = cfg.bootstrap_size or index.train.num_rows
     fingerprint = training_fingerprint(cfg, index, n_samples)
     resuming = open_output(output, fingerprint, fresh=fresh)
-    resolved = cfg.replace(data=index.root, output=output, gpus_per_member=gpus, gpus_per_infer_actor=infer_gpus)
+    resolved = sized.replace(data=index.root, output=output)
     seeds = member_seeds(cfg.seed, cfg.members)
     save_run_config(output, resolved, seeds, fingerprint)
     for line in plan_lines(resolved, params, index.sizes(), num_classes):
@@ -82,25 +82,28 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False) -> dict:
     log.info("running up to %d member(s) at once on %g CPU / %g GPU%s", window, capacity.most("CPU"),
              capacity.most("GPU"), grows)
 
-    # train: members decode their own epochs; val is decoded once for all of them
+    # train: members decode their own epochs on their own CPUs; val is decoded once for all of them
     t_train = time.time()
 
     def make_val():
-        return decoded_eval(index.val, image_size=cfg.image_size, batch_size=cfg.batch_size, num_cpus=DATA_CPUS,
-                            max_bytes=EVAL_CACHE_SHARE * ray.cluster_resources().get("object_store_memory", 0))[0]
+        decoded = decoded_eval(index.val, image_size=cfg.image_size, batch_size=cfg.batch_size,
+                               resize=cfg.eval_resize,
+                               max_bytes=EVAL_CACHE_SHARE * ray.cluster_resources().get("object_store_memory", 0))
+        return index.val if decoded is None else decoded
 
     plan = MemberPlan(config=resolved, output=output, fingerprint=fingerprint, num_classes=num_classes,
                       initial_state=ray.put(initial_state) if initial_state is not None else None,
                       progress=show_progress())
     summaries, weight_refs = train_members(plan, seeds=seeds, train_table=index.train, make_val=make_val,
-                                           gpus=gpus, window=window, resuming=resuming)
+                                           gpus=resolved.gpus_per_member, window=window, resuming=resuming)
 
     # vote: val (report), test (predictions) and, for out-of-bag scores, train, in one pass of the pool
     t_vote = time.time()
     splits = {"val": index.val, "test": index.test}
     if cfg.bagging == "bootstrap":
         splits["train"] = index.train
-    voted = vote_splits(resolved, splits, weight_refs=weight_refs, num_classes=num_classes, gpus=infer_gpus)
+    voted = vote_splits(resolved, splits, weight_refs=weight_refs, num_classes=num_classes,
+                        gpus=resolved.gpus_per_infer_actor)
 
     # report: scores (data) -> report.json, predictions, figures, report.md -> the printed table
     t_report = time.time()

@@ -39,7 +39,9 @@ def train_members(plan, *, seeds: list[int], train_table, make_val: Callable, gp
 
     ``plan``: the run's ``actors.MemberPlan``. ``train_table``: the train split's file rows.
     Each actor (a slot) trains its members one after another, so a process starts once per slot,
-    not once per member; ``make_val()`` (the decoded val split) runs while the actors start.
+    not once per member. ``make_val()`` gives what members evaluate on: the val split decoded
+    once for all of them, or its file rows when that is too large to keep (members then decode
+    it themselves); it runs before the actors start, so its tasks never wait for CPUs they hold.
     Members an earlier run finished are loaded (hashes checked), not retrained. A slot whose
     process dies is restarted by Ray; its member resumes from its last epoch checkpoint, and
     its later members follow.
@@ -63,6 +65,7 @@ def train_members(plan, *, seeds: list[int], train_table, make_val: Callable, gp
     plan_ref, train_ref = ray.put(plan), ray.put(train_table)
     running: dict = {}   # summary ref -> (member, slot, weights ref)
     actors, left = [], []  # per slot: the actor, and how many of its members are unfinished
+    val = make_val() if queue else None
     try:
         slots = slot_members(queue, window)
         for members in slots:
@@ -72,12 +75,11 @@ def train_members(plan, *, seeds: list[int], train_table, make_val: Callable, gp
                 max_restarts=MEMBER_RESTARTS, max_task_retries=MEMBER_RESTARTS,
             ).remote(cfg.cpus_per_member))
             left.append(len(members))
-        val_ds = make_val() if queue else None
         for slot, members in enumerate(slots):
             for i in members:  # queued on the actor; it runs them in this order
                 counts = member_counts(cfg.bagging, seeds[i], n_train, n_samples)
                 summary_ref, weights_ref = actors[slot].fit.options(name=f"ensemble-member-{i}.fit").remote(
-                    i, seeds[i], plan_ref, train_ref, val_ds, [ray.put(counts)])
+                    i, seeds[i], plan_ref, train_ref, val, [ray.put(counts)])
                 running[summary_ref] = (i, slot, weights_ref)
         while running:
             done, _ = ray.wait(list(running), num_returns=1)

@@ -11,7 +11,7 @@ Every trial starts from the same seed (same initial weights, same batches, same 
 draws), so trials differ only in their hyperparameters.
 
 Stages: config -> data index -> ray.init -> image check -> Tuner.fit (ASHA) -> table + files.
-Trials decode their images in-process with ``decode_batch``: a Tune trial holding the CPUs that
+Trials decode their images in-process with ``local_batches``: a Tune trial holding the CPUs that
 nested Ray Data tasks would need can hang a small machine (see RAY_NOTES).
 """
 
@@ -26,12 +26,12 @@ import re
 import sys
 import time
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
 from ensemble import storage
-from ensemble.cluster import cluster_capacity, connect, resolve_gpus
+from ensemble.cluster import cluster_capacity, connect, fit_cpus, resolve_gpus
 from ensemble.config import (AUGMENTS, ARCHS, PRECISIONS, ConfigError, EnsembleConfig, config_with_preset, flag,
                              load_yaml)
 from ensemble.trials import SearchFailed, best_config_values, format_table, pick_best, summarize_trial, trials_csv
@@ -135,27 +135,6 @@ def settings_from_argv(argv: Optional[Sequence[str]]) -> tuple[EnsembleConfig, S
 
 # ---------------------------------------------------------------- one trial (runs in a Tune actor)
 
-def file_batches(table, *, batch_size: int, image_size: int, augment: Optional[str] = None,
-                 seed: Optional[int] = None) -> Iterator[tuple]:
-    """(ids, images (B, 3, S, S), labels) from a file table, decoded in this process.
-
-    With ``seed``: rows in a seeded random order and seeded augmentation; otherwise table order.
-    """
-    import torch
-
-    from ensemble.data import decode_batch
-
-    ids = table.column("id").to_numpy()
-    paths = np.asarray(table.column("path").to_pylist(), dtype=object)
-    labels = table.column("label").to_numpy()
-    order = np.random.default_rng(seed).permutation(len(ids)) if seed is not None else np.arange(len(ids))
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        batch = decode_batch({"id": ids[rows], "path": paths[rows], "label": labels[rows]},
-                             image_size=image_size, augment=augment, seed=seed)
-        yield batch["id"], torch.from_numpy(batch["image"]), torch.from_numpy(batch["label"])
-
-
 def train_trial(config: dict, *, base: EnsembleConfig, train_table, val_table, num_classes: int,
                 initial_state, max_epochs: int, threads: float) -> None:
     """Tune function trainable: train ``max_epochs`` (unless ASHA stops it), report val_acc each epoch."""
@@ -164,6 +143,7 @@ def train_trial(config: dict, *, base: EnsembleConfig, train_table, val_table, n
     from ray import tune
 
     from ensemble.bootstrap import epoch_seed
+    from ensemble.data import local_batches
     from ensemble.engine import (evaluate, pick_device, prepare_for_device, resolve_precision, seed_everything,
                                  set_threads, train_one_epoch)
     from ensemble.models import make_member_model
@@ -178,13 +158,14 @@ def train_trial(config: dict, *, base: EnsembleConfig, train_table, val_table, n
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config["lr"])
     for epoch in range(1, max_epochs + 1):
         seed = epoch_seed(base.seed, epoch)
+        rows = np.random.default_rng(seed).permutation(train_table.num_rows)
         train = train_one_epoch(
-            model, ((x, y) for _, x, y in file_batches(train_table, batch_size=base.batch_size,
-                                                        image_size=base.image_size, augment=base.augment,
-                                                        seed=seed)),
-            optimizer, device, amp)
-        ev = evaluate(model, file_batches(val_table, batch_size=base.batch_size, image_size=base.image_size),
-                      device, amp)
+            model, ((torch.from_numpy(b["image"]), torch.from_numpy(b["label"])) for b in local_batches(
+                train_table, rows, batch_size=base.batch_size, image_size=base.image_size, augment=base.augment,
+                seed=seed)), optimizer, device, amp)
+        ev = evaluate(model, ((b["id"], torch.from_numpy(b["image"]), b["label"]) for b in local_batches(
+            val_table, batch_size=base.batch_size, image_size=base.image_size, resize=base.eval_resize)),
+            device, amp)
         log.info("trial %s lr %.3g freeze %s epoch %d/%d train_loss %.4f train_acc %.4f val_loss %.4f val_acc %.4f",
                  tune.get_context().get_trial_id(), config["lr"], config["freeze"], epoch, max_epochs,
                  train["loss"], train["acc"], ev["loss"], ev["acc"])
@@ -198,11 +179,7 @@ def trial_resources(search: SearchSettings) -> dict:
     """{"cpu": .., "gpu": ..} for each trial; refuses requests no node of the cluster can meet."""
     capacity = cluster_capacity()
     gpus = resolve_gpus(search.gpus_per_trial, capacity, "gpus-per-trial")
-    largest_cpu = capacity.largest("CPU")
-    if search.cpus_per_trial > largest_cpu:
-        raise ConfigError(f"--cpus-per-trial {search.cpus_per_trial:g} but the largest node has "
-                          f"{largest_cpu:g} CPU(s)")
-    return {"cpu": search.cpus_per_trial, "gpu": float(gpus)}
+    return {"cpu": fit_cpus(search.cpus_per_trial, capacity, "cpus-per-trial"), "gpu": float(gpus)}
 
 
 # ---------------------------------------------------------------- main

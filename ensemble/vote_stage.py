@@ -40,7 +40,7 @@ def soft_vote_stage(cfg: EnsembleConfig, table, *, weight_refs: list, num_classe
                 num_cpus=cfg.cpus_per_infer_actor, num_gpus=gpus, ray_remote_args_fn=voter_names(),
                 fn_constructor_kwargs={"arch": cfg.arch, "num_classes": num_classes, "weight_refs": weight_refs,
                                        "image_size": cfg.image_size, "threads": cfg.cpus_per_infer_actor,
-                                       "tta": cfg.tta, "precision": cfg.precision})
+                                       "tta": cfg.tta, "precision": cfg.precision, "resize": cfg.eval_resize})
         parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
     finally:
         context.enable_progress_bars = False

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from ensemble.cluster import Capacity, node_types_from_launcher_config, resolve_gpus
+from ensemble.cluster import (Capacity, member_window, node_types_from_launcher_config, resolve_gpus,
+                              resolve_resources, slot_members, slot_name)
 from ensemble.config import CPU_PRESET, ConfigError, build_config
-from ensemble.cluster import member_window, slot_members, slot_name
 
 LAPTOP = Capacity(nodes=({"CPU": 2.0},))
 ONE_GPU_BOX = Capacity(nodes=({"CPU": 8.0, "GPU": 1.0},))
@@ -47,17 +47,18 @@ def test_explicit_gpus_checked_against_launchable_nodes():
         resolve_gpus(1.0, cpu_only, "gpus-per-member")
 
 
-def test_member_window_keeps_a_cpu_for_decoding_on_cpu_clusters():
-    assert member_window(_cfg(members=9, cpus_per_member=0.5), LAPTOP, 0.0, 1.0) == 2
-    assert member_window(_cfg(members=9, cpus_per_member=1.0), LAPTOP, 0.0, 1.0) == 1
-    assert member_window(_cfg(members=1, cpus_per_member=0.5), LAPTOP, 0.0, 1.0) == 1
+def test_member_window_fills_the_cpus_members_decode_on_their_own():
+    assert member_window(_cfg(members=9, cpus_per_member=0.5), LAPTOP, 0.0) == 4
+    assert member_window(_cfg(members=9, cpus_per_member=1.0), LAPTOP, 0.0) == 2
+    assert member_window(_cfg(members=9, cpus_per_member=2.0), LAPTOP, 0.0) == 1
+    assert member_window(_cfg(members=1, cpus_per_member=0.5), LAPTOP, 0.0) == 1
 
 
 def test_member_window_counts_gpus_the_autoscaler_can_add():
     # 3 launchable GPUs at 0.5 per member: 6 at once, though no GPU node runs yet.
-    assert member_window(_cfg(members=9, cpus_per_member=1.0), AUTOSCALING, 0.5, 1.0) == 6
-    assert member_window(_cfg(members=9, cpus_per_member=1.0), ONE_GPU_BOX, 0.25, 1.0) == 4
-    assert member_window(_cfg(members=9, cpus_per_member=4.0), ONE_GPU_BOX, 0.25, 1.0) == 1  # CPU-bound
+    assert member_window(_cfg(members=9, cpus_per_member=1.0), AUTOSCALING, 0.5) == 6
+    assert member_window(_cfg(members=9, cpus_per_member=1.0), ONE_GPU_BOX, 0.25) == 4
+    assert member_window(_cfg(members=9, cpus_per_member=4.0), ONE_GPU_BOX, 0.25) == 2  # CPU-bound
 
 
 def test_slots_deal_members_round_robin():
@@ -86,3 +87,27 @@ def test_this_projects_cluster_yaml_offers_gpu_workers():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     types = node_types_from_launcher_config(os.path.join(root, "cluster.yaml"))
     assert types and all(r.get("GPU", 0) >= 1 for r, _ in types)
+
+
+ONE_CPU = Capacity(nodes=({"CPU": 1.0},))
+
+
+def test_default_cpus_per_member_shrink_to_the_largest_node():
+    """The study's defaults (2 CPUs per member, 2 voters of 1 CPU) on 1- and 2-CPU machines: every
+    actor fits, so nothing waits for a CPU that will never exist."""
+    one = resolve_resources(build_config(), ONE_CPU)
+    assert (one.cpus_per_member, one.infer_actors, one.gpus_per_member, one.gpus_per_infer_actor) == (1.0, 1, 0.0, 0.0)
+    assert member_window(one, ONE_CPU, 0.0) == 1
+    two = resolve_resources(build_config(), LAPTOP)
+    assert (two.cpus_per_member, two.infer_actors) == (2.0, 2)
+    assert member_window(two, LAPTOP, 0.0) == 1
+    big = resolve_resources(build_config(), AUTOSCALING)  # launchable 4-CPU GPU nodes
+    assert (big.cpus_per_member, big.gpus_per_member, big.gpus_per_infer_actor) == (2.0, 1.0, 1.0)
+
+
+def test_explicit_cpus_no_node_has_are_refused_in_one_line():
+    with pytest.raises(ConfigError, match=r"^--cpus-per-member 2 but the largest node has 1 CPU\(s\); "
+                                          r"use --cpus-per-member 1 or less$"):
+        resolve_resources(build_config(flag_values={"cpus_per_member": 2.0}), ONE_CPU)
+    with pytest.raises(ConfigError, match=r"^--cpus-per-infer-actor 3 but the largest node has 2 CPU"):
+        resolve_resources(build_config(flag_values={"cpus_per_infer_actor": 3.0}), LAPTOP)

@@ -1,0 +1,45 @@
+"""Default resource flags on the smallest clusters: the run finishes or is refused in one line,
+never waits for a CPU its own members hold (members decode their own input on their own CPUs;
+the image check and the val decode run before any member starts)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from ensemble.driver import main  # noqa: E402
+from tests.conftest import RECIPE_FLAGS  # noqa: E402
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]  # a deadlock fails here instead of hanging CI
+
+# The recipe's model-free flags (offline, small), and NO resource flags: --cpus-per-member,
+# --infer-actors and --cpus-per-infer-actor keep their defaults (2, 2, 1).
+SMALL = [*RECIPE_FLAGS, "--image-size", "16", "--epochs", "1", "--members", "2", "--batch-size", "16"]
+
+
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_default_resources_finish_on_a_small_cluster(cpus, tiny_digits, tmp_path, capsys):
+    ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
+    try:
+        assert main(["--data", tiny_digits, *SMALL, "--output", str(tmp_path / "out")]) == 0
+    finally:
+        ray.shutdown()
+    config = json.loads((tmp_path / "out" / "run.json").read_text())["config"]
+    assert config["cpus_per_member"] == min(2.0, cpus)   # shrunk to the node, not waited for
+    assert config["infer_actors"] == min(2, cpus)
+    assert (tmp_path / "out" / "predictions.csv").read_text().count("\n") == 1 + 25
+
+
+def test_explicit_cpus_no_node_has_are_refused(tiny_digits, tmp_path, capsys):
+    ray.init(num_cpus=1, include_dashboard=False, logging_level="WARNING")
+    try:
+        code = main(["--data", tiny_digits, *SMALL, "--cpus-per-member", "2", "--output", str(tmp_path / "out")])
+    finally:
+        ray.shutdown()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == ["error: --cpus-per-member 2 but the largest node has 1 CPU(s); use --cpus-per-member 1 or less"]
+    assert not (tmp_path / "out").exists()  # refused before anything was written
