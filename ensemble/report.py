@@ -133,11 +133,12 @@ def plan_lines(cfg: EnsembleConfig, params: dict, sizes: Optional[dict], num_cla
     """The run's plan as the driver logs it (and --dry-run prints it)."""
     n_boot = cfg.bootstrap_size or (sizes["train"] if sizes else None)
     gpus = "auto (1 if the cluster has GPUs)" if cfg.gpus_per_member is None else f"{cfg.gpus_per_member:g}"
+    cpus = "auto (2, or a node's all if fewer)" if cfg.cpus_per_member is None else f"{cfg.cpus_per_member:g}"
     lines = [
         f"members          {cfg.members} x {cfg.arch} ({num_classes} classes), weights {cfg.weights}, "
         f"freeze {cfg.freeze}{' + stem' if cfg.freeze_stem else ''}",
-        f"per member       {gpus} GPU, {cfg.cpus_per_member:g} CPU; {cfg.epochs} epochs, batch {cfg.batch_size}, "
-        f"Adam lr {cfg.lr:g}, image {cfg.image_size}, augment {cfg.augment}",
+        f"per member       {gpus} GPU, {cpus} CPU; {cfg.epochs} epochs, batch {cfg.batch_size}, "
+        f"Adam lr {cfg.lr:g}, image {cfg.image_size}, augment {cfg.augment}, eval resize {cfg.eval_resize}",
         f"soft vote        {cfg.infer_actors} actor(s) x batch {cfg.infer_batch_size}",
         f"parameters       {params['total']:,} total, {params['trainable']:,} trainable",
     ]
