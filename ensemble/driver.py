@@ -42,7 +42,7 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False) -> dict:
     from ensemble.cluster import cluster_capacity, connect, member_window, resolve_resources
     from ensemble.data import check_images, decoded_eval, quiet_ray_data, scan_layout
     from ensemble.digits import ensure_digits
-    from ensemble.metrics import score_run
+    from ensemble.scoring import score_run
     from ensemble.models import count_parameters, make_member_model, resolve_weights
     from ensemble.report import build_report, format_table, plan_lines, write_report
     from ensemble.train_stage import member_counts, train_members

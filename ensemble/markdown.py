@@ -28,6 +28,10 @@ def render_report_md(report: Mapping[str, Any], figures: Mapping[str, str]) -> s
           "metrics" (optional): ``metrics.summary_metrics`` of the ensemble's vote,
           "oob" (optional): ``metrics.oob_scores`` output (reads acc, n_rows_scored, n_rows_without_oob),
           "size_curve" (optional): ``metrics.size_curve`` output (reads k, accuracy),
+          "calibration" (optional): ``metrics.calibration_scores`` output (reads fitted_on, n_rows,
+              temperature, val_before, val_after),
+          "selection" (optional): ``metrics.selection_scores`` output (reads fitted_on, n_rows,
+              weights, val),
           "vote" (optional): "soft" | "hard", default "soft",
           "bagging" (optional): "bootstrap" | "full", default "bootstrap"
       report["data"] (optional): "classes", "train", "val", "test" row counts
@@ -47,6 +51,10 @@ def render_report_md(report: Mapping[str, Any], figures: Mapping[str, str]) -> s
     curve = ensemble.get("size_curve")
     if curve and curve.get("k"):
         lines += ["", "## Ensemble size", ""] + _size_table(curve)
+    if ensemble.get("calibration"):
+        lines += ["", "## Calibration", ""] + _calibration_section(ensemble["calibration"])
+    if ensemble.get("selection") and ensemble["selection"].get("weights"):
+        lines += ["", "## Ensemble selection", ""] + _selection_section(ensemble["selection"], ensemble, members)
     if figures:
         lines += ["", "## Figures"]
         for name, file in figures.items():
@@ -120,6 +128,58 @@ def _size_table(curve: Mapping[str, Any]) -> list[str]:
         cells = [curve.get(key, [None] * n)[i] for key in ("accuracy", "nll", "accuracy_mean", "nll_mean")]
         rows.append(f"| {k} | " + " | ".join(_num(c) for c in cells) + " |")
     return rows
+
+
+def _fitted_on(part: Mapping[str, Any]) -> str:
+    """Where a temperature or a selection was fitted, in words."""
+    n = part.get("n_rows", "–")
+    if part.get("fitted_on") == "oob":
+        return f"{n} out-of-bag training rows (each scored only by members that never drew it)"
+    if part.get("fitted_on") == "val":
+        return (f"the {n} validation rows it is also scored on (no out-of-bag rows: full bagging), so its "
+                f"validation scores are optimistic")
+    return f"{n} rows ({_cell(part.get('fitted_on'))})"
+
+
+def _calibration_section(cal: Mapping[str, Any]) -> list[str]:
+    """Temperature scaling after averaging: T, where it was fitted, val NLL/ECE/Brier before and after."""
+    t = cal.get("temperature")
+    if not _is_number(t):
+        meaning = ""
+    elif t < 0.995:
+        meaning = " T < 1 sharpens: the averaged vote was under-confident (right more often than it claimed)."
+    elif t > 1.005:
+        meaning = " T > 1 softens: the averaged vote was over-confident (claimed more than it delivered)."
+    else:
+        meaning = " T ≈ 1: the averaged vote was already calibrated."
+    out = [f"One temperature **T = {_num(t)}** scales the ensemble's averaged probabilities, fitted on "
+           f"{_fitted_on(cal)}.{meaning} The predicted class of every image stays the same.", "",
+           "| validation | " + " | ".join(title for _, title in METRIC_COLUMNS) + " |",
+           "|---|" + "---:|" * len(METRIC_COLUMNS)]
+    for name, key in (("before (soft vote)", "val_before"), (f"after (T = {_num(t)})", "val_after")):
+        m = cal.get(key) or {}
+        out.append(f"| {name} | " + " | ".join(_num(m.get(k)) for k, _ in METRIC_COLUMNS) + " |")
+    return out
+
+
+def _selection_section(sel: Mapping[str, Any], ensemble: Mapping[str, Any], members: list) -> list[str]:
+    """Greedy selection: the members kept with their weights, and the kept set vs the full ensemble on val."""
+    weights = list(sel["weights"])
+    names = [f"member {m.get('member', i)}" for i, m in enumerate(members)] if len(members) == len(weights) \
+        else [f"member {i}" for i in range(len(weights))]
+    kept = [i for i, w in enumerate(weights) if _is_number(w) and w > 0]
+    n_kept = len(kept)
+    out = [f"Greedy forward selection with replacement (Caruana et al. 2004), minimising NLL on "
+           f"{_fitted_on(sel)}, keeps **{n_kept} of {len(weights)} members** "
+           f"({len(weights) - n_kept} fewer to run at prediction time) in a weighted soft vote.",
+           "", "| member | weight |", "|---|---:|"]
+    out += [f"| {names[i]} | {_num(weights[i])} |" for i in kept]
+    full = ensemble.get("metrics") or {}
+    chosen = sel.get("val") or {}
+    out += ["", "| validation | members | accuracy | NLL |", "|---|---:|---:|---:|"]
+    for name, n, m in (("selected (weighted soft vote)", n_kept, chosen), ("all members (soft vote)", len(weights), full)):
+        out.append(f"| {name} | {n} | {_num(m.get('accuracy'))} | {_num(m.get('nll'))} |")
+    return out
 
 
 def _config_table(config: Mapping[str, Any]) -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ensemble.vote import check_member_probs, accuracy, ensemble_labels, ensemble_probs, soft_vote, vote_labels
+from ensemble.vote import accuracy, check_member_probs, soft_vote, vote_labels
 
 PROB_FLOOR = 1e-12  # NLL clips probabilities here so a confident miss costs log(1e12) ~ 27.6, not inf
 
@@ -206,25 +206,11 @@ def oob_scores(member_train_probs, counts, labels) -> dict:
     }
 
 
-def score_run(val_member_probs, val_labels, *, rule: str, seed: int, train_member_probs=None, train_labels=None,
-              counts=None) -> dict:
-    """Members vs ensemble on val (accuracy under ``rule``, NLL, ECE, Brier), the size curve and,
-    with the members' probabilities on the training rows and their bootstrap ``counts``
-    (members, n_train), out-of-bag scores. Data only: report.py lays it out.
-
-    val_member_probs: (members, n_val, classes); val_labels: (n_val,). Returns
-      "ensemble": val_acc, metrics (on the vote's probabilities), size_curve, oob (if counts)
-      "members":  per member, metrics and (if counts) oob_acc
-    """
-    val_member_probs = check_member_probs(val_member_probs)
-    probs = ensemble_probs(val_member_probs)
-    labels = ensemble_labels(val_member_probs, rule)
-    ensemble = {"val_acc": float((labels == np.asarray(val_labels)).mean()),
-                "metrics": summary_metrics(probs, val_labels),
-                "size_curve": size_curve(val_member_probs, val_labels, seed=seed)}
-    members = [{"metrics": summary_metrics(p, val_labels)} for p in val_member_probs]
-    if counts is not None:
-        ensemble["oob"] = oob_scores(train_member_probs, counts, train_labels)
-        for m, acc in zip(members, ensemble["oob"]["member_acc"]):
-            m["oob_acc"] = acc
-    return {"ensemble": ensemble, "members": members}
+def check_labels(labels, n: int, classes: int) -> np.ndarray:
+    """``labels`` as (n,) int64 class indices in [0, classes), or a ValueError saying what is wrong."""
+    labels = np.asarray(labels)
+    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"expected integer labels ({n},), got {labels.dtype} {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= classes):
+        raise ValueError(f"labels must lie in [0, {classes}), got {labels.min()}..{labels.max()}")
+    return labels.astype(np.int64)

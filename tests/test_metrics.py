@@ -341,3 +341,122 @@ def test_report_md_has_the_size_curve_table():
     md = render_report_md({"members": [], "ensemble": {"val_acc": 0.75, "size_curve": curve}}, {})
     assert "| 1 | 0.5000 | 1.0000 | 0.6000 | 0.9000 |" in md
     assert "| 2 | 0.7500 | 0.5000 | 0.7500 | 0.5000 |" in md
+
+
+# --- score_run: temperature scaling and ensemble selection ------------------------------------
+
+NOISE_AT = 2  # index of the pure-noise member in _disagreeing_members
+
+
+def _disagreeing_members(n, seed, good=5, classes=4):
+    """Five members, each 90% confident and right 80% of the time (independently), and one pure-noise
+    member at NOISE_AT. Their average is right more often than it says: under-confident."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, size=n)
+    right = rng.random((good, n)) < 0.8
+    wrong = (labels + rng.integers(1, classes, size=(good, n))) % classes
+    member_probs = np.full((good, n, classes), 0.1 / (classes - 1))
+    np.put_along_axis(member_probs, np.where(right, labels, wrong)[:, :, None], 0.9, axis=2)
+    noise = rng.dirichlet(np.ones(classes), size=n)[None]
+    return np.concatenate([member_probs[:NOISE_AT], noise, member_probs[NOISE_AT:]]), labels
+
+
+def _check_calibration_and_selection(ensemble, val_member_probs, val_labels):
+    """What holds wherever the temperature and the selection were fitted."""
+    from ensemble.calibration import scale_probs
+    from ensemble.selection import weighted_vote
+
+    cal, sel = ensemble["calibration"], ensemble["selection"]
+    vote = soft_vote(val_member_probs)
+    assert isinstance(cal["temperature"], float) and cal["temperature"] < 1.0  # under-confident -> sharpen
+    assert cal["val_before"] == ensemble["metrics"] == summary_metrics(vote, val_labels)
+    assert cal["val_after"] == summary_metrics(scale_probs(vote, cal["temperature"]), val_labels)
+    np.testing.assert_array_equal(scale_probs(vote, cal["temperature"]).argmax(axis=1), vote.argmax(axis=1))
+    assert cal["val_after"]["accuracy"] == cal["val_before"]["accuracy"]
+    assert cal["val_after"]["ece"] < cal["val_before"]["ece"]
+    assert cal["val_after"]["nll"] < cal["val_before"]["nll"]
+    assert isinstance(sel["weights"], list) and len(sel["weights"]) == val_member_probs.shape[0]
+    assert sum(sel["weights"]) == pytest.approx(1.0, abs=1e-12)
+    assert sel["weights"][NOISE_AT] == 0.0 and NOISE_AT not in sel["selected"]
+    assert sel["selected"] == [m for m, w in enumerate(sel["weights"]) if w > 0] == sorted(set(sel["order"]))
+    assert sel["n_members"] == len(sel["selected"])
+    assert sel["val"] == summary_metrics(weighted_vote(val_member_probs, sel["weights"]), val_labels)
+
+
+def test_score_run_without_counts_fits_temperature_and_selection_on_val():
+    from ensemble.calibration import fit_temperature
+    from ensemble.scoring import score_run
+    from ensemble.selection import greedy_selection
+
+    member_probs, labels = _disagreeing_members(2000, seed=0)
+    ensemble = score_run(member_probs, labels, rule="soft", seed=0)["ensemble"]
+    cal, sel = ensemble["calibration"], ensemble["selection"]
+    assert (cal["fitted_on"], cal["n_rows"]) == ("val", 2000)
+    assert (sel["fitted_on"], sel["n_rows"]) == ("val", 2000)
+    assert cal["temperature"] == fit_temperature(soft_vote(member_probs), labels)
+    assert sel["weights"] == greedy_selection(member_probs, labels)["weights"].tolist()
+    _check_calibration_and_selection(ensemble, member_probs, labels)
+    # fitted on the rows it is scored on, the fitted temperature nearly removes the calibration error
+    assert ensemble["calibration"]["val_after"]["ece"] < 0.03 < 0.25 < ensemble["calibration"]["val_before"]["ece"]
+    assert "oob" not in ensemble
+
+
+def test_score_run_with_counts_fits_on_out_of_bag_rows():
+    from ensemble.calibration import fit_temperature
+    from ensemble.scoring import score_run
+    from ensemble.selection import greedy_selection
+
+    val_member_probs, val_labels = _disagreeing_members(1500, seed=1)
+    train_member_probs, train_labels = _disagreeing_members(2000, seed=2)
+    counts = np.stack([bootstrap_counts(s, 2000, 2000) for s in member_seeds(3, 6)])  # (6, 2000)
+    out = score_run(val_member_probs, val_labels, rule="hard", seed=0, train_member_probs=train_member_probs,
+                    train_labels=train_labels, counts=counts)
+    ensemble = out["ensemble"]
+    cal, sel = ensemble["calibration"], ensemble["selection"]
+    has_oob = (counts == 0).any(axis=0)
+    assert 0 < has_oob.sum() < 2000
+    assert (cal["fitted_on"], cal["n_rows"]) == ("oob", int(has_oob.sum()))
+    assert (sel["fitted_on"], sel["n_rows"]) == ("oob", int(has_oob.sum()))
+    oob_probs, _ = oob_vote(train_member_probs, counts)
+    assert cal["temperature"] == fit_temperature(oob_probs[has_oob], train_labels[has_oob])
+    chosen = greedy_selection(train_member_probs, train_labels, mask=counts == 0)
+    assert sel["weights"] == chosen["weights"].tolist() and sel["order"] == chosen["order"]
+    # the hard vote's labels are not what is calibrated: the soft vote's probabilities are
+    _check_calibration_and_selection(ensemble, val_member_probs, val_labels)
+    assert ensemble["oob"]["n_rows_scored"] == has_oob.sum()
+
+
+def test_score_run_falls_back_to_val_when_no_row_is_out_of_bag():
+    from ensemble.scoring import score_run
+
+    val_member_probs, val_labels = _disagreeing_members(800, seed=4)
+    train_member_probs, train_labels = _disagreeing_members(50, seed=5)
+    ensemble = score_run(val_member_probs, val_labels, rule="soft", seed=0, train_member_probs=train_member_probs,
+                         train_labels=train_labels, counts=np.ones((6, 50), dtype=np.int64))["ensemble"]
+    assert (ensemble["calibration"]["fitted_on"], ensemble["calibration"]["n_rows"]) == ("val", 800)
+    assert (ensemble["selection"]["fitted_on"], ensemble["selection"]["n_rows"]) == ("val", 800)
+    assert ensemble["oob"]["n_rows_scored"] == 0
+
+
+def test_score_run_result_is_strict_json():
+    import json
+
+    from ensemble.scoring import score_run
+    from ensemble.report import json_safe
+
+    member_probs, labels = _disagreeing_members(300, seed=6)
+    ensemble = score_run(member_probs, labels, rule="soft", seed=0)["ensemble"]
+    for key in ("calibration", "selection"):
+        assert json.loads(json.dumps(ensemble[key], allow_nan=False)) == ensemble[key]  # no numpy inside
+    json.dumps(json_safe(ensemble), allow_nan=False)
+
+
+def test_check_labels():
+    from ensemble.metrics import check_labels
+
+    out = check_labels(np.array([0, 2, 1], dtype=np.int32), 3, 3)
+    assert out.dtype == np.int64 and out.tolist() == [0, 2, 1]
+    for bad, match in (([0.0, 1.0, 1.0], "integer"), ([0, 1], "\\(3,\\)"), ([0, 1, 3], "\\[0, 3\\)"),
+                       ([-1, 0, 0], "\\[0, 3\\)")):
+        with pytest.raises(ValueError, match=match):
+            check_labels(np.asarray(bad), 3, 3)
