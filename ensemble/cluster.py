@@ -35,15 +35,39 @@ def connect(address: Optional[str]):
     kwargs = {"logging_level": logging.WARNING, "log_to_driver": True}
     if address:
         kwargs["address"] = address
+    handlers = _signal_handlers()
     try:
         context = ray.init(**kwargs)
     except ConnectionError as exc:
         raise ConfigError(f"--address {address}: no Ray cluster found ({str(exc).splitlines()[0][:120]}); "
                           f"start one with 'ray start --head' or leave --address out") from None
+    finally:
+        _restore_signal_handlers(handlers)
     dashboard = getattr(context, "dashboard_url", None)
     if dashboard:
         log.info("Ray dashboard: http://%s", dashboard)
     return dashboard
+
+
+def _signal_handlers() -> dict:
+    """The process's Python handlers for SIGINT and SIGTERM (main thread only; else none)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore_signal_handlers(handlers: dict) -> None:
+    """ray.init installs its own SIGTERM handling in a driver (a stack dump and exit 1, or a bare
+    sys.exit): put the process's handlers back, so the driver's "stop like Ctrl-C" (members
+    stopped, exit 130, the resume command printed) holds once Ray is up."""
+    import signal
+
+    for sig, handler in handlers.items():
+        if handler is not None:
+            signal.signal(sig, handler)
 
 
 DEFAULT_MEMBER_CPUS = 2.0  # --cpus-per-member when unset, or all of the largest node's CPUs if it has fewer

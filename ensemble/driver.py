@@ -96,6 +96,7 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False) -> dict:
                       progress=show_progress())
     summaries, weight_refs = train_members(plan, seeds=seeds, train_table=index.train, make_val=make_val,
                                            gpus=resolved.gpus_per_member, window=window, resuming=resuming)
+    _Stop.check()
 
     # vote: val (report), test (predictions) and, for out-of-bag scores, train, in one pass of the pool
     t_vote = time.time()
@@ -104,6 +105,7 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False) -> dict:
         splits["train"] = index.train
     voted = vote_splits(resolved, splits, weight_refs=weight_refs, num_classes=num_classes,
                         gpus=resolved.gpus_per_infer_actor)
+    _Stop.check()
 
     # report: scores (data) -> report.json, predictions, figures, report.md -> the printed table
     t_report = time.time()
@@ -143,8 +145,21 @@ def dry_run(cfg: EnsembleConfig) -> int:
     return 0
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+class _Stop:
+    """The stop signal (SIGINT, SIGTERM) the driver has seen, if any: a KeyboardInterrupt that a
+    library swallowed mid-stage still stops the run at the next stage boundary."""
+
+    signum: Optional[int] = None
+
+    @classmethod
+    def on_signal(cls, signum, frame):
+        cls.signum = signum
+        raise KeyboardInterrupt
+
+    @classmethod
+    def check(cls) -> None:
+        if cls.signum is not None:
+            raise KeyboardInterrupt
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -153,7 +168,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ensemble.train_stage import MemberFailed
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # `ray job stop`, kill: stop like Ctrl-C
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, `kill`, `ray job stop`: the same clean stop
+        signal.signal(sig, _Stop.on_signal)      # (cluster.connect puts them back after ray.init)
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         cfg, is_dry_run, fresh = config_from_argv(argv)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -55,6 +56,32 @@ def pytest_collection_modifyitems(config, items):
 def tiny_digits(tmp_path_factory) -> str:
     return write_digits_tree(tmp_path_factory.mktemp("tiny_digits"), per_class_train=12,
                              per_class_val=5, n_test=25, classes=4)
+
+
+RAY_CLI = os.path.join(os.path.dirname(sys.executable), "ray")
+
+
+def ray_env(home: str, **extra) -> dict:
+    """A HOME of the test's own with a fresh token (`ray get-auth-token --generate`, as the README says)."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "CI")}
+    # Job entrypoints run `python`: this venv's, as on a node where the project is installed.
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env = {**env, "HOME": home, "RAY_AUTH_MODE": "token", **extra}
+    os.makedirs(home, exist_ok=True)
+    subprocess.run([RAY_CLI, "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60)
+    assert os.path.isfile(os.path.join(home, ".ray", "auth_token"))
+    return env
+
+
+@pytest.fixture
+def short_tmp():
+    # Ray's socket paths must stay under 108 bytes: a short folder, not pytest's deep tmp_path.
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="ens-", dir="/tmp") as path:
+        yield path
 
 
 def free_port() -> int:
