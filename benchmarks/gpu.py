@@ -22,7 +22,7 @@ def time_member(*, mode: str, arch: str = "resnext101_64x4d", batch: int = 64, s
     autocast). Both go through the package's GPU path, ``prepare_for_device`` (channels_last,
     cudnn.benchmark) and ``train_one_epoch``'s channels_last inputs.
     """
-    from ensemble.engine import prepare_for_device, train_one_epoch
+    from ensemble.engine import make_optimizer, prepare_for_device, train_one_epoch
     from ensemble.models import make_member_model
 
     if mode not in ("fp32", "bf16"):
@@ -34,7 +34,7 @@ def time_member(*, mode: str, arch: str = "resnext101_64x4d", batch: int = 64, s
     amp = torch.bfloat16 if mode == "bf16" else None
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, num_classes, (batch,), device=device)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=8e-5)
+    optimizer = make_optimizer(model, 8e-5)  # as the members train
     train_one_epoch(model, [(x, y)] * warmup, optimizer, device, amp)
     if cuda:
         torch.cuda.synchronize()

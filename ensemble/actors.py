@@ -24,8 +24,8 @@ from ensemble.bootstrap import epoch_rows, epoch_seed
 from ensemble.checkpoint import rng_state, set_rng_state
 from ensemble.config import EnsembleConfig
 from ensemble.data import decode_batch, local_batches, quiet_ray_data
-from ensemble.engine import (cpu_copy, evaluate, member_probabilities, pick_device, prepare_for_device,
-                             resolve_precision, seed_everything, set_threads, train_one_epoch)
+from ensemble.engine import (cpu_copy, evaluate, make_optimizer, member_probabilities, pick_device,
+                             prepare_for_device, resolve_precision, seed_everything, set_threads, train_one_epoch)
 from ensemble.member_files import BackgroundWriter, MemberFiles
 from ensemble.models import make_member_model
 from ensemble.vote import soft_vote
@@ -120,7 +120,7 @@ class MemberTrainer:
         model = make_member_model(cfg.arch, plan.num_classes, initial_state, cfg.freeze, cfg.freeze_stem)
         model = prepare_for_device(model, self.device)
         amp = resolve_precision(cfg.precision, self.device)
-        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+        optimizer = make_optimizer(model, cfg.lr)
         history, best, resumed = [], None, []
         saved = files.load_checkpoint()
         if saved is not None:

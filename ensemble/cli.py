@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
                                      f"light = RandomResizedCrop(scale 0.6-1) only; none = eval transform "
                                      f"(default {d.augment})")
     g = p.add_argument_group("resources")
-    g.add_argument("--gpus-per-member", type=float, help="0, a fraction (0.25, 0.5) or whole GPUs "
+    g.add_argument("--gpus-per-member", type=float, help="0, a fraction (0.25, 0.5) or 1 GPU "
                                                          "(default: 1 if the cluster has or its autoscaler can add GPUs, else 0)")
     g.add_argument("--cpus-per-member", type=float, help="CPUs per member = its torch threads; it decodes its own "
                                                           "images on them (default: 2, or all of the largest "

@@ -57,7 +57,7 @@ class EnsembleConfig:
     eval_resize: str = "squash"         # squash (the study's: S x S, then R x R, centre S) | short-side (keeps aspect)
     precision: str = "auto"             # auto = bf16 autocast on GPUs that support it; fp32; bf16
     # --- resources
-    gpus_per_member: Optional[float] = None   # 0, a fraction (0.25, 0.5) or whole GPUs; None = 1 if the cluster has GPUs else 0
+    gpus_per_member: Optional[float] = None   # 0, a fraction (0.25, 0.5) or 1 GPU; None = 1 if the cluster has GPUs else 0
     cpus_per_member: Optional[float] = None  # CPUs reserved per member (its torch threads); None = 2, or a node's all if fewer
     infer_actors: int = 2               # soft-vote actor pool size
     infer_batch_size: int = 64          # images per soft-vote batch
@@ -87,9 +87,7 @@ class EnsembleConfig:
             if value is None:
                 continue
             _check_number(self, name, positive=False)
-            if value > 1 and not float(value).is_integer():
-                raise ConfigError(
-                    f"--{flag(name)} {value}: above 1 GPU it must be a whole number (1, 2, 4)")
+            check_one_gpu(name, value)
         _check_choice(self, "arch", ARCHS)
         _check_choice(self, "freeze", FREEZE_STAGES)
         _check_choice(self, "augment", AUGMENTS)
@@ -190,6 +188,14 @@ def _coerce(name: str, value: Any) -> Any:
         except ValueError:
             raise ConfigError(f"--{flag(name)} {value!r}: must be a number") from None
     return value
+
+
+def check_one_gpu(name: str, value: float) -> None:
+    """A member (trial, voter) trains or predicts on one device: more than 1 GPU each would be
+    reserved and left idle, so it is refused with the ways to use more GPUs instead."""
+    if value > 1:
+        raise ConfigError(f"--{flag(name)} {value:g}: each actor uses one GPU; to use more GPUs, run more of them "
+                          f"at 1 GPU each (e.g. --members), or share GPUs with a fraction (0.5)")
 
 
 def flag(name: str) -> str:

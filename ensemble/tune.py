@@ -32,8 +32,8 @@ import numpy as np
 
 from ensemble import storage
 from ensemble.cluster import cluster_capacity, connect, fit_cpus, resolve_gpus
-from ensemble.config import (AUGMENTS, ARCHS, PRECISIONS, ConfigError, EnsembleConfig, config_with_preset, flag,
-                             load_yaml)
+from ensemble.config import (AUGMENTS, ARCHS, PRECISIONS, ConfigError, EnsembleConfig, check_one_gpu,
+                             config_with_preset, flag, load_yaml)
 from ensemble.trials import SearchFailed, best_config_values, format_table, pick_best, summarize_trial, trials_csv
 from ensemble.run_folder import check_output
 
@@ -52,7 +52,7 @@ class SearchSettings:
     max_epochs: int = 4                # ASHA's max_t: the most epochs a trial trains
     lr_min: float = LR_RANGE[0]        # log-uniform lr range
     lr_max: float = LR_RANGE[1]
-    gpus_per_trial: Optional[float] = None  # 0, a fraction or whole GPUs; None = 1 if the cluster has GPUs
+    gpus_per_trial: Optional[float] = None  # 0, a fraction or 1 GPU; None = 1 if the cluster has GPUs
     cpus_per_trial: float = 1.0        # CPUs per trial = its torch threads
     carried_keys: tuple = ()           # keys of --config that best_config.yaml keeps (it can replace that file)
 
@@ -71,8 +71,7 @@ class SearchSettings:
         if gpus is not None:
             if not math.isfinite(gpus) or gpus < 0:
                 raise ConfigError(f"--gpus-per-trial {gpus!r}: must be a number >= 0")
-            if gpus > 1 and not float(gpus).is_integer():
-                raise ConfigError(f"--gpus-per-trial {gpus:g}: above 1 GPU it must be a whole number (1, 2, 4)")
+            check_one_gpu("gpus_per_trial", gpus)
 
 
 # ---------------------------------------------------------------- command line
@@ -109,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", help=f"{' | '.join(PRECISIONS)}: auto = bf16 autocast + channels_last on GPUs "
                                        f"that support it, fp32 on CPU")
     g = p.add_argument_group("resources")
-    g.add_argument("--gpus-per-trial", type=float, help="0, a fraction (0.25, 0.5) or whole GPUs "
+    g.add_argument("--gpus-per-trial", type=float, help="0, a fraction (0.25, 0.5) or 1 GPU "
                                                         "(default: 1 if the cluster has GPUs, else 0)")
     g.add_argument("--cpus-per-trial", type=float, help="CPUs per trial = its torch threads (default 1)")
     g.add_argument("--address", help="Ray cluster (auto, host:port, ray://...; 'local' starts a new one); "
@@ -144,8 +143,8 @@ def train_trial(config: dict, *, base: EnsembleConfig, train_table, val_table, n
 
     from ensemble.bootstrap import epoch_seed
     from ensemble.data import local_batches
-    from ensemble.engine import (evaluate, pick_device, prepare_for_device, resolve_precision, seed_everything,
-                                 set_threads, train_one_epoch)
+    from ensemble.engine import (evaluate, make_optimizer, pick_device, prepare_for_device, resolve_precision,
+                                 seed_everything, set_threads, train_one_epoch)
     from ensemble.models import make_member_model
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
@@ -155,7 +154,7 @@ def train_trial(config: dict, *, base: EnsembleConfig, train_table, val_table, n
     model = prepare_for_device(
         make_member_model(base.arch, num_classes, initial_state, config["freeze"], base.freeze_stem), device)
     amp = resolve_precision(base.precision, device)  # as the members will train: bf16 autocast on GPUs
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config["lr"])
+    optimizer = make_optimizer(model, config["lr"])
     for epoch in range(1, max_epochs + 1):
         seed = epoch_seed(base.seed, epoch)
         rows = np.random.default_rng(seed).permutation(train_table.num_rows)

@@ -63,6 +63,7 @@ INVALID = [
     ("gpus_per_member", -1, "--gpus-per-member"),
     ("gpus_per_member", 1.5, "--gpus-per-member"),
     ("gpus_per_infer_actor", 2.5, "--gpus-per-infer-actor"),
+    ("gpus_per_member", 2, "--gpus-per-member"),
     ("cpus_per_member", 0, "--cpus-per-member"),
     ("image_size", 8, "--image-size"),
     ("bootstrap_size", 0, "--bootstrap-size"),
@@ -89,7 +90,7 @@ def test_invalid_value_through_build_config(name, value, flag):
 
 
 @pytest.mark.parametrize("name,value", [
-    ("gpus_per_member", 0), ("gpus_per_member", 0.25), ("gpus_per_member", 1), ("gpus_per_member", 2.0),
+    ("gpus_per_member", 0), ("gpus_per_member", 0.25), ("gpus_per_member", 1), ("gpus_per_member", 1.0),
     ("cpus_per_member", 0.5), ("members", 1), ("image_size", 16), ("freeze", "stem"), ("freeze", "none"),
     ("augment", "light"), ("augment", "none"), ("arch", "resnet18"),
 ])
@@ -273,3 +274,11 @@ def test_cli_config_file_hyphenated_num_classes_gives_recipe_defaults(tmp_path):
 def test_cli_bad_config_file_raises_config_error(tmp_path):
     with pytest.raises(ConfigError, match="--config"):
         config_from_argv(["--config", str(tmp_path / "nope.yaml")])
+
+
+def test_more_than_one_gpu_per_member_is_refused_with_the_alternatives():
+    """A member trains on one torch device: a second GPU would be reserved and idle."""
+    with pytest.raises(ConfigError) as err:
+        build_config(flag_values={"gpus_per_member": 2})
+    assert str(err.value) == ("--gpus-per-member 2: each actor uses one GPU; to use more GPUs, run more of them "
+                              "at 1 GPU each (e.g. --members), or share GPUs with a fraction (0.5)")
