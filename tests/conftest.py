@@ -8,6 +8,12 @@ import sys
 import numpy as np
 import pytest
 
+from ensemble.cluster import PRELOAD_MODULES
+
+# Ray clusters the tests start (ray.init, ray start, cluster_utils) preload what actors import,
+# as a cluster the driver starts does (cluster.PRELOAD_MODULES): actors start seconds sooner.
+os.environ.setdefault("RAY_preload_python_modules", PRELOAD_MODULES)
+
 # The CPU preset's recipe as flags: a run with --data gets no preset, so tests that run the
 # driver on their own small data pass these to stay quick and offline (no pretrained weights).
 RECIPE_FLAGS = ["--arch", "resnet18", "--weights", "none", "--freeze", "none", "--augment", "light", "--lr", "2e-3"]
@@ -41,9 +47,11 @@ def write_digits_tree(root, *, per_class_train: int, per_class_val: int, n_test:
 
 
 def pytest_collection_modifyitems(config, items):
-    """GPU-only tests skip cleanly where torch sees no CUDA device (CI, laptops)."""
+    """Pure tests first, then those that start Ray (-x stops on a cheap failure before the slow
+    part); GPU-only tests skip cleanly where torch sees no CUDA device (CI, laptops)."""
     import torch
 
+    items.sort(key=lambda item: "ray" in item.keywords)  # stable: file order kept within each group
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -211,7 +211,7 @@ def test_cli_no_args_is_cpu_preset():
     assert cfg.arch == "resnet18"
     assert cfg.members == 9
     assert cfg.weights == "none"
-    assert cfg.image_size == 32
+    assert cfg.image_size == 16
 
 
 def test_cli_data_gives_recipe_defaults():

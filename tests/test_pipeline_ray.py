@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -149,12 +150,16 @@ def test_fractional_gpus_share_one_fake_gpu(cluster, tiny_digits, tmp_path):
     assert report["config"]["gpus_per_member"] == 0.5
 
 
-def test_gpu_request_beyond_cluster_is_refused(cluster, tiny_digits, tmp_path):
+@pytest.mark.parametrize("request_, message", [
+    ({"gpus_per_member": 2}, "each actor uses one GPU"),                  # a member trains on one device
+    ({"cpus_per_member": 4}, "but the largest node has 2 CPU(s); use --cpus-per-member 2 or less"),
+])
+def test_resource_request_beyond_cluster_is_refused(cluster, tiny_digits, tmp_path, request_, message):
     from ensemble.config import ConfigError
     from ensemble.driver import run as run_pipeline
 
-    with pytest.raises(ConfigError, match="largest node has 1 GPU"):
-        run_pipeline(_config(tiny_digits, tmp_path / "out", gpus_per_member=2))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        run_pipeline(_config(tiny_digits, tmp_path / "out", **request_))
     assert not (tmp_path / "out").exists(), "a refused run must not leave an output folder"
 
 

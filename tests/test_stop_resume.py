@@ -30,7 +30,7 @@ RESUME_LINE = "To resume, run the same command with the same --output"
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return write_digits_tree(tmp_path_factory.mktemp("stop_digits"), per_class_train=40, per_class_val=8,
+    return write_digits_tree(tmp_path_factory.mktemp("stop_digits"), per_class_train=24, per_class_val=6,
                              n_test=20, classes=4)
 
 
@@ -53,7 +53,7 @@ def head(tmp_path_factory):
 
 def _driver_args(data, output, address):
     return ["-m", "ensemble.driver", "--data", data, "--output", str(output), "--address", address,
-            "--members", "3", "--epochs", "4", "--image-size", "32", "--batch-size", "16", "--seed", "3",
+            "--members", "3", "--epochs", "4", "--image-size", "16", "--batch-size", "16", "--seed", "3",
             "--cpus-per-member", "1", "--cpus-per-infer-actor", "1", *RECIPE_FLAGS]
 
 

@@ -56,7 +56,7 @@ def test_trials_csv_keeps_lr_exact():
 
 def test_defaults_without_data_are_the_cpu_preset():
     base, search = settings_from_argv(["--output", "o"])
-    assert (base.arch, base.weights, base.image_size, base.augment) == ("resnet18", "none", 32, "light")
+    assert (base.arch, base.weights, base.image_size, base.augment) == ("resnet18", "none", 16, "light")
     assert search.max_epochs == CPU_PRESET["epochs"] and (search.lr_min, search.lr_max) == LR_RANGE
 
 
