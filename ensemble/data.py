@@ -1,15 +1,14 @@
-"""From a folder of images to Ray Datasets: layout scan, bootstrap shards, decoding.
+"""From a folder of images to decoded batches: layout scan, decoding, the recipe's transforms.
 
 Layout (as in the study): ROOT/train/<class>/*, ROOT/val/<class>/*, ROOT/test/* (flat).
-The driver only lists file names; images are read, decoded and transformed inside Ray Data
-tasks. Rows carry a stable ``id`` (position in sorted order), ``path``, ``image_name`` (file
+The driver only lists file names; images are read, decoded and transformed where they are used
+(a member's own process, a voter, a Ray Data task), never in the driver. Rows carry a stable ``id`` (position in sorted order), ``path``, ``image_name`` (file
 name without extension) and ``label`` (index of the class folder in sorted order; -1 for test).
 """
 
 from __future__ import annotations
 
 import io
-import logging
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -20,8 +19,6 @@ import pyarrow as pa
 
 from ensemble import storage
 from ensemble.config import ConfigError
-
-log = logging.getLogger("ensemble.data")
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -118,6 +115,38 @@ def _scan_layout(root: str) -> DatasetIndex:
     if not storage.is_uri(root):
         root = os.path.abspath(root)
     return DatasetIndex(root=root, classes=tuple(classes), train=train, val=val, test=test)
+
+
+def scan_images(folder: str, classes) -> tuple[pa.Table, bool]:
+    """The images to label with a finished run: (file rows, labelled).
+
+    A flat folder of images (labels -1), or class folders named like the run's ``classes``
+    (labels are then known, and predictions can be scored). ConfigError, one line, otherwise.
+    """
+    if storage.is_uri(folder):
+        folder = folder.rstrip("/")
+    try:
+        if not storage.is_dir(folder):
+            raise ConfigError(f"--images {folder}: no such folder")
+        flat = _image_files(folder)
+        if flat:
+            return _table([storage.join(folder, f) for f in flat], [-1] * len(flat)), False
+        found = _class_dirs(folder)
+        unknown = [c for c in found if c not in classes]
+        if unknown:
+            raise ConfigError(f"--images {folder}: class folders the run was not trained on: {', '.join(unknown[:5])}")
+        paths, labels = [], []
+        for cls in found:
+            files = _image_files(storage.join(folder, cls))
+            paths += [storage.join(folder, cls, f) for f in files]
+            labels += [list(classes).index(cls)] * len(files)
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"--images {folder}: cannot read it ({str(exc).splitlines()[0][:200]})") from None
+    if not paths:
+        raise ConfigError(f"--images {folder}: no images ({', '.join(IMG_EXTENSIONS)}), flat or in class folders")
+    return _table(paths, labels), True
 
 
 # ---------------------------------------------------------------- Ray Data stages
@@ -245,68 +274,3 @@ def decoded_eval(table: pa.Table, *, image_size: int, batch_size: int, resize: s
     return to_dataset(table, rows_per_block=batch_size).map_batches(
         decode_batch, batch_size=batch_size, batch_format="numpy", num_cpus=1,
         fn_kwargs={"image_size": image_size, "resize": resize}).materialize()
-
-
-# ---------------------------------------------------------------- input checks
-
-def check_batch(batch: dict) -> dict:
-    """Try to decode each file: ``ok`` and, when not, a short ``reason`` (empty, truncated, not an image)."""
-    from PIL import Image
-
-    ok, reasons = [], []
-    for path in batch["path"]:
-        reason = ""
-        try:
-            data = storage.read_bytes(path)
-            if not data:
-                reason = "empty file (0 bytes)"
-            else:
-                with Image.open(io.BytesIO(data)) as img:
-                    img.draft("RGB", (64, 64))  # JPEG: decode at a reduced scale; still reads every byte
-                    img.load()
-        except Exception as exc:  # PIL raises many types for bad files; all mean "skip this one"
-            reason = f"{exc.__class__.__name__}: {exc}"[:200]
-        ok.append(not reason)
-        reasons.append(reason)
-    return {"split": batch["split"], "id": batch["id"], "ok": np.array(ok), "reason": np.array(reasons, dtype=object)}
-
-
-def check_images(index: DatasetIndex, *, strict: bool) -> tuple[DatasetIndex, list[dict]]:
-    """Decode every file once in Ray Data tasks; drop the unreadable ones (or stop, if ``strict``).
-
-    Returns the index without bad files (ids renumbered 0..n-1 per split) and the list of
-    skipped files with reasons.
-    """
-    splits = {"train": index.train, "val": index.val, "test": index.test}
-    tables = [t.select(["id", "path"]).append_column("split", pa.array([name] * t.num_rows, pa.string()))
-              for name, t in splits.items()]
-    ds = to_dataset(pa.concat_tables(tables), rows_per_block=512).map_batches(
-        check_batch, batch_format="numpy", batch_size=512, num_cpus=1)
-    bad: dict[str, dict[int, str]] = {name: {} for name in splits}
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for split, row_id, ok, reason in zip(batch["split"], batch["id"], batch["ok"], batch["reason"]):
-            if not ok:
-                bad[str(split)][int(row_id)] = str(reason)
-    skipped = [{"split": split, "path": splits[split].column("path")[row_id].as_py(), "reason": reason}
-               for split in splits for row_id, reason in sorted(bad[split].items())]
-    for entry in skipped if not strict else ():
-        log.warning("skipping unreadable %s image %s: %s", entry["split"], entry["path"], entry["reason"])
-    if not skipped:
-        return index, []
-    if strict:
-        first = skipped[0]
-        raise ConfigError(f"--data {index.root}: {len(skipped)} unreadable image file(s), e.g. {first['path']} "
-                          f"({first['reason']}); remove them, or drop --strict to skip them")
-    cleaned = {}
-    for split, table in splits.items():
-        keep = np.ones(table.num_rows, dtype=bool)
-        keep[list(bad[split])] = False
-        kept = table.filter(pa.array(keep))
-        cleaned[split] = kept.set_column(0, "id", pa.array(np.arange(kept.num_rows, dtype=np.int64)))
-        if kept.num_rows == 0:
-            raise ConfigError(f"--data {index.root}: {split}/ has no readable images")
-    labels = set(cleaned["train"].column("label").to_pylist())
-    empty = [c for k, c in enumerate(index.classes) if k not in labels]
-    if empty:
-        raise ConfigError(f"--data {index.root}: train/{empty[0]}/ has no readable images")
-    return DatasetIndex(root=index.root, classes=index.classes, **cleaned), skipped

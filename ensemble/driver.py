@@ -40,7 +40,8 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False) -> dict:
 
     from ensemble.actors import MemberPlan, show_progress
     from ensemble.cluster import cluster_capacity, connect, member_window, resolve_resources
-    from ensemble.data import check_images, decoded_eval, quiet_ray_data, scan_layout
+    from ensemble.data import decoded_eval, quiet_ray_data, scan_layout
+    from ensemble.image_check import check_images
     from ensemble.digits import ensure_digits
     from ensemble.scoring import score_run
     from ensemble.models import count_parameters, make_member_model, resolve_weights

@@ -66,14 +66,23 @@ def json_safe(value):
     return value
 
 
-def write_outputs(output: str, *, image_names, probs, classes, report: dict, pred_index=None,
-                  extra_columns: dict | None = None) -> None:
+def write_predictions(output: str, voted: dict, classes, rule: str) -> None:
+    """predictions.csv (labels under the vote ``rule``) and probabilities.parquet (the vote's
+    probabilities, predictive entropy, member disagreement) for the vote stage's arrays of one
+    split (``image_name``, ``probs`` (n, classes), ``member_probs`` (members, n, classes))."""
     storage.write_text(storage.join(output, "predictions.csv"),
-                       predictions_csv(image_names, probs, classes, pred_index))
+                       predictions_csv(voted["image_name"], voted["probs"], classes,
+                                       ensemble_labels(voted["member_probs"], rule)))
+    extra = {"predictive_entropy": predictive_entropy(voted["probs"]),
+             "member_disagreement": disagreement(voted["member_probs"])}
     buf = io.BytesIO()
-    pq.write_table(probabilities_table(image_names, probs, classes, extra_columns), buf)
+    pq.write_table(probabilities_table(voted["image_name"], voted["probs"], classes, extra), buf)
     storage.write_bytes(storage.join(output, "probabilities.parquet"), buf.getvalue())
-    storage.write_text(storage.join(output, "report.json"), json.dumps(json_safe(report), indent=2, allow_nan=False))
+
+
+def write_json(path: str, value) -> None:
+    """Strict JSON (NaN -> null), indented."""
+    storage.write_text(path, json.dumps(json_safe(value), indent=2, allow_nan=False))
 
 
 def build_report(cfg: EnsembleConfig, *, summaries: list, scores: dict, params: dict, index, skipped: list,
@@ -106,10 +115,8 @@ def write_report(output: str, report: dict, *, summaries: list, val: dict, test:
     rule = report["ensemble"]["vote"]
     figures = write_figures(output, report, summaries, val, ensemble_labels(val["member_probs"], rule), classes)
     report["seconds"].update(report=time.time() - t_report, total=time.time() - started)
-    write_outputs(output, image_names=test["image_name"], probs=test["probs"], classes=classes, report=report,
-                  pred_index=ensemble_labels(test["member_probs"], rule),
-                  extra_columns={"predictive_entropy": predictive_entropy(test["probs"]),
-                                 "member_disagreement": disagreement(test["member_probs"])})
+    write_predictions(output, test, classes, rule)
+    write_json(storage.join(output, "report.json"), report)
     storage.write_text(storage.join(output, "report.md"), render_report_md(report, figures))
 
 

@@ -193,7 +193,8 @@ def run_search(base: EnsembleConfig, search: SearchSettings) -> dict:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from ensemble.data import check_images, quiet_ray_data, scan_layout
+    from ensemble.data import quiet_ray_data, scan_layout
+    from ensemble.image_check import check_images
     from ensemble.digits import ensure_digits
     from ensemble.models import build_model, load_initial_weights, resolve_weights
     from ensemble.run_folder import versions

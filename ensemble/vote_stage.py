@@ -36,7 +36,9 @@ def soft_vote_stage(cfg: EnsembleConfig, table, *, weight_refs: list, num_classe
             warnings.filterwarnings("ignore", message="`ray_remote_args_fn` is deprecated")
             ds = to_dataset(table, rows_per_block=cfg.infer_batch_size).map_batches(
                 SoftVoter, batch_size=cfg.infer_batch_size, batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=cfg.infer_actors),
+                # no more voters than batches: each starts a process and loads every member
+                compute=ray.data.ActorPoolStrategy(size=max(1, min(cfg.infer_actors,
+                                                                   -(-table.num_rows // cfg.infer_batch_size)))),
                 num_cpus=cfg.cpus_per_infer_actor, num_gpus=gpus, ray_remote_args_fn=voter_names(),
                 fn_constructor_kwargs={"arch": cfg.arch, "num_classes": num_classes, "weight_refs": weight_refs,
                                        "image_size": cfg.image_size, "threads": cfg.cpus_per_infer_actor,

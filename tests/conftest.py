@@ -8,12 +8,6 @@ import sys
 import numpy as np
 import pytest
 
-from ensemble.cluster import PRELOAD_MODULES
-
-# Ray clusters the tests start (ray.init, ray start, cluster_utils) preload what actors import,
-# as a cluster the driver starts does (cluster.PRELOAD_MODULES): actors start seconds sooner.
-os.environ.setdefault("RAY_preload_python_modules", PRELOAD_MODULES)
-
 # The CPU preset's recipe as flags: a run with --data gets no preset, so tests that run the
 # driver on their own small data pass these to stay quick and offline (no pretrained weights).
 RECIPE_FLAGS = ["--arch", "resnet18", "--weights", "none", "--freeze", "none", "--augment", "light", "--lr", "2e-3"]

@@ -4,8 +4,8 @@
   joins with ``--address auto``, reads the launcher config a `ray up` head has
   (``~/ray_bootstrap_config.yaml``), and the members' GPU demand makes the autoscaler launch
   GPU worker nodes, on which they train;
-- ``ray job submit`` of the driver to a ``ray start --head`` cluster: the job succeeds and
-  writes its outputs.
+- (``ray job submit`` of the driver to a ``ray start --head`` cluster, which succeeds and writes
+  its outputs: test_stop_resume.py, after ``ray job stop``.)
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from tests.conftest import RAY_CLI, RECIPE_FLAGS, RayHead, free_port, ray_env as _env  # noqa: E402
+from tests.conftest import RECIPE_FLAGS, RayHead, free_port, ray_env as _env  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -102,29 +102,3 @@ def test_autoscaler_adds_gpu_nodes_for_members(tiny_digits, tmp_path, short_tmp)
     assert nodes and FAKE_HEAD_NODE_ID not in nodes, nodes
     assert all(m["gpu_ids"] for m in members)
     assert (output / "predictions.csv").read_text().count("\n") == 26
-
-
-def test_ray_job_submit_runs_the_driver(tiny_digits, tmp_path, short_tmp):
-    port, dashboard = free_port(), free_port()
-    env = _env(os.path.join(short_tmp, "home"))
-    head = RayHead([f"--port={port}", "--num-cpus=2", f"--dashboard-port={dashboard}",
-                    "--dashboard-host=127.0.0.1"], env, temp_dir=os.path.join(short_tmp, "ray"),
-                   log_path=str(tmp_path / "head.log"))
-    address = f"http://127.0.0.1:{dashboard}"
-    output = tmp_path / "out"
-    try:
-        head.wait_ready()
-        # As in the README: the repository as the job's working dir (its .gitignore keeps .venv out).
-        submit = subprocess.run([RAY_CLI, "job", "submit", "--address", address, "--submission-id", "ensemble-test",
-                                 "--working-dir", REPO, "--", "python", *_driver_args(tiny_digits, output)],
-                                capture_output=True, text=True, env=env, timeout=600)
-        status = subprocess.run([RAY_CLI, "job", "status", "--address", address, "ensemble-test"],
-                                capture_output=True, text=True, env=env, timeout=120)
-    finally:
-        head.stop()
-    assert submit.returncode == 0, (submit.stdout[-3000:], submit.stderr[-3000:])
-    assert "Job 'ensemble-test' succeeded" in status.stdout, status.stdout + status.stderr  # status SUCCEEDED
-    assert "outputs in" in submit.stdout  # the driver's last line reached the job's log
-    for name in ("predictions.csv", "probabilities.parquet", "report.json", "report.md"):
-        assert (output / name).is_file(), name
-    assert json.loads((output / "report.json").read_text())["ensemble"]["val_acc"] > 0

@@ -245,3 +245,51 @@ def test_member_metrics_on_the_metrics_endpoint(cluster):
         found = {int(m): float(v) for m, v in pattern.findall(text) if int(m) in tags}
         time.sleep(1)
     assert found == {1000: 0.5, 1001: 0.6}
+
+
+# ---------------------------------------------------------------- predict with a finished run
+
+def test_predict_reproduces_the_runs_test_outputs(run, tiny_digits, tmp_path):
+    from ensemble.predict import predict
+
+    cfg, report, output = run
+    summary = predict(output, os.path.join(tiny_digits, "test"), str(tmp_path / "pred"))
+    assert summary["n_images"] == report["data"]["test"] and "accuracy" not in summary
+    assert (tmp_path / "pred" / "predictions.csv").read_text() == open(os.path.join(output, "predictions.csv")).read()
+    ours = pq.read_table(tmp_path / "pred" / "probabilities.parquet").to_pandas()
+    theirs = pq.read_table(os.path.join(output, "probabilities.parquet")).to_pandas()
+    assert list(ours.columns) == list(theirs.columns)
+    np.testing.assert_allclose(ours.drop(columns="image_name").to_numpy(),
+                               theirs.drop(columns="image_name").to_numpy(), atol=1e-5)
+
+
+def test_predict_scores_class_folders(run, tiny_digits, tmp_path):
+    from ensemble.predict import predict
+
+    _, report, output = run
+    summary = predict(output, os.path.join(tiny_digits, "val"), str(tmp_path / "pred"))
+    assert summary["accuracy"] == pytest.approx(report["ensemble"]["val_acc"], abs=1e-9)
+
+
+def test_predict_refuses_unfinished_tampered_and_empty_in_one_line(run, tiny_digits, tmp_path, capsys):
+    import shutil
+
+    from ensemble.predict import main
+
+    _, _, output = run
+    unfinished, tampered = tmp_path / "unfinished", tmp_path / "tampered"
+    shutil.copytree(output, unfinished)
+    os.remove(unfinished / "members" / "member-1" / "member.json")
+    shutil.copytree(output, tampered)
+    with open(tampered / "members" / "member-0" / "model.pt", "ab") as fh:
+        fh.write(b"\0")
+    (tmp_path / "empty").mkdir()
+    test_dir = os.path.join(tiny_digits, "test")
+    cases = [(unfinished, test_dir, "member 1 has not finished"), (tampered, test_dir, "sha256 differs"),
+             (output, str(tmp_path / "empty"), "no images"), (tmp_path / "empty", test_dir, "no readable run.json")]
+    for run_dir, images, message in cases:
+        capsys.readouterr()
+        assert main(["--run", str(run_dir), "--images", images, "--output", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+        assert not (tmp_path / "out").exists()

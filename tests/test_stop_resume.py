@@ -1,6 +1,7 @@
 """A stopped driver loses no finished work: Ctrl-C (SIGINT), SIGTERM (`kill`) and `ray job stop`
 stop the members, exit 130 and print the resume command; SIGKILL just dies. The same command then
-loads the finished members, resumes the others from their checkpoints and reruns inference.
+loads the finished members, resumes the others from their checkpoints and reruns inference
+(after `ray job stop`, as a `ray job submit` with the repository as working dir, which succeeds).
 
 The drivers join a `ray start --head` cluster of 2 CPUs of the test's own, with one CPU per
 member: two members train at once on any machine, so member 2 is still training when the stop
@@ -82,15 +83,26 @@ def _mid_run(output) -> bool:
     return _member_done(output, 0) and bool(_checkpoint_epoch(output, 2))
 
 
-def _check_resumed_rerun(data, output, head):
-    """The same command: member 0 loaded, members stopped mid-training resumed, all predictions written."""
+def _check_resumed_rerun(data, output, head, *, as_job: str = ""):
+    """The same command (or, with ``as_job``, the same `ray job submit` with the repository as its
+    working dir, as the README says): member 0 loaded, members stopped mid-training resumed, all
+    predictions written."""
     resumable = [i for i in (1, 2) if _checkpoint_epoch(output, i) and not _member_done(output, i)]
     assert resumable, "no member was stopped mid-training"
-    again = subprocess.run([sys.executable, *_driver_args(data, output, head["address"])], capture_output=True,
-                           text=True, env=head["env"], cwd=REPO, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "member 0: finished earlier" in again.stderr
-    assert "%|" not in again.stderr and "Running Dataset" not in again.stderr  # piped: no progress bars
+    command = [sys.executable, *_driver_args(data, output, head["address"])]
+    if as_job:
+        command = [RAY_CLI, "job", "submit", "--address", head["jobs"], "--submission-id", as_job,
+                   "--working-dir", REPO, "--", "python", *command[1:]]
+    again = subprocess.run(command, capture_output=True, text=True, env=head["env"], cwd=REPO, timeout=600)
+    log = again.stdout + again.stderr
+    assert again.returncode == 0, log[-3000:]
+    if as_job:
+        status = subprocess.run([RAY_CLI, "job", "status", "--address", head["jobs"], as_job], capture_output=True,
+                                text=True, env=head["env"], timeout=120)
+        assert "succeeded" in status.stdout, status.stdout + status.stderr
+        assert "outputs in" in log  # the driver's last line reached the job's log
+    assert "member 0: finished earlier" in log
+    assert "%|" not in log and "Running Dataset" not in log  # piped: no progress bars
     report = json.loads((output / "report.json").read_text())
     assert [m["member"] for m in report["members"]] == [0, 1, 2]
     assert report["members"][0]["resumed_after_epochs"] == []
@@ -153,4 +165,6 @@ def test_ray_job_stop_is_a_clean_stop(head, data, tmp_path):
     assert "interrupted: members stopped" in logs and RESUME_LINE in logs, logs[-3000:]
     assert "SIGTERM received" not in logs
     assert not (output / "predictions.csv").exists()
-    _check_resumed_rerun(data, output, head)
+    _check_resumed_rerun(data, output, head, as_job=job + "-again")
+    for name in ("predictions.csv", "probabilities.parquet", "report.json", "report.md"):
+        assert (output / name).is_file(), name

@@ -1,0 +1,89 @@
+"""The image check: every file decoded once, in parallel in Ray Data, before anything trains.
+
+Unreadable files (empty, truncated, not an image despite the extension) are skipped and listed,
+or stop the run under --strict; a split (or class) left with no readable image is a ConfigError.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import numpy as np
+import pyarrow as pa
+
+from ensemble import storage
+from ensemble.config import ConfigError
+from ensemble.data import DatasetIndex, to_dataset
+
+log = logging.getLogger("ensemble.data")
+
+
+def check_batch(batch: dict) -> dict:
+    """Try to decode each file: ``ok`` and, when not, a short ``reason`` (empty, truncated, not an image)."""
+    from PIL import Image
+
+    ok, reasons = [], []
+    for path in batch["path"]:
+        reason = ""
+        try:
+            data = storage.read_bytes(path)
+            if not data:
+                reason = "empty file (0 bytes)"
+            else:
+                with Image.open(io.BytesIO(data)) as img:
+                    img.draft("RGB", (64, 64))  # JPEG: decode at a reduced scale; still reads every byte
+                    img.load()
+        except Exception as exc:  # PIL raises many types for bad files; all mean "skip this one"
+            reason = f"{exc.__class__.__name__}: {exc}"[:200]
+        ok.append(not reason)
+        reasons.append(reason)
+    return {"split": batch["split"], "id": batch["id"], "ok": np.array(ok), "reason": np.array(reasons, dtype=object)}
+
+
+def check_images(index: DatasetIndex, *, strict: bool) -> tuple[DatasetIndex, list[dict]]:
+    """Decode every file of the three splits once in Ray Data tasks; drop the unreadable ones (or
+    stop, if ``strict``). Returns the index without bad files (ids renumbered 0..n-1 per split)
+    and the list of skipped files with reasons."""
+    cleaned, skipped = check_files({"train": index.train, "val": index.val, "test": index.test},
+                                   flag="--data", root=index.root, strict=strict)
+    labels = set(cleaned["train"].column("label").to_pylist())
+    empty = [c for k, c in enumerate(index.classes) if k not in labels]
+    if empty:
+        raise ConfigError(f"--data {index.root}: train/{empty[0]}/ has no readable images")
+    return DatasetIndex(root=index.root, classes=index.classes, **cleaned), skipped
+
+
+def check_files(splits: dict, *, flag: str, root: str, strict: bool) -> tuple[dict, list[dict]]:
+    """``check_images`` for any named file tables: (tables without unreadable files, skipped).
+    A split left with no readable file, or any bad file under ``strict``, is a ConfigError
+    naming ``flag`` and ``root``."""
+    tables = [t.select(["id", "path"]).append_column("split", pa.array([name] * t.num_rows, pa.string()))
+              for name, t in splits.items()]
+    ds = to_dataset(pa.concat_tables(tables), rows_per_block=512).map_batches(
+        check_batch, batch_format="numpy", batch_size=512, num_cpus=1)
+    bad: dict[str, dict[int, str]] = {name: {} for name in splits}
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for split, row_id, ok, reason in zip(batch["split"], batch["id"], batch["ok"], batch["reason"]):
+            if not ok:
+                bad[str(split)][int(row_id)] = str(reason)
+    skipped = [{"split": split, "path": splits[split].column("path")[row_id].as_py(), "reason": reason}
+               for split in splits for row_id, reason in sorted(bad[split].items())]
+    for entry in skipped if not strict else ():
+        log.warning("skipping unreadable %s image %s: %s", entry["split"], entry["path"], entry["reason"])
+    if not skipped:
+        return dict(splits), []
+    if strict:
+        first = skipped[0]
+        raise ConfigError(f"{flag} {root}: {len(skipped)} unreadable image file(s), e.g. {first['path']} "
+                          f"({first['reason']}); remove them, or drop --strict to skip them")
+    cleaned = {}
+    for split, table in splits.items():
+        keep = np.ones(table.num_rows, dtype=bool)
+        keep[list(bad[split])] = False
+        kept = table.filter(pa.array(keep))
+        cleaned[split] = kept.set_column(0, "id", pa.array(np.arange(kept.num_rows, dtype=np.int64)))
+        if kept.num_rows == 0:
+            where = f"{split}/ has" if flag == "--data" else "it has"
+            raise ConfigError(f"{flag} {root}: {where} no readable images")
+    return cleaned, skipped

@@ -1,0 +1,123 @@
+"""Label new images with a finished run: its members, soft-voted in the same Ray Data stage.
+
+    python -m ensemble.predict --run runs/exp1 --images new_photos/ --output runs/exp1-new
+    python -m ensemble.predict --run runs/exp1 --images s3://bucket/incoming
+
+``--images`` is a flat folder of images, or class folders named like the run's classes (then the
+predictions are also scored). Writes predictions.csv and probabilities.parquet with the run's
+columns, and predict.json (what was labelled, skipped files, accuracy when labels are known).
+Every member's files are checked against the sha256 recorded when it finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Optional, Sequence
+
+from ensemble import storage
+from ensemble.checkpoint import CheckpointError
+from ensemble.config import ConfigError, build_config
+from ensemble.run_folder import check_output, versions
+
+log = logging.getLogger("ensemble.predict")
+
+
+def load_run(run: str):
+    """(config, fingerprint, member state dicts) of the finished run in ``run``; one line if it is not one."""
+    from ensemble.member_files import load_finished_member
+
+    try:
+        record = json.loads(storage.read_bytes(storage.join(run, "run.json")))
+    except (OSError, ValueError):
+        raise ConfigError(f"--run {run}: no readable run.json; pass the --output folder of a finished "
+                          f"'python -m ensemble.driver' run") from None
+    cfg = build_config(flag_values=record["config"])
+    states = []
+    for i in range(cfg.members):
+        finished = load_finished_member(run, i, record["fingerprint"])  # sha256 checked; CheckpointError if not
+        if finished is None:
+            raise ConfigError(f"--run {run}: member {i} has not finished; rerun the driver with --output {run} "
+                              f"to finish the run first")
+        states.append(finished[1])
+    return cfg, record["fingerprint"], states
+
+
+def predict(run: str, images: str, output: str, *, address: Optional[str] = None, infer_actors: Optional[int] = None,
+            strict: bool = False) -> dict:
+    """Vote the run's members on ``images``; write the outputs to ``output``; return predict.json's content."""
+    import ray
+
+    from ensemble.cluster import cluster_capacity, connect, resolve_resources
+    from ensemble.data import quiet_ray_data, scan_images
+    from ensemble.image_check import check_files
+    from ensemble.report import write_json, write_predictions
+    from ensemble.vote import ensemble_labels
+    from ensemble.vote_stage import vote_splits
+
+    started = time.time()
+    cfg, fingerprint, states = load_run(run)
+    classes = fingerprint["classes"]
+    table, labelled = scan_images(images, classes)
+    output = check_output(output)
+
+    connect(address)
+    quiet_ray_data()
+    # The run's vote recipe (image size, eval resize, TTA, rule) on this cluster's resources.
+    sized = resolve_resources(cfg.replace(cpus_per_member=None, gpus_per_member=0.0, gpus_per_infer_actor=None,
+                                          infer_actors=infer_actors or cfg.infer_actors), cluster_capacity())
+    checked, skipped = check_files({"images": table}, flag="--images", root=images, strict=strict)
+    voted = vote_splits(sized, {"images": checked["images"]}, weight_refs=[ray.put(s) for s in states],
+                        num_classes=len(classes), gpus=sized.gpus_per_infer_actor)["images"]
+    storage.makedirs(output)
+    write_predictions(output, voted, classes, cfg.vote)
+    summary = {"run": run, "images": images, "n_images": int(len(voted["id"])), "skipped_files": skipped,
+               "vote": cfg.vote, "members": cfg.members, "versions": versions(), "seconds": time.time() - started}
+    if labelled:
+        summary["accuracy"] = float((ensemble_labels(voted["member_probs"], cfg.vote) == voted["label"]).mean())
+    write_json(storage.join(output, "predict.json"), summary)
+    scored = f"; accuracy {summary['accuracy']:.4f}" if labelled else ""
+    print(f"labelled {summary['n_images']} image(s) with {cfg.members} members{scored}; "
+          f"outputs in {output}: predictions.csv, probabilities.parquet, predict.json")
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable image file(s); listed in predict.json under skipped_files")
+    return summary
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ensemble.predict",
+                                description="Label images with a finished run's members (soft vote).")
+    p.add_argument("--run", required=True, help="the --output folder of a finished ensemble.driver run")
+    p.add_argument("--images", required=True, help="a flat folder of images, or class folders (then scored); "
+                                                   "local or s3://...")
+    p.add_argument("--output", help="where predictions go (default: runs/predict-<timestamp>)")
+    p.add_argument("--infer-actors", type=int, help="soft-vote actor pool size (default: the run's)")
+    p.add_argument("--address", help="Ray cluster address, as for ensemble.driver")
+    p.add_argument("--strict", action="store_true", help="stop if any image is unreadable (default: skip, list)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    args = _parser().parse_args(argv)
+    output = args.output or os.path.join("runs", time.strftime("predict-%Y%m%d-%H%M%S"))
+    try:
+        if args.infer_actors is not None and args.infer_actors < 1:
+            raise ConfigError(f"--infer-actors {args.infer_actors}: must be >= 1")
+        predict(args.run, args.images, output, address=args.address, infer_actors=args.infer_actors,
+                strict=args.strict)
+        return 0
+    except (ConfigError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written that a rerun would not write again", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
