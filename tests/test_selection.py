@@ -111,18 +111,19 @@ HAND_MASK = np.array([
 
 
 def test_mask_hand_computed():
-    # Fallback (OOB mean of usable members): row0 0.6, row1 0.6, row2 0.7; row3 has none: dropped.
+    # Fallback for rows no selected member may score: uniform, 0.5 (two classes); row3 has no
+    # usable member at all: dropped.
     # Round 1, product of true-class probs on rows 0..2 (NLL = -log(product) / 3):
-    #   +m0: 0.8 * 0.6(fallback) * 0.7 = 0.336  <- best
-    #   +m1: 0.4 * 0.9 * 0.7(fallback) = 0.252;  +m2: 0.6 * 0.3 * 0.7 = 0.126
-    # Round 2 ({m0}): +m0 0.336; +m1: (0.8+0.4)/2 * 0.9 * 0.7 = 0.378 <- best; +m2: 0.7*0.3*0.7
+    #   +m0: 0.8 * 0.5(fallback) * 0.7 = 0.28  <- best
+    #   +m1: 0.4 * 0.9 * 0.5(fallback) = 0.18;  +m2: 0.6 * 0.3 * 0.5 = 0.09
+    # Round 2 ({m0}): +m0 0.28; +m1: (0.8+0.4)/2 * 0.9 * 0.7 = 0.378 <- best; +m2: 0.7*0.3*0.7
     # Round 3 ({m0, m1}): +m0: (1.6+0.4)/3 * 0.9 * (0.7+0.7)/2 = 0.42 <- best
     #   +m1: (0.8+0.8)/3 * 0.9 * 0.7 = 0.336;  +m2: 1.8/3 * (0.9+0.3)/2 * 0.7 = 0.252
     out = greedy_selection(_binary(HAND_P0), np.zeros(4, dtype=int), mask=HAND_MASK, rounds=3)
     assert out["order"] == [0, 1, 0]
     np.testing.assert_array_equal(out["counts"], [2, 1, 0])
     np.testing.assert_allclose(out["weights"], [2 / 3, 1 / 3, 0.0], rtol=1e-15)
-    np.testing.assert_allclose(out["nll_curve"], [-math.log(p) / 3 for p in (0.336, 0.378, 0.42)], rtol=1e-12)
+    np.testing.assert_allclose(out["nll_curve"], [-math.log(p) / 3 for p in (0.28, 0.378, 0.42)], rtol=1e-12)
     assert out["nll"] == pytest.approx(-math.log(0.42) / 3, rel=1e-12)
     assert out["selected"] == [0, 1]
     assert (out["n_rows_scored"], out["n_rows_dropped"]) == (3, 1)
