@@ -103,6 +103,10 @@ class MemberTrainer:
         self.device = pick_device(ray.get_gpu_ids())
         self.metrics: dict[int, MemberMetrics] = {}
 
+    def started(self) -> str:
+        """Returns (the node id) once the actor runs: the driver's sign that its slot got resources."""
+        return ray.get_runtime_context().get_node_id()
+
     @ray.method(num_returns=2)
     def fit(self, member: int, member_seed: int, plan: MemberPlan, train_table, val, counts_box: list):
         """Train member ``member``; returns (summary dict, best state dict on CPU).

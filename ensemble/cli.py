@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--infer-batch-size", type=int, help=f"images per soft-vote batch (default {d.infer_batch_size})")
     g.add_argument("--gpus-per-infer-actor", type=float, help="like --gpus-per-member")
     g.add_argument("--cpus-per-infer-actor", type=float, help=f"CPUs per soft-vote actor (default {d.cpus_per_infer_actor:g})")
+    g.add_argument("--stall-timeout", type=float, help="seconds with none of the run's member actors able to start "
+                                                       "(their CPUs/GPUs held by other work, or never added) before "
+                                                       f"the run stops with a line saying why (default {d.stall_timeout:g})")
     g.add_argument("--address", help="Ray cluster address (ray://..., host:port, auto); default: the running "
                                      "local cluster or RAY_ADDRESS if any, else start a local one")
     g = p.add_argument_group("runs")

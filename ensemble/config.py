@@ -65,6 +65,7 @@ class EnsembleConfig:
     cpus_per_infer_actor: float = 1.0   # CPUs per soft-vote actor
     address: Optional[str] = None       # Ray address; None = join the local cluster if any, else start one
     strict: bool = False                # unreadable image files stop the run (default: skipped, listed)
+    stall_timeout: float = 600.0        # seconds with no member able to start before the run stops, saying why
 
     def __post_init__(self) -> None:
         _check_int(self, "members", low=1)
@@ -82,6 +83,7 @@ class EnsembleConfig:
         if self.cpus_per_member is not None:
             _check_number(self, "cpus_per_member", positive=True)
         _check_number(self, "cpus_per_infer_actor", positive=True)
+        _check_number(self, "stall_timeout", positive=True)
         for name in ("gpus_per_member", "gpus_per_infer_actor"):
             value = getattr(self, name)
             if value is None:

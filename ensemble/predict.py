@@ -5,7 +5,8 @@
 
 ``--images`` is a flat folder of images, or class folders named like the run's classes (then the
 predictions are also scored). Writes predictions.csv and probabilities.parquet with the run's
-columns, and predict.json (what was labelled, skipped files, accuracy when labels are known).
+columns (probabilities scaled by the temperature the run's report fitted), and predict.json
+(what was labelled, skipped files, the temperature, accuracy when labels are known).
 Every member's files are checked against the sha256 recorded when it finished.
 """
 
@@ -28,7 +29,8 @@ log = logging.getLogger("ensemble.predict")
 
 
 def load_run(run: str):
-    """(config, fingerprint, member state dicts) of the finished run in ``run``; one line if it is not one."""
+    """(config, fingerprint, member state dicts, temperature) of the finished run in ``run``; one
+    line if it is not one. The temperature is the one its report fitted (1 when it has no report)."""
     from ensemble.member_files import load_finished_member
 
     try:
@@ -44,7 +46,13 @@ def load_run(run: str):
             raise ConfigError(f"--run {run}: member {i} has not finished; rerun the driver with --output {run} "
                               f"to finish the run first")
         states.append(finished[1])
-    return cfg, record["fingerprint"], states
+    try:
+        temperature = json.loads(storage.read_bytes(storage.join(run, "report.json")))["ensemble"]["calibration"][
+            "temperature"]
+    except (OSError, ValueError, KeyError, TypeError):
+        log.warning("--run %s: no temperature in its report.json; probabilities are the plain soft vote", run)
+        temperature = 1.0
+    return cfg, record["fingerprint"], states, temperature
 
 
 def predict(run: str, images: str, output: str, *, address: Optional[str] = None, infer_actors: Optional[int] = None,
@@ -60,7 +68,7 @@ def predict(run: str, images: str, output: str, *, address: Optional[str] = None
     from ensemble.vote_stage import vote_splits
 
     started = time.time()
-    cfg, fingerprint, states = load_run(run)
+    cfg, fingerprint, states, temperature = load_run(run)
     classes = fingerprint["classes"]
     table, labelled = scan_images(images, classes)
     output = check_output(output)
@@ -74,9 +82,10 @@ def predict(run: str, images: str, output: str, *, address: Optional[str] = None
     voted = vote_splits(sized, {"images": checked["images"]}, weight_refs=[ray.put(s) for s in states],
                         num_classes=len(classes), gpus=sized.gpus_per_infer_actor)["images"]
     storage.makedirs(output)
-    write_predictions(output, voted, classes, cfg.vote)
+    write_predictions(output, voted, classes, cfg.vote, temperature)
     summary = {"run": run, "images": images, "n_images": int(len(voted["id"])), "skipped_files": skipped,
-               "vote": cfg.vote, "members": cfg.members, "versions": versions(), "seconds": time.time() - started}
+               "vote": cfg.vote, "members": cfg.members, "temperature": temperature, "versions": versions(),
+               "seconds": time.time() - started}
     if labelled:
         summary["accuracy"] = float((ensemble_labels(voted["member_probs"], cfg.vote) == voted["label"]).mean())
     write_json(storage.join(output, "predict.json"), summary)

@@ -66,17 +66,21 @@ def json_safe(value):
     return value
 
 
-def write_predictions(output: str, voted: dict, classes, rule: str) -> None:
+def write_predictions(output: str, voted: dict, classes, rule: str, temperature: float = 1.0) -> None:
     """predictions.csv (labels under the vote ``rule``) and probabilities.parquet (the vote's
-    probabilities, predictive entropy, member disagreement) for the vote stage's arrays of one
-    split (``image_name``, ``probs`` (n, classes), ``member_probs`` (members, n, classes))."""
+    probabilities scaled by the run's ``temperature``, their predictive entropy, member
+    disagreement) for the vote stage's arrays of one split (``image_name``, ``probs`` (n, classes),
+    ``member_probs`` (members, n, classes)). Scaling never changes a row's top class."""
+    from ensemble.calibration import scale_probs
+
+    probs = scale_probs(voted["probs"], temperature)  # (n, classes)
     storage.write_text(storage.join(output, "predictions.csv"),
-                       predictions_csv(voted["image_name"], voted["probs"], classes,
+                       predictions_csv(voted["image_name"], probs, classes,
                                        ensemble_labels(voted["member_probs"], rule)))
-    extra = {"predictive_entropy": predictive_entropy(voted["probs"]),
+    extra = {"predictive_entropy": predictive_entropy(probs),
              "member_disagreement": disagreement(voted["member_probs"])}
     buf = io.BytesIO()
-    pq.write_table(probabilities_table(voted["image_name"], voted["probs"], classes, extra), buf)
+    pq.write_table(probabilities_table(voted["image_name"], probs, classes, extra), buf)
     storage.write_bytes(storage.join(output, "probabilities.parquet"), buf.getvalue())
 
 
@@ -115,7 +119,7 @@ def write_report(output: str, report: dict, *, summaries: list, val: dict, test:
     rule = report["ensemble"]["vote"]
     figures = write_figures(output, report, summaries, val, ensemble_labels(val["member_probs"], rule), classes)
     report["seconds"].update(report=time.time() - t_report, total=time.time() - started)
-    write_predictions(output, test, classes, rule)
+    write_predictions(output, test, classes, rule, report["ensemble"]["calibration"]["temperature"])
     write_json(storage.join(output, "report.json"), report)
     storage.write_text(storage.join(output, "report.md"), render_report_md(report, figures))
 

@@ -20,6 +20,7 @@ from ensemble.member_files import load_finished_member
 log = logging.getLogger("ensemble.driver")
 
 MEMBER_RESTARTS = 3  # a member's process may die this often (preemption, OOM) before the run fails
+WATCH_S = 5.0        # how often the driver looks at a run whose members are all still waiting to start
 
 
 class MemberFailed(RuntimeError):
@@ -64,7 +65,7 @@ def train_members(plan, *, seeds: list[int], train_table, make_val: Callable, gp
             log.info("member %d: finished earlier (val acc %.4f), loaded from %s", i, finished[0]["val_acc"], output)
     plan_ref, train_ref = ray.put(plan), ray.put(train_table)
     running: dict = {}   # summary ref -> (member, slot, weights ref)
-    actors, left = [], []  # per slot: the actor, and how many of its members are unfinished
+    actors, left, up = [], [], []  # per slot: the actor, its unfinished members, its started() ref
     val = make_val() if queue else None
     try:
         slots = slot_members(queue, window)
@@ -75,14 +76,18 @@ def train_members(plan, *, seeds: list[int], train_table, make_val: Callable, gp
                 max_restarts=MEMBER_RESTARTS, max_task_retries=MEMBER_RESTARTS,
             ).remote(cfg.cpus_per_member))
             left.append(len(members))
+            up.append(actors[-1].started.remote())  # before its fits: done as soon as the actor runs
         for slot, members in enumerate(slots):
             for i in members:  # queued on the actor; it runs them in this order
                 counts = member_counts(cfg.bagging, seeds[i], n_train, n_samples)
                 summary_ref, weights_ref = actors[slot].fit.options(name=f"ensemble-member-{i}.fit").remote(
                     i, seeds[i], plan_ref, train_ref, val, [ray.put(counts)])
                 running[summary_ref] = (i, slot, weights_ref)
+        watch = StallWatch(cfg, gpus)
         while running:
-            done, _ = ray.wait(list(running), num_returns=1)
+            done, _ = ray.wait(list(running), num_returns=1, timeout=WATCH_S)
+            if not done:
+                watch.check([ref for slot, ref in enumerate(up) if left[slot]])
             for ref in done:
                 i, slot, weights_ref = running.pop(ref)
                 summaries[i], weights[i] = _gather(ref, i, output), weights_ref
@@ -97,6 +102,41 @@ def train_members(plan, *, seeds: list[int], train_table, make_val: Callable, gp
                 ray.kill(actor)
     order = sorted(summaries)
     return [summaries[i] for i in order], [weights[i] for i in order]
+
+
+class StallWatch:
+    """Never a silent wait: when none of the run's unfinished slots has been able to start for
+    ``cfg.stall_timeout`` seconds (the CPUs/GPUs they need are held by other work, or a node type
+    an autoscaler was to add never came), stop with one line naming what they need and what is
+    free. A slot that started counts as progress, so a slow but training run is never stopped."""
+
+    def __init__(self, cfg, gpus: float):
+        import time
+
+        self.cfg, self.gpus, self.since = cfg, gpus, time.time()
+
+    def check(self, started_refs: list) -> None:
+        import time
+
+        import ray
+
+        ready, _ = ray.wait(started_refs, num_returns=len(started_refs), timeout=0)
+        if ready or not started_refs:
+            self.since = time.time()
+            return
+        waited = time.time() - self.since
+        if waited < self.cfg.stall_timeout:
+            if int(waited) % 60 < WATCH_S:
+                log.info("waiting %.0f s for CPUs/GPUs to start any member (stops after --stall-timeout %g s)",
+                         waited, self.cfg.stall_timeout)
+            return
+        free, total = ray.available_resources(), ray.cluster_resources()
+        need = f"{self.cfg.cpus_per_member:g} CPU" + (f" and {self.gpus:g} GPU" if self.gpus else "")
+        have = f"{free.get('CPU', 0):g} of {total.get('CPU', 0):g} CPU" + (
+            f", {free.get('GPU', 0):g} of {total.get('GPU', 0):g} GPU" if self.gpus else "")
+        raise ConfigError(f"no member could start in {waited:.0f} s: each needs {need}, the cluster has {have} "
+                          f"free (other work holds the rest); free them, or lower --cpus-per-member"
+                          f"{'/--gpus-per-member' if self.gpus else ''}, then rerun the same command to resume")
 
 
 def _gather(ref, member: int, output: str) -> dict:

@@ -125,10 +125,15 @@ def _sequential_test_probs(cfg, index, output, *, hflip=False) -> np.ndarray:
 
 
 def test_test_probabilities_equal_sequential_inference(run, tiny_digits):
-    """The Ray Data soft-vote stage == the saved members run one after another in this process."""
-    cfg, _, output = run
+    """The Ray Data soft-vote stage == the saved members run one after another in this process,
+    scaled by the temperature the report fitted (probabilities.parquet holds calibrated probabilities)."""
+    from ensemble.calibration import scale_probs
+
+    cfg, report, output = run
     index = scan_layout(tiny_digits)
-    expected = soft_vote(_sequential_test_probs(cfg, index, output))
+    temperature = report["ensemble"]["calibration"]["temperature"]
+    assert temperature > 0 and temperature != 1.0
+    expected = scale_probs(soft_vote(_sequential_test_probs(cfg, index, output)), temperature)
     table = pq.read_table(os.path.join(output, "probabilities.parquet"))
     got = np.stack([table.column(c).to_numpy() for c in index.classes], axis=1)
     order = {n: k for k, n in enumerate(table.column("image_name").to_pylist())}

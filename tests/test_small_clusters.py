@@ -6,6 +6,7 @@ default resource flags: every run of test_bad_input.py."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -44,3 +45,28 @@ def test_explicit_cpus_no_node_has_are_refused(tiny_digits, tmp_path, capsys):
     assert code == 2
     assert err == ["error: --cpus-per-member 2 but the largest node has 1 CPU(s); use --cpus-per-member 1 or less"]
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_members_that_cannot_start_are_reported_not_waited_on(tiny_digits, tmp_path, capsys):
+    """Other work holds the cluster's only GPU: the GPU members cannot start. The run stops after
+    --stall-timeout with one line saying what they need and what is free, instead of waiting."""
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="WARNING")
+    try:
+        @ray.remote(num_cpus=0, num_gpus=1)
+        class OtherWork:
+            def ping(self):
+                return True
+
+        other = OtherWork.remote()
+        assert ray.get(other.ping.remote())  # it holds the GPU now
+        code = main(["--data", tiny_digits, *SMALL, "--cpus-per-member", "1", "--gpus-per-member", "1",
+                     "--gpus-per-infer-actor", "0", "--stall-timeout", "5", "--output", str(tmp_path / "out")])
+    finally:
+        ray.shutdown()
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("error:")]
+    assert code == 2
+    assert len(err) == 1 and re.fullmatch(
+        r"error: no member could start in \d+ s: each needs 1 CPU and 1 GPU, the cluster has 2 of 2 CPU, 0 of 1 GPU "
+        r"free \(other work holds the rest\); free them, or lower --cpus-per-member/--gpus-per-member, then rerun "
+        r"the same command to resume", err[0]), err
+    assert (tmp_path / "out" / "run.json").exists()  # the run is there to resume
