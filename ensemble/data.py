@@ -73,14 +73,20 @@ def _labelled_split(root: str, split: str, classes: Optional[list[str]]) -> tupl
         unknown = [c for c in found if c not in classes]
         if unknown:
             raise ConfigError(f"--data {root}: val/ has classes not in train/: {', '.join(unknown[:5])}")
+    return classes, _class_folder_rows(split_dir, found, classes, empty=f"--data {root}: {split}/{{cls}}/")
+
+
+def _class_folder_rows(folder: str, found: list[str], classes, *, empty: Optional[str] = None) -> pa.Table:
+    """File rows of ``folder``'s class folders ``found``, labelled by position in ``classes``.
+    With ``empty`` (a message prefix with ``{cls}``), a class folder without images is a ConfigError."""
     paths, labels = [], []
     for cls in found:
-        files = _image_files(storage.join(split_dir, cls))
-        if not files:
-            raise ConfigError(f"--data {root}: {split}/{cls}/ has no images ({', '.join(IMG_EXTENSIONS)})")
-        paths += [storage.join(split_dir, cls, f) for f in files]
-        labels += [classes.index(cls)] * len(files)
-    return classes, _table(paths, labels)
+        files = _image_files(storage.join(folder, cls))
+        if not files and empty is not None:
+            raise ConfigError(empty.format(cls=cls) + f" has no images ({', '.join(IMG_EXTENSIONS)})")
+        paths += [storage.join(folder, cls, f) for f in files]
+        labels += [list(classes).index(cls)] * len(files)
+    return _table(paths, labels)
 
 
 def scan_layout(root: str) -> DatasetIndex:
@@ -135,18 +141,14 @@ def scan_images(folder: str, classes) -> tuple[pa.Table, bool]:
         unknown = [c for c in found if c not in classes]
         if unknown:
             raise ConfigError(f"--images {folder}: class folders the run was not trained on: {', '.join(unknown[:5])}")
-        paths, labels = [], []
-        for cls in found:
-            files = _image_files(storage.join(folder, cls))
-            paths += [storage.join(folder, cls, f) for f in files]
-            labels += [list(classes).index(cls)] * len(files)
+        table = _class_folder_rows(folder, found, classes)
     except (OSError, ValueError) as exc:
         if isinstance(exc, ConfigError):
             raise
         raise ConfigError(f"--images {folder}: cannot read it ({str(exc).splitlines()[0][:200]})") from None
-    if not paths:
+    if not table.num_rows:
         raise ConfigError(f"--images {folder}: no images ({', '.join(IMG_EXTENSIONS)}), flat or in class folders")
-    return _table(paths, labels), True
+    return table, True
 
 
 # ---------------------------------------------------------------- Ray Data stages
