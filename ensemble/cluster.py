@@ -17,19 +17,12 @@ from ensemble.config import ConfigError, EnsembleConfig
 log = logging.getLogger(__name__)
 
 
-PRELOAD_MODULES = "torch,torchvision,ensemble.actors"
-
-
 def connect(address: Optional[str]):
     """Join ``address`` (or RAY_ADDRESS / the local cluster) or start one; returns the dashboard URL."""
     import ray
 
     if ray.is_initialized():
         return None
-    # Workers of a cluster started here import these before their first task: an actor placed on
-    # an idle worker then skips ~3 s of imports. (Nodes started with `ray start` take the same
-    # environment variable; see cluster.yaml.)
-    os.environ.setdefault("RAY_preload_python_modules", PRELOAD_MODULES)
     if address and address not in ("auto", "local"):
         check_reachable(address)
     kwargs = {"logging_level": logging.WARNING, "log_to_driver": True}

@@ -107,9 +107,12 @@ class RayHead:
 
         self.temp_dir, self.log_path = temp_dir, log_path
         ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+        # The dashboard agent's HTTP port (where `ray job submit` lands) is a free one, not the fixed
+        # default 52365 that another cluster on this machine may already hold.
         with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen([ray_cli, "start", "--head", "--block", f"--temp-dir={temp_dir}",
-                                          "--disable-usage-stats", *args],
+                                          "--disable-usage-stats", f"--dashboard-agent-listen-port={free_port()}",
+                                          *args],
                                          stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     def log(self) -> str:
