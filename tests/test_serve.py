@@ -55,6 +55,23 @@ class FakeRequest:
             yield c
 
 
+def _member_probs_in_process(output: str, image_paths: list[str], cfg, num_classes: int) -> np.ndarray:
+    """Every saved member on the images, one after another in this process: (members, n, classes)."""
+    import torch
+
+    from ensemble.data import decode_batch
+    from ensemble.engine import eval_models
+
+    batch = {"id": np.arange(len(image_paths)), "label": np.full(len(image_paths), -1),
+             "path": np.array(image_paths, dtype=object)}
+    images = torch.from_numpy(decode_batch(batch, image_size=cfg.image_size, resize=cfg.eval_resize)["image"])
+    states = [torch.load(os.path.join(output, "members", f"member-{i}", "model.pt"), weights_only=True)
+              for i in range(cfg.members)]
+    models = eval_models(cfg.arch, num_classes, states, torch.device("cpu"))
+    with torch.no_grad():
+        return np.stack([torch.softmax(m(images), dim=1).numpy() for m in models])
+
+
 # ---------------------------------------------------------------- pure: the answer's numbers
 
 # two members, two images, classes a, b, c
@@ -202,7 +219,7 @@ def run(cluster, tiny_digits, tmp_path_factory):
 
     output = tmp_path_factory.mktemp("run")
     values = {**CPU_PRESET, "image_size": 16, "epochs": 1, "members": 3, "batch_size": 16, "gpus_per_member": 0,
-              "gpus_per_infer_actor": 0, "infer_batch_size": 16, "seed": 7}
+              "gpus_per_infer_actor": 0, "infer_batch_size": 16, "infer_actors": 1, "seed": 7}
     report = run_pipeline(build_config(flag_values={"data": tiny_digits, "output": str(output), **values}))
     return report, str(output)
 
@@ -243,36 +260,54 @@ def post_group(address, bodies: list[bytes], path: str = "/") -> list[tuple[int,
         return list(pool.map(lambda b: request(address, "POST", path, b), bodies))
 
 
+@pytest.fixture(scope="module")
+def in_process(run, tiny_digits):
+    """(image names, paths, every member's probabilities on the run's test images computed in this
+    process without Ray (members, n, classes), classes, temperature)."""
+    from ensemble.predict import load_run
+
+    _, output = run
+    finished = load_run(output)
+    test_dir = os.path.join(tiny_digits, "test")
+    names = sorted(os.path.splitext(f)[0] for f in os.listdir(test_dir))
+    paths = [os.path.join(test_dir, f"{n}.png") for n in names]
+    member_probs = _member_probs_in_process(output, paths, finished.config, len(finished.classes))
+    return names, paths, member_probs, finished.classes, finished.temperature
+
+
 @pytest.mark.ray
-def test_http_answers_equal_predict_in_batches(served, run, tiny_digits, tmp_path):
+def test_http_answers_equal_predict_in_batches(served, run, in_process):
+    """Over HTTP == predict's probabilities (the run's probabilities.parquet: the vote stage and
+    write_predictions that predict runs, and reproduces to 1e-5 in test_pipeline_ray) == the saved
+    members run one after another in this process, soft-voted and scaled by the run's temperature."""
     import pyarrow.parquet as pq
 
-    from ensemble.predict import predict
+    from ensemble.calibration import scale_probs
+    from ensemble.vote import soft_vote
 
-    report, output = run
-    classes = report["data"]["class_names"]
-    test_dir = os.path.join(tiny_digits, "test")
-    predict(output, test_dir, str(tmp_path / "pred"), infer_actors=1)
-    table = pq.read_table(tmp_path / "pred" / "probabilities.parquet")
-    names = table.column("image_name").to_pylist()
-    expected = np.stack([table.column(c).to_numpy() for c in classes], axis=1)  # (n, classes)
-    labels = dict(line.split(",") for line in (tmp_path / "pred" / "predictions.csv").read_text().splitlines()[1:])
-    files = {os.path.splitext(f)[0]: os.path.join(test_dir, f) for f in os.listdir(test_dir)}
+    _, output = run
+    names, paths, member_probs, classes, temperature = in_process
+    table = pq.read_table(os.path.join(output, "probabilities.parquet"))
+    order = [table.column("image_name").to_pylist().index(n) for n in names]
+    expected = np.stack([table.column(c).to_numpy() for c in classes], axis=1)[order]  # (n, classes)
+    assert temperature != 1.0  # the report fitted one, and it is applied
+    np.testing.assert_allclose(expected, scale_probs(soft_vote(member_probs), temperature), atol=1e-5)
+    labels = dict(line.split(",") for line in open(os.path.join(output, "predictions.csv")).read().splitlines()[1:])
     assert len(names) == 25 and len(names) % GROUP == 0
 
     before = request(served, "GET")[1]["batches"]
     got = []
     for lo in range(0, len(names), GROUP):
-        bodies = [open(files[n], "rb").read() for n in names[lo:lo + GROUP]]
+        bodies = [open(p, "rb").read() for p in paths[lo:lo + GROUP]]
         got += post_group(served, bodies, "/?k=2")
     assert [status for status, _ in got] == [200] * len(names)
     answers = [a for _, a in got]
     np.testing.assert_allclose([[a["probabilities"][c] for c in classes] for a in answers], expected, atol=1e-5)
     assert [a["label"] for a in answers] == [labels[n] for n in names]
-    np.testing.assert_allclose([a["entropy"] for a in answers], table.column("predictive_entropy").to_numpy(),
-                               atol=1e-5)
-    np.testing.assert_allclose([a["disagreement"] for a in answers], table.column("member_disagreement").to_numpy(),
-                               atol=1e-6)
+    np.testing.assert_allclose([a["entropy"] for a in answers],
+                               table.column("predictive_entropy").to_numpy()[order], atol=1e-5)
+    np.testing.assert_allclose([a["disagreement"] for a in answers],
+                               table.column("member_disagreement").to_numpy()[order], atol=1e-6)
     for a, p in zip(answers, expected):
         assert [t["class"] for t in a["top_k"]] == [classes[i] for i in np.argsort(-p, kind="stable")[:2]]
         assert a["members"] == 3
@@ -317,23 +352,6 @@ def test_bad_requests_get_one_line_and_the_server_keeps_serving(served, run, tin
 
 # ---------------------------------------------------------------- --members selected
 
-def _member_probs_in_process(output: str, image_paths: list[str], cfg, num_classes: int) -> np.ndarray:
-    """Every saved member on the images, one after another in this process: (members, n, classes)."""
-    import torch
-
-    from ensemble.data import decode_batch
-    from ensemble.engine import eval_models
-
-    batch = {"id": np.arange(len(image_paths)), "label": np.full(len(image_paths), -1),
-             "path": np.array(image_paths, dtype=object)}
-    images = torch.from_numpy(decode_batch(batch, image_size=cfg.image_size, resize=cfg.eval_resize)["image"])
-    states = [torch.load(os.path.join(output, "members", f"member-{i}", "model.pt"), weights_only=True)
-              for i in range(cfg.members)]
-    models = eval_models(cfg.arch, num_classes, states, torch.device("cpu"))
-    with torch.no_grad():
-        return np.stack([torch.softmax(m(images), dim=1).numpy() for m in models])
-
-
 @pytest.fixture(scope="module")
 def selected_copy(run, tmp_path_factory):
     """The run with a known selection in its report (weights 0.75, 0, 0.25) and member 1's weights
@@ -346,34 +364,32 @@ def selected_copy(run, tmp_path_factory):
     (copy / "report.json").write_text(json.dumps(report))
     with open(copy / "members" / "member-1" / "model.pt", "ab") as fh:
         fh.write(b"\0")
-    return str(copy), report["ensemble"]["calibration"]["temperature"]
+    return str(copy), report
 
 
 @pytest.mark.ray
-def test_predict_and_serve_with_selected_members(run, selected_copy, tiny_digits, tmp_path):
+def test_predict_and_serve_with_selected_members(selected_copy, in_process, tiny_digits, tmp_path):
     import pyarrow.parquet as pq
 
     from ensemble.calibration import scale_probs
-    from ensemble.predict import load_run, predict
+    from ensemble.predict import predict
     from ensemble.selection import weighted_vote
     from ensemble.serve import ServedRun, ServeOptions
 
-    copy, temperature = selected_copy
-    finished = load_run(run[1])
-    cfg, classes = finished.config, finished.classes
-    test_dir = os.path.join(tiny_digits, "test")
-    summary = predict(copy, test_dir, str(tmp_path / "pred"), infer_actors=1, members="selected")
+    copy, _ = selected_copy
+    names, paths, member_probs, classes, temperature = in_process  # all three members, of the original run
+    summary = predict(copy, os.path.join(tiny_digits, "test"), str(tmp_path / "pred"), infer_actors=1,
+                      members="selected")
     assert summary["members_used"] == [0, 2] and summary["member_weights"] == [0.75, 0.25]
     assert summary["member_choice"] == "selected" and summary["vote"] == "weighted soft"
-    table = pq.read_table(tmp_path / "pred" / "probabilities.parquet")
-    names = table.column("image_name").to_pylist()
-    paths = [os.path.join(test_dir, f"{n}.png") for n in names]
-    member_probs = _member_probs_in_process(run[1], paths, cfg, len(classes))  # all three, from the original run
+    assert summary["temperature"] == temperature
     expected = scale_probs(weighted_vote(member_probs, [0.75, 0.0, 0.25]), temperature)
-    got = np.stack([table.column(c).to_numpy() for c in classes], axis=1)
+    table = pq.read_table(tmp_path / "pred" / "probabilities.parquet")
+    order = [table.column("image_name").to_pylist().index(n) for n in names]
+    got = np.stack([table.column(c).to_numpy() for c in classes], axis=1)[order]
     np.testing.assert_allclose(got, expected, atol=1e-5)
-    labels = [line.split(",")[1] for line in (tmp_path / "pred" / "predictions.csv").read_text().splitlines()[1:]]
-    assert labels == [classes[i] for i in expected.argmax(axis=1)]
+    labels = dict(line.split(",") for line in (tmp_path / "pred" / "predictions.csv").read_text().splitlines()[1:])
+    assert [labels[n] for n in names] == [classes[i] for i in expected.argmax(axis=1)]
 
     # The server's core with --members selected (what the deployment runs): same numbers, in-process.
     served = ServedRun(ServeOptions(run=copy, members="selected"))
@@ -381,7 +397,7 @@ def test_predict_and_serve_with_selected_members(run, selected_copy, tiny_digits
     images = np.stack([served.decode(open(p, "rb").read()) for p in paths])
     answers = served.answer(images, ks=[1] * len(paths))
     np.testing.assert_allclose([[a["probabilities"][c] for c in classes] for a in answers], expected, atol=1e-5)
-    assert [a["label"] for a in answers] == labels and all(a["members"] == 2 for a in answers)
+    assert [a["label"] for a in answers] == [labels[n] for n in names] and all(a["members"] == 2 for a in answers)
 
 
 @pytest.mark.ray
