@@ -159,6 +159,15 @@ async def read_upload(request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
+def bad_image_reason(exc: BaseException) -> str:
+    """Why PIL could not read an upload, in a few words (its own message names a BytesIO object)."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(exc, UnidentifiedImageError):
+        return "UnidentifiedImageError: not a format PIL knows (JPEG, PNG, WebP, BMP, TIFF, ...)"
+    return f"{exc.__class__.__name__}: {one_line(exc)}"
+
+
 def one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or exc.__class__.__name__
     return text[:300]
@@ -265,7 +274,7 @@ class EnsembleServer:
         except ImageTooLarge as exc:
             return 400, {"error": f"image too large: {one_line(exc)}"}
         except Exception as exc:  # PIL raises many types for bad files; each is the client's, answered in one line
-            return 400, {"error": f"not a readable image ({exc.__class__.__name__}: {one_line(exc)})"}
+            return 400, {"error": f"not a readable image ({bad_image_reason(exc)})"}
         return 200, await self.vote((image, k))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)  # both reset per run in __init__
@@ -368,13 +377,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     Stopping is the normal end of a server, so it exits 0 (not the driver's 130) after printing
     one line. Errors a user can make: one line, exit 2."""
-    import ray
-
     from ensemble.cluster import connect
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = _parser().parse_args(argv)
-    own_cluster = False
     try:
         options = ServeOptions(run=args.run, members=args.members, max_upload_mb=args.max_upload_mb,
                                max_megapixels=args.max_megapixels, max_batch_size=args.max_batch_size,
@@ -382,9 +388,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         load_run(options.run, options.members)  # one line now, before a cluster starts, if it is not a finished run
         if not 0 < args.port < 65536:
             raise ConfigError(f"--port {args.port}: choose 1-65535")
-        own_cluster = not args.address and not ray.is_initialized() and "RAY_ADDRESS" not in os.environ
-        if own_cluster:
-            _check_port_free(args.host, args.port)
+        if args.address in (None, "local") and not os.environ.get("RAY_ADDRESS"):
+            _check_port_free(args.host, args.port)  # a cluster on this machine: its proxy binds here
         connect(args.address)
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(build_app(options), name=APP_NAME, route_prefix="/", blocking=False)
@@ -393,7 +398,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("interrupted before the server was up", file=sys.stderr)
-        _stop(own_cluster)
+        _stop()
         return 130
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init and serve.run, so these are the ones that hold
@@ -402,26 +407,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"Ctrl-C or SIGTERM stops it", flush=True)
     while not stop.wait(1.0):
         pass
-    _stop(own_cluster)
+    _stop()
     print("stopped: the server is shut down", flush=True)
     return 0
 
 
-def _stop(own_cluster: bool) -> None:
-    """Take down what this process started: the app, and Serve and Ray too when the cluster is its own
-    (on a shared cluster only the app goes; other Serve apps keep running)."""
+def _stop() -> None:
+    """Take down what this process started: the app (on a shared cluster other Serve apps keep
+    running), then the connection; a cluster this process started ends with it, Serve included."""
     import ray
 
     if not ray.is_initialized():
         return
     try:
-        if own_cluster:
-            serve.shutdown()
-        else:
-            serve.delete(APP_NAME)
+        serve.delete(APP_NAME)
     finally:
-        if own_cluster:
-            ray.shutdown()
+        ray.shutdown()
 
 
 if __name__ == "__main__":
