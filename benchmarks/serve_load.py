@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=1000, help="requests measured (default 1000)")
     p.add_argument("--warmup", type=int, default=50, help="requests before measuring (default 50)")
     p.add_argument("--max-batch-size", type=int, default=16)
-    p.add_argument("--batch-wait-s", type=float, default=0.01)
+    p.add_argument("--batch-wait-s", type=float, default=0.025, help="as ensemble.serve (default 0.025)")
     p.add_argument("--cpus", type=float, help="CPUs for the deployment (default: the run's cpus_per_infer_actor)")
     p.add_argument("--json", help="also write every number to this file")
     return p.parse_args(argv)

@@ -55,7 +55,8 @@ class ServeOptions:
     max_upload_mb: float = 20.0           # request bodies over this (MiB) get 413 before they are read
     max_megapixels: float = 40.0          # images that would decode to more pixels get 400 before decoding
     max_batch_size: int = 16              # requests the members run together at most
-    batch_wait_s: float = 0.01            # how long a batch waits to fill before it runs anyway
+    batch_wait_s: float = 0.025           # how long a batch waits to fill; 0.01 left batches of ~1 on 2 cores
+                                          # (a request's HTTP path takes longer than that; BENCHMARKS.md)
     gpus: Optional[float] = None          # GPUs for the deployment; None: 0.5 where the cluster has GPUs, else 0
     cpus: Optional[float] = None          # CPUs (= torch threads); None: the run's cpus_per_infer_actor
 
@@ -277,7 +278,7 @@ class EnsembleServer:
             return 400, {"error": f"not a readable image ({bad_image_reason(exc)})"}
         return 200, await self.vote((image, k))
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)  # both reset per run in __init__
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.025)  # both set from the options in __init__
     async def vote(self, requests: list) -> list[dict]:
         """A batch of (decoded image (3, S, S), k): every member once on the stacked batch."""
         images = np.stack([image for image, _ in requests])
@@ -331,7 +332,7 @@ def build_app(options: ServeOptions):
 
 def app(args: dict):
     """Ray Serve application builder: ``serve run ensemble.serve:app run=OUTPUT [members=selected]
-    [max_upload_mb=20] [max_megapixels=40] [max_batch_size=16] [batch_wait_s=0.01] [gpus=..] [cpus=..]``."""
+    [max_upload_mb=20] [max_megapixels=40] [max_batch_size=16] [batch_wait_s=0.025] [gpus=..] [cpus=..]``."""
     return build_app(ServeOptions.from_args(args))
 
 
