@@ -24,8 +24,9 @@ from ensemble.bootstrap import epoch_rows, epoch_seed
 from ensemble.checkpoint import rng_state, set_rng_state
 from ensemble.config import EnsembleConfig
 from ensemble.data import decode_batch, local_batches, quiet_ray_data
-from ensemble.engine import (cpu_copy, evaluate, make_optimizer, member_probabilities, pick_device,
-                             prepare_for_device, resolve_precision, seed_everything, set_threads, train_one_epoch)
+from ensemble.engine import (cpu_copy, eval_models, evaluate, make_optimizer, pick_device, prepare_for_device,
+                             resolve_precision, seed_everything, set_threads, train_one_epoch,
+                             vote_member_probabilities)
 from ensemble.member_files import BackgroundWriter, MemberFiles
 from ensemble.models import make_member_model
 from ensemble.vote import soft_vote
@@ -238,18 +239,12 @@ class SoftVoter:
         self.device = pick_device(ray.get_gpu_ids())
         self.image_size, self.tta, self.resize = image_size, tta, resize
         self.amp = resolve_precision(precision, self.device)
-        self.models = []
-        for state in ray.get(list(weight_refs)):
-            model = make_member_model(arch, num_classes, None, "none")
-            model.load_state_dict(state)
-            self.models.append(prepare_for_device(model, self.device).eval())
+        self.models = eval_models(arch, num_classes, ray.get(list(weight_refs)), self.device)
 
     def __call__(self, batch: dict) -> dict:
         decoded_batch = decode_batch(batch, image_size=self.image_size, resize=self.resize)
         images = torch.from_numpy(decoded_batch["image"]).to(self.device, non_blocking=True)
-        probs = member_probabilities(self.models, images, self.amp)  # (members, B, classes)
-        if self.tta == "hflip":
-            probs = (probs + member_probabilities(self.models, torch.flip(images, dims=[3]), self.amp)) / 2
+        probs = vote_member_probabilities(self.models, images, self.amp, self.tta)  # (members, B, classes)
         probs = probs.cpu().numpy()
         return {"id": batch["id"], "image_name": batch["image_name"], "label": batch["label"],
                 "probs": soft_vote(probs).astype(np.float32),

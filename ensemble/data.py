@@ -181,17 +181,36 @@ def to_dataset(table: pa.Table, *, rows_per_block: int = 256):
     return ray.data.from_arrow(table, override_num_blocks=blocks)
 
 
+class ImageTooLarge(ValueError):
+    """An image whose header claims more pixels than the caller allows (checked before decoding)."""
+
+
 def read_image(path: str, *, min_size: Optional[int] = None):
     """Decode one file to an RGB PIL image (grayscale, palette, RGBA, CMYK and 16-bit are converted).
 
     ``min_size``: a JPEG much larger than needed is decoded at a reduced scale (never below
     ``min_size`` on its short side), which keeps huge photos cheap.
     """
+    return open_image(storage.read_bytes(path), min_size=min_size)
+
+
+def open_image(data: bytes, *, min_size: Optional[int] = None, max_pixels: Optional[int] = None):
+    """``read_image`` of bytes in memory. With ``max_pixels``, an image that would decode to more
+    pixels than that (its header's size, after the JPEG reduction) raises ImageTooLarge before a
+    pixel is decoded, so a small file claiming a huge image (a decompression bomb) costs nothing."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(storage.read_bytes(path))) as img:
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:  # PIL's own, far larger limit, checked in open()
+        raise ImageTooLarge(f"{exc}".rstrip(".")) from None
+    with img:
         if min_size and img.format == "JPEG" and min(img.size) > 4 * min_size:
             img.draft("RGB", (2 * min_size, 2 * min_size))
+        if max_pixels is not None and img.size[0] * img.size[1] > max_pixels:
+            raise ImageTooLarge(f"image is {img.size[0]} x {img.size[1]} pixels "
+                                f"({img.size[0] * img.size[1] / 1e6:.1f} megapixels); "
+                                f"the limit is {max_pixels / 1e6:g} megapixels")
         img.load()
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale: scale to 8 bits
             arr = np.asarray(img, dtype=np.float32)
@@ -225,6 +244,15 @@ def decode_batch(batch: dict, *, image_size: int, augment: Optional[str] = None,
     images = np.stack([tf(read_image(p, min_size=image_size)).numpy() for p in batch["path"]]) if len(batch["path"]) else \
         np.zeros((0, 3, image_size, image_size), np.float32)
     return {"id": batch["id"], "label": batch["label"], "image": images}
+
+
+def decode_image(data: bytes, *, image_size: int, resize: str = "squash",
+                 max_pixels: Optional[int] = None) -> np.ndarray:
+    """One image's bytes -> float32 (3, S, S) through the eval transform: the pixels
+    ``decode_batch`` gives the same image as a file. ImageTooLarge past ``max_pixels``; PIL's
+    errors (not an image, truncated) as they are."""
+    return _transform(image_size, None, resize)(
+        open_image(data, min_size=image_size, max_pixels=max_pixels)).numpy()
 
 
 def local_batches(table: pa.Table, rows: Optional[np.ndarray] = None, *, batch_size: int, image_size: int,

@@ -136,3 +136,26 @@ def member_probabilities(models: list[nn.Module], images: torch.Tensor,
     with torch.autocast(images.device.type, dtype=autocast_dtype or torch.float32,
                         enabled=autocast_dtype is not None):
         return torch.stack([torch.softmax(m(images).float(), dim=1) for m in models])
+
+
+@torch.no_grad()
+def vote_member_probabilities(models: list[nn.Module], images: torch.Tensor,
+                              autocast_dtype: Optional[torch.dtype] = None, tta: str = "none") -> torch.Tensor:
+    """``member_probabilities`` under the run's test-time augmentation: with ``tta="hflip"`` each
+    member's output is the mean over the image and its mirror. (members, B, classes), float32."""
+    probs = member_probabilities(models, images, autocast_dtype)
+    if tta == "hflip":
+        probs = (probs + member_probabilities(models, torch.flip(images, dims=[3]), autocast_dtype)) / 2
+    return probs
+
+
+def eval_models(arch: str, num_classes: int, states: list[dict], device: torch.device) -> list[nn.Module]:
+    """The members as eval-mode models on ``device``, from their state dicts."""
+    from ensemble.models import make_member_model
+
+    models = []
+    for state in states:
+        model = make_member_model(arch, num_classes, None, "none")
+        model.load_state_dict(state)
+        models.append(prepare_for_device(model, device).eval())
+    return models

@@ -101,14 +101,16 @@ def predictive_entropy(probs) -> np.ndarray:
     return -(probs * logp).sum(axis=1)
 
 
-def disagreement(member_probs) -> np.ndarray:
-    """Per row, the fraction of members whose top-1 class differs from the soft vote's top-1.
+def disagreement(member_probs, ensemble_top=None) -> np.ndarray:
+    """Per row, the fraction of members whose top-1 class differs from the soft vote's top-1
+    (or from ``ensemble_top`` (n,), the ensemble's labels under another vote, when given).
 
     member_probs: (members, n, classes) -> (n,) floats in [0, 1]. Ties go to the lowest class
     index, for members and for the vote alike.
     """
     member_probs = check_member_probs(member_probs)
-    ensemble_top = vote_labels(soft_vote(member_probs))  # (n,)
+    if ensemble_top is None:
+        ensemble_top = vote_labels(soft_vote(member_probs))  # (n,)
     member_top = member_probs.argmax(axis=2)  # (members, n)
     return (member_top != ensemble_top[None, :]).mean(axis=0)
 

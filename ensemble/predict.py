@@ -2,12 +2,15 @@
 
     python -m ensemble.predict --run runs/exp1 --images new_photos/ --output runs/exp1-new
     python -m ensemble.predict --run runs/exp1 --images s3://bucket/incoming
+    python -m ensemble.predict --run runs/exp1 --images new_photos/ --members selected
 
 ``--images`` is a flat folder of images, or class folders named like the run's classes (then the
 predictions are also scored). Writes predictions.csv and probabilities.parquet with the run's
 columns (probabilities scaled by the temperature the run's report fitted), and predict.json
-(what was labelled, skipped files, the temperature, accuracy when labels are known).
-Every member's files are checked against the sha256 recorded when it finished.
+(what was labelled, skipped files, the members and weights used, the temperature, accuracy when
+labels are known). ``--members selected`` votes only the members the run's report selected
+(Caruana; report.json ``ensemble.selection``), weighted. Every loaded member's files are checked
+against the sha256 recorded when it finished.
 """
 
 from __future__ import annotations
@@ -15,61 +18,114 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from ensemble import storage
 from ensemble.checkpoint import CheckpointError
-from ensemble.config import ConfigError, build_config
+from ensemble.config import ConfigError, EnsembleConfig, build_config
 from ensemble.run_folder import check_output, versions
 
 log = logging.getLogger("ensemble.predict")
 
 
-def load_run(run: str):
-    """(config, fingerprint, member state dicts, temperature) of the finished run in ``run``; one
-    line if it is not one. The temperature is the one its report fitted (1 when it has no report)."""
+MEMBER_CHOICES = ("all", "selected")
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """What predicting (or serving) with a finished run needs, its member files checked."""
+
+    config: EnsembleConfig
+    fingerprint: dict
+    states: list                     # the used members' state dicts, in ``members`` order
+    temperature: float               # the one its report fitted; 1 when it has none
+    members: list                    # indices of the members used (loaded)
+    weights: Optional[list] = None   # their selection weights (sum 1); None: the run's own vote
+
+    @property
+    def classes(self) -> list:
+        return list(self.fingerprint["classes"])
+
+
+def load_run(run: str, members: str = "all") -> FinishedRun:
+    """The finished run in ``run``, or one line (ConfigError, CheckpointError) if it is not one.
+
+    ``members``: ``all``, or ``selected``: the Caruana selection its report.json recorded
+    (``ensemble.selection.weights``); members of weight 0 are not even loaded. Every loaded
+    member's files are checked against the sha256 recorded when it finished (weights_only load).
+    """
     from ensemble.member_files import load_finished_member
 
+    if members not in MEMBER_CHOICES:
+        raise ConfigError(f"--members {members}: choose {' or '.join(MEMBER_CHOICES)}")
     try:
         record = json.loads(storage.read_bytes(storage.join(run, "run.json")))
     except (OSError, ValueError):
         raise ConfigError(f"--run {run}: no readable run.json; pass the --output folder of a finished "
                           f"'python -m ensemble.driver' run") from None
     cfg = build_config(flag_values=record["config"])
+    report = _read_report(run)
+    used, weights = list(range(cfg.members)), None
+    if members == "selected":
+        used, weights = selected_members(report, cfg.members, run)
     states = []
-    for i in range(cfg.members):
+    for i in used:
         finished = load_finished_member(run, i, record["fingerprint"])  # sha256 checked; CheckpointError if not
         if finished is None:
             raise ConfigError(f"--run {run}: member {i} has not finished; rerun the driver with --output {run} "
                               f"to finish the run first")
         states.append(finished[1])
     try:
-        temperature = json.loads(storage.read_bytes(storage.join(run, "report.json")))["ensemble"]["calibration"][
-            "temperature"]
-    except (OSError, ValueError, KeyError, TypeError):
+        temperature = float(report["ensemble"]["calibration"]["temperature"])
+    except (KeyError, TypeError, ValueError):
         log.warning("--run %s: no temperature in its report.json; probabilities are the plain soft vote", run)
         temperature = 1.0
-    return cfg, record["fingerprint"], states, temperature
+    return FinishedRun(config=cfg, fingerprint=record["fingerprint"], states=states, temperature=temperature,
+                       members=used, weights=weights)
+
+
+def _read_report(run: str) -> Optional[dict]:
+    try:
+        return json.loads(storage.read_bytes(storage.join(run, "report.json")))
+    except (OSError, ValueError):
+        return None
+
+
+def selected_members(report: Optional[dict], n_members: int, run: str) -> tuple[list, list]:
+    """(member indices, their weights) of the selection in report.json's ``ensemble.selection``:
+    the members of weight > 0, in index order. One line (ConfigError) if there is none."""
+    try:
+        weights = [float(w) for w in report["ensemble"]["selection"]["weights"]]
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError(f"--members selected: {run}/report.json records no member selection "
+                          f"(ensemble.selection.weights); use --members all") from None
+    if len(weights) != n_members or not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(f"--members selected: {run}/report.json's selection weights {weights} do not fit "
+                          f"the run's {n_members} members; use --members all")
+    used = [i for i, w in enumerate(weights) if w > 0]
+    return used, [weights[i] for i in used]
 
 
 def predict(run: str, images: str, output: str, *, address: Optional[str] = None, infer_actors: Optional[int] = None,
-            strict: bool = False) -> dict:
-    """Vote the run's members on ``images``; write the outputs to ``output``; return predict.json's content."""
+            strict: bool = False, members: str = "all") -> dict:
+    """Vote the run's members (``members``: all, or the report's selection, weighted) on ``images``;
+    write the outputs to ``output``; return predict.json's content."""
     import ray
 
     from ensemble.cluster import cluster_capacity, connect, resolve_resources
     from ensemble.data import quiet_ray_data, scan_images
     from ensemble.image_check import check_files
-    from ensemble.report import write_json, write_predictions
-    from ensemble.vote import ensemble_labels
+    from ensemble.report import vote_outputs, write_json, write_predictions
     from ensemble.vote_stage import vote_splits
 
     started = time.time()
-    cfg, fingerprint, states, temperature = load_run(run)
-    classes = fingerprint["classes"]
+    finished = load_run(run, members)
+    cfg, classes, temperature = finished.config, finished.classes, finished.temperature
     table, labelled = scan_images(images, classes)
     output = check_output(output)
 
@@ -79,18 +135,24 @@ def predict(run: str, images: str, output: str, *, address: Optional[str] = None
     sized = resolve_resources(cfg.replace(cpus_per_member=None, gpus_per_member=0.0, gpus_per_infer_actor=None,
                                           infer_actors=infer_actors or cfg.infer_actors), cluster_capacity())
     checked, skipped = check_files({"images": table}, flag="--images", root=images, strict=strict)
-    voted = vote_splits(sized, {"images": checked["images"]}, weight_refs=[ray.put(s) for s in states],
+    voted = vote_splits(sized, {"images": checked["images"]}, weight_refs=[ray.put(s) for s in finished.states],
                         num_classes=len(classes), gpus=sized.gpus_per_infer_actor)["images"]
     storage.makedirs(output)
-    write_predictions(output, voted, classes, cfg.vote, temperature)
+    write_predictions(output, voted, classes, cfg.vote, temperature, finished.weights)
+    weights = finished.weights or [1 / len(finished.members)] * len(finished.members)
     summary = {"run": run, "images": images, "n_images": int(len(voted["id"])), "skipped_files": skipped,
-               "vote": cfg.vote, "members": cfg.members, "temperature": temperature, "versions": versions(),
+               "vote": cfg.vote if finished.weights is None else "weighted soft",
+               "members": cfg.members, "member_choice": members, "members_used": finished.members,
+               "member_weights": weights, "temperature": temperature, "versions": versions(),
                "seconds": time.time() - started}
     if labelled:
-        summary["accuracy"] = float((ensemble_labels(voted["member_probs"], cfg.vote) == voted["label"]).mean())
+        predicted = vote_outputs(voted["member_probs"], cfg.vote, temperature, finished.weights)["label"]
+        summary["accuracy"] = float((predicted == voted["label"]).mean())
     write_json(storage.join(output, "predict.json"), summary)
     scored = f"; accuracy {summary['accuracy']:.4f}" if labelled else ""
-    print(f"labelled {summary['n_images']} image(s) with {cfg.members} members{scored}; "
+    used = f"{len(finished.members)} members" if finished.weights is None else \
+        f"{len(finished.members)} of {cfg.members} members (the report's selection, weighted)"
+    print(f"labelled {summary['n_images']} image(s) with {used}{scored}; "
           f"outputs in {output}: predictions.csv, probabilities.parquet, predict.json")
     if skipped:
         print(f"skipped {len(skipped)} unreadable image file(s); listed in predict.json under skipped_files")
@@ -107,6 +169,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--infer-actors", type=int, help="soft-vote actor pool size (default: the run's)")
     p.add_argument("--address", help="Ray cluster address, as for ensemble.driver")
     p.add_argument("--strict", action="store_true", help="stop if any image is unreadable (default: skip, list)")
+    p.add_argument("--members", choices=MEMBER_CHOICES, default="all",
+                   help="all (default), or selected: the Caruana selection the run's report recorded, as a "
+                        "weighted soft vote (members of weight 0 are not loaded)")
     return p
 
 
@@ -118,7 +183,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.infer_actors is not None and args.infer_actors < 1:
             raise ConfigError(f"--infer-actors {args.infer_actors}: must be >= 1")
         predict(args.run, args.images, output, address=args.address, infer_actors=args.infer_actors,
-                strict=args.strict)
+                strict=args.strict, members=args.members)
         return 0
     except (ConfigError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)

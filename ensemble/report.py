@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from ensemble import storage
 from ensemble.config import EnsembleConfig
 from ensemble.metrics import disagreement, predictive_entropy
-from ensemble.vote import ensemble_labels, rule_title
+from ensemble.vote import ensemble_labels, ensemble_probs, rule_title
 
 
 def predictions_csv(image_names: Sequence[str], probs: np.ndarray, classes: Sequence[str],
@@ -66,21 +66,42 @@ def json_safe(value):
     return value
 
 
-def write_predictions(output: str, voted: dict, classes, rule: str, temperature: float = 1.0) -> None:
+def vote_outputs(member_probs, rule: str, temperature: float = 1.0, weights=None) -> dict:
+    """What a run says about each image, from its members' probabilities (members, n, classes):
+      "probs"        (n, classes) the vote's probabilities scaled by ``temperature`` (rows sum to 1)
+      "label"        (n,) class index under the vote ``rule`` (scaling never changes a row's top class)
+      "entropy"      (n,) predictive entropy of "probs", in nats
+      "disagreement" (n,) fraction of members whose top-1 class differs from the vote's
+    With ``weights`` (members,) the vote is the weighted soft vote of a member selection
+    (``selection.weighted_vote``; report.json's ``ensemble.selection``), labelled by its argmax
+    whatever ``rule``, and disagreement counts members against that label. predictions.csv,
+    probabilities.parquet (``write_predictions``) and the HTTP server (serve.py) all use this."""
+    from ensemble.calibration import scale_probs
+    from ensemble.selection import weighted_vote
+    from ensemble.vote import vote_labels
+
+    if weights is None:
+        vote, label, top = ensemble_probs(member_probs), ensemble_labels(member_probs, rule), None
+    else:
+        vote = weighted_vote(member_probs, weights)
+        label = top = vote_labels(vote)
+    probs = scale_probs(vote, temperature)  # (n, classes)
+    return {"probs": probs, "label": label, "entropy": predictive_entropy(probs),
+            "disagreement": disagreement(member_probs, top)}
+
+
+def write_predictions(output: str, voted: dict, classes, rule: str, temperature: float = 1.0,
+                      weights=None) -> None:
     """predictions.csv (labels under the vote ``rule``) and probabilities.parquet (the vote's
     probabilities scaled by the run's ``temperature``, their predictive entropy, member
-    disagreement) for the vote stage's arrays of one split (``image_name``, ``probs`` (n, classes),
-    ``member_probs`` (members, n, classes)). Scaling never changes a row's top class."""
-    from ensemble.calibration import scale_probs
-
-    probs = scale_probs(voted["probs"], temperature)  # (n, classes)
+    disagreement) for the vote stage's arrays of one split (``image_name``, ``member_probs``
+    (members, n, classes)); ``weights``: a member selection's weighted soft vote (``vote_outputs``)."""
+    out = vote_outputs(voted["member_probs"], rule, temperature, weights)
     storage.write_text(storage.join(output, "predictions.csv"),
-                       predictions_csv(voted["image_name"], probs, classes,
-                                       ensemble_labels(voted["member_probs"], rule)))
-    extra = {"predictive_entropy": predictive_entropy(probs),
-             "member_disagreement": disagreement(voted["member_probs"])}
+                       predictions_csv(voted["image_name"], out["probs"], classes, out["label"]))
+    extra = {"predictive_entropy": out["entropy"], "member_disagreement": out["disagreement"]}
     buf = io.BytesIO()
-    pq.write_table(probabilities_table(voted["image_name"], probs, classes, extra), buf)
+    pq.write_table(probabilities_table(voted["image_name"], out["probs"], classes, extra), buf)
     storage.write_bytes(storage.join(output, "probabilities.parquet"), buf.getvalue())
 
 

@@ -1,0 +1,430 @@
+"""Serve a finished run over HTTP (Ray Serve): one deployment holds every member; requests are
+batched (``@serve.batch``), each image decoded once with the run's eval transform, run through
+all members (TTA as the run's), voted and scaled by the temperature its report fitted.
+
+    python -m ensemble.serve --run runs/exp1                       # http://127.0.0.1:8000/
+    python -m ensemble.serve --run runs/exp1 --members selected --port 8001
+    serve run ensemble.serve:app run=runs/exp1 members=selected    # Ray Serve's own CLI
+
+    curl --data-binary @digit.png 'http://127.0.0.1:8000/?k=3'
+
+``POST /`` with the raw image bytes as the body answers JSON: ``label`` (class name), ``top_k``
+(``k`` classes with probabilities; query ``k``, default 5), ``probabilities`` (every class),
+``entropy`` (nats), ``disagreement`` (share of members whose top class differs from ``label``),
+``members`` and ``batch_size`` (how many requests the members ran together). ``GET /``: the run,
+the limits and a histogram of batch sizes. A body over ``--max-upload-mb`` gets 413 before it
+is read in full; an image whose header claims more than ``--max-megapixels`` gets 400 before
+a pixel is decoded (decompression bombs); anything else PIL cannot read gets 400. One line in
+``{"error": ...}`` each; the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+from collections import Counter
+from dataclasses import dataclass, fields
+from typing import Optional, Sequence
+
+import numpy as np
+from ray import serve
+
+from ensemble.checkpoint import CheckpointError
+from ensemble.config import ConfigError
+from ensemble.predict import MEMBER_CHOICES, FinishedRun, load_run
+
+log = logging.getLogger("ensemble.serve")
+
+APP_NAME = "ensemble"  # the Serve application's name (serve status, the dashboard's Serve view)
+MAX_K = 1000           # ceiling on the k query parameter (k is also capped at the number of classes)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """What one served run needs; ``serve run ensemble.serve:app KEY=VALUE`` sets the same fields."""
+
+    run: str                              # the --output folder of a finished ensemble.driver run
+    members: str = "all"                  # all | selected (the report's Caruana selection, weighted)
+    max_upload_mb: float = 20.0           # request bodies over this (MiB) get 413 before they are read
+    max_megapixels: float = 40.0          # images that would decode to more pixels get 400 before decoding
+    max_batch_size: int = 16              # requests the members run together at most
+    batch_wait_s: float = 0.025           # how long a batch waits to fill; 0.01 left batches of ~1 on 2 cores
+                                          # (a request's HTTP path takes longer than that; BENCHMARKS.md)
+    gpus: Optional[float] = None          # GPUs for the deployment; None: 0.5 where the cluster has GPUs, else 0
+    cpus: Optional[float] = None          # CPUs (= torch threads); None: the run's cpus_per_infer_actor
+
+    def __post_init__(self) -> None:
+        if self.members not in MEMBER_CHOICES:
+            raise ConfigError(f"--members {self.members}: choose {' or '.join(MEMBER_CHOICES)}")
+        for name in ("max_upload_mb", "max_megapixels", "batch_wait_s", "gpus", "cpus"):
+            value = getattr(self, name)
+            low_ok = value is None or (math.isfinite(value) and (value >= 0 if name in ("batch_wait_s", "gpus")
+                                                                 else value > 0))
+            if not low_ok:
+                raise ConfigError(f"--{name.replace('_', '-')} {value}: must be a finite number "
+                                  f"{'>= 0' if name in ('batch_wait_s', 'gpus') else '> 0'}")
+        if self.max_batch_size < 1:
+            raise ConfigError(f"--max-batch-size {self.max_batch_size}: must be >= 1")
+        if self.gpus is not None and self.gpus > 1:
+            raise ConfigError(f"--gpus {self.gpus:g}: the deployment runs its members on one device; use 1 or less")
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.max_upload_mb * 2**20)
+
+    @property
+    def max_pixels(self) -> int:
+        return int(self.max_megapixels * 1e6)
+
+    @classmethod
+    def from_args(cls, args: dict) -> "ServeOptions":
+        """From ``serve run``'s KEY=VALUE strings (or a dict of typed values)."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(args) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown argument(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+        if "run" not in args:
+            raise ConfigError("run=OUTPUT is required: the --output folder of a finished ensemble.driver run")
+        values = {}
+        for name, value in args.items():
+            kind = {"max_batch_size": int, "run": str, "members": str}.get(name, float)
+            try:
+                values[name] = None if value in (None, "", "auto") else kind(value)
+            except ValueError:
+                raise ConfigError(f"{name}={value}: expected {kind.__name__}") from None
+        return cls(**values)
+
+
+# ---------------------------------------------------------------- the answer (numpy, no Ray)
+
+def answers(member_probs, classes: Sequence[str], *, rule: str, temperature: float, weights=None,
+            ks: Sequence[int]) -> list[dict]:
+    """One JSON-ready answer per image from the members' probabilities (members, B, classes):
+    the same vote, temperature, entropy and disagreement as predict's files (``report.vote_outputs``).
+    ``ks`` (B,): how many top classes each request asked for."""
+    from ensemble.report import vote_outputs
+
+    member_probs = np.asarray(member_probs, dtype=np.float64)
+    out = vote_outputs(member_probs, rule, temperature, weights)
+    result = []
+    for row, k in enumerate(ks):
+        probs = out["probs"][row]
+        top = np.argsort(-probs, kind="stable")[:min(k, len(classes))]  # ties: lower class index first
+        result.append({"label": classes[int(out["label"][row])],
+                       "top_k": [{"class": classes[int(c)], "probability": float(probs[c])} for c in top],
+                       "probabilities": {c: float(p) for c, p in zip(classes, probs)},
+                       "entropy": float(out["entropy"][row]),
+                       "disagreement": float(out["disagreement"][row]),
+                       "members": int(member_probs.shape[0])})
+    return result
+
+
+def parse_k(value: Optional[str]) -> int:
+    """The ``k`` query parameter: an integer in 1..MAX_K (default 5); ValueError with one line."""
+    if value is None:
+        return 5
+    try:
+        k = int(value)
+    except ValueError:
+        raise ValueError(f"k={value}: expected an integer from 1 to {MAX_K}") from None
+    if not 1 <= k <= MAX_K:
+        raise ValueError(f"k={value}: expected an integer from 1 to {MAX_K}")
+    return k
+
+
+class UploadTooLarge(ValueError):
+    """A request body over the upload limit."""
+
+
+async def read_upload(request, max_bytes: int) -> bytes:
+    """The request body, refused (UploadTooLarge) once it passes ``max_bytes``: by its
+    Content-Length before anything is read, else while it streams in (chunked uploads), so a
+    request never holds more than ``max_bytes`` (plus one chunk) here."""
+    declared = request.headers.get("content-length")
+    limit = f"the limit is {max_bytes / 2**20:g} MiB (--max-upload-mb)"
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise UploadTooLarge(f"upload of {int(declared)} bytes; {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise UploadTooLarge(f"upload of more than {max_bytes} bytes; {limit}")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def bad_image_reason(exc: BaseException) -> str:
+    """Why PIL could not read an upload, in a few words (its own message names a BytesIO object)."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(exc, UnidentifiedImageError):
+        return "UnidentifiedImageError: not a format PIL knows (JPEG, PNG, WebP, BMP, TIFF, ...)"
+    return f"{exc.__class__.__name__}: {one_line(exc)}"
+
+
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or exc.__class__.__name__
+    return text[:300]
+
+
+class ServedRun:
+    """A finished run's members in this process, ready to answer (plain torch; the deployment
+    below is its thin Ray Serve wrapper, and a test can use it without Ray)."""
+
+    def __init__(self, options: ServeOptions, *, device=None, threads: float = 1):
+        import torch
+
+        from ensemble.engine import eval_models, resolve_precision, set_threads
+
+        set_threads(threads)
+        self.options = options
+        self.finished: FinishedRun = load_run(options.run, options.members)  # sha256 checked, weights_only
+        cfg = self.finished.config
+        self.device = device or torch.device("cpu")
+        self.amp = resolve_precision(cfg.precision, self.device)
+        self.models = eval_models(cfg.arch, len(self.finished.classes), self.finished.states, self.device)
+        self.finished = dataclasses.replace(self.finished, states=[])  # the models hold the weights now
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """Image bytes -> float32 (3, S, S): the run's eval transform, as predict decodes a file.
+        ImageTooLarge past the pixel limit (before decoding); PIL's errors for anything unreadable."""
+        from ensemble.data import decode_image
+
+        cfg = self.finished.config
+        if not data:
+            raise ValueError("empty body; POST the image file's bytes")
+        return decode_image(data, image_size=cfg.image_size, resize=cfg.eval_resize,
+                            max_pixels=self.options.max_pixels)
+
+    def member_probs(self, images: np.ndarray) -> np.ndarray:
+        """(B, 3, S, S) float32 -> the members' probabilities (members, B, classes), TTA as the run's."""
+        import torch
+
+        from ensemble.engine import vote_member_probabilities
+
+        batch = torch.from_numpy(images).to(self.device, non_blocking=True)
+        return vote_member_probabilities(self.models, batch, self.amp, self.finished.config.tta).cpu().numpy()
+
+    def answer(self, images: np.ndarray, ks: Sequence[int]) -> list[dict]:
+        return answers(self.member_probs(images), self.finished.classes, rule=self.finished.config.vote,
+                       temperature=self.finished.temperature, weights=self.finished.weights, ks=ks)
+
+    def info(self) -> dict:
+        cfg, o = self.finished.config, self.options
+        return {"run": o.run, "classes": self.finished.classes, "members": self.finished.members,
+                "member_choice": o.members,
+                "weights": self.finished.weights or [1 / len(self.finished.members)] * len(self.finished.members),
+                "vote": cfg.vote if self.finished.weights is None else "weighted soft",
+                "temperature": self.finished.temperature, "arch": cfg.arch, "image_size": cfg.image_size,
+                "eval_resize": cfg.eval_resize, "tta": cfg.tta, "device": str(self.device),
+                "limits": {"max_upload_mb": o.max_upload_mb, "max_megapixels": o.max_megapixels,
+                           "max_batch_size": o.max_batch_size, "batch_wait_s": o.batch_wait_s}}
+
+
+# ---------------------------------------------------------------- the deployment (Ray Serve)
+
+@serve.deployment
+class EnsembleServer:
+    """The HTTP ingress: decode each request (in a thread), batch, vote; JSON out."""
+
+    def __init__(self, options: ServeOptions, threads: float):
+        import ray
+
+        from ensemble.engine import pick_device
+
+        self.run = ServedRun(options, device=pick_device(ray.get_gpu_ids()), threads=threads)
+        self.options = options
+        self.vote.set_max_batch_size(options.max_batch_size)
+        self.vote.set_batch_wait_timeout_s(options.batch_wait_s)
+        self.batch_sizes: Counter = Counter()  # batch size -> how many batches of that size ran
+        self.status_counts: Counter = Counter()  # HTTP status -> how many answers
+
+    async def __call__(self, request):
+        from starlette.responses import JSONResponse
+
+        status, body = await self._handle(request)
+        self.status_counts[status] += 1
+        return JSONResponse(body, status_code=status)
+
+    async def _handle(self, request) -> tuple[int, dict]:
+        from ensemble.data import ImageTooLarge
+
+        if request.url.path != "/":
+            return 404, {"error": f"no such path {request.url.path}; POST an image to / or GET / for the run"}
+        if request.method == "GET":
+            return 200, {**self.run.info(), "batches": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+                         "requests": {str(k): v for k, v in sorted(self.status_counts.items())}}
+        if request.method != "POST":
+            return 405, {"error": f"{request.method} not allowed; POST an image's bytes, or GET"}
+        try:
+            k = parse_k(request.query_params.get("k"))
+            data = await read_upload(request, self.options.max_bytes)
+        except UploadTooLarge as exc:
+            return 413, {"error": one_line(exc)}
+        except ValueError as exc:
+            return 400, {"error": one_line(exc)}
+        try:
+            image = await asyncio.to_thread(self.run.decode, data)
+        except ImageTooLarge as exc:
+            return 400, {"error": f"image too large: {one_line(exc)}"}
+        except Exception as exc:  # PIL raises many types for bad files; each is the client's, answered in one line
+            return 400, {"error": f"not a readable image ({bad_image_reason(exc)})"}
+        return 200, await self.vote((image, k))
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.025)  # both set from the options in __init__
+    async def vote(self, requests: list) -> list[dict]:
+        """A batch of (decoded image (3, S, S), k): every member once on the stacked batch."""
+        images = np.stack([image for image, _ in requests])
+        result = await asyncio.to_thread(self.run.answer, images, [k for _, k in requests])
+        self.batch_sizes[len(requests)] += 1
+        for row in result:
+            row["batch_size"] = len(requests)
+        return result
+
+
+def resources(options: ServeOptions, finished: FinishedRun) -> tuple[float, float]:
+    """(GPUs, CPUs) of the deployment. GPUs: ``--gpus``, else 0.5 where the cluster has a GPU
+    (a fraction, as members ask, so the server can share a GPU), else 0. CPUs (also torch's
+    threads): ``--cpus``, else the run's ``cpus_per_infer_actor``, capped at the largest node.
+    Without a Ray connection yet (``serve run`` calls the builder before it starts Ray) the
+    cluster is taken to be this machine."""
+    import ray
+
+    from ensemble.cluster import cluster_capacity, fit_cpus, resolve_gpus
+
+    if ray.is_initialized():
+        capacity = cluster_capacity()
+        has_gpu, largest_cpu = capacity.largest("GPU") > 0, capacity.largest("CPU")
+    else:
+        import torch
+
+        capacity, has_gpu, largest_cpu = None, torch.cuda.is_available(), float(os.cpu_count() or 1)
+    if capacity is not None:
+        gpus = resolve_gpus(options.gpus, capacity, "gpus", auto=0.5 if has_gpu else 0.0)
+        cpus = fit_cpus(options.cpus, capacity, "cpus", default=finished.config.cpus_per_infer_actor)
+    else:
+        gpus = options.gpus if options.gpus is not None else (0.5 if has_gpu else 0.0)
+        cpus = options.cpus if options.cpus is not None else min(finished.config.cpus_per_infer_actor, largest_cpu)
+    return gpus, cpus
+
+
+def build_app(options: ServeOptions):
+    """The Serve application of ``options``. The run is loaded here once first (every member's
+    sha256 checked), so a run that is unfinished or altered fails in one line before Serve starts
+    anything; the replica then loads it again."""
+    finished = load_run(options.run, options.members)
+    gpus, cpus = resources(options, finished)
+    log.info("serving %s: %d member(s) on %g GPU, %g CPU; batches of up to %d", options.run,
+             len(finished.members), gpus, cpus, options.max_batch_size)
+    return EnsembleServer.options(
+        # enough requests in the replica for a full batch while the previous one computes
+        max_ongoing_requests=4 * options.max_batch_size,
+        ray_actor_options={"num_gpus": gpus, "num_cpus": cpus},
+    ).bind(options, cpus)
+
+
+def app(args: dict):
+    """Ray Serve application builder: ``serve run ensemble.serve:app run=OUTPUT [members=selected]
+    [max_upload_mb=20] [max_megapixels=40] [max_batch_size=16] [batch_wait_s=0.025] [gpus=..] [cpus=..]``."""
+    return build_app(ServeOptions.from_args(args))
+
+
+# ---------------------------------------------------------------- python -m ensemble.serve
+
+def _parser() -> argparse.ArgumentParser:
+    d = ServeOptions
+    p = argparse.ArgumentParser(prog="python -m ensemble.serve",
+                                description="Serve a finished run's members over HTTP (Ray Serve).")
+    p.add_argument("--run", required=True, help="the --output folder of a finished ensemble.driver run")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                                                       "only; 0.0.0.0 exposes the server to the network)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--members", choices=MEMBER_CHOICES, default=d.members,
+                   help="all (default), or selected: the Caruana selection the run's report recorded, weighted")
+    p.add_argument("--max-upload-mb", type=float, default=d.max_upload_mb,
+                   help=f"larger request bodies get 413 (default {d.max_upload_mb:g} MiB)")
+    p.add_argument("--max-megapixels", type=float, default=d.max_megapixels,
+                   help=f"images that would decode to more pixels get 400 (default {d.max_megapixels:g})")
+    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
+                   help=f"requests run through the members together at most (default {d.max_batch_size})")
+    p.add_argument("--batch-wait-s", type=float, default=d.batch_wait_s,
+                   help=f"how long a batch waits to fill (default {d.batch_wait_s:g} s)")
+    p.add_argument("--gpus", type=float, help="GPUs for the server (default 0.5 where the cluster has GPUs, else 0)")
+    p.add_argument("--cpus", type=float, help="CPUs and torch threads (default: the run's --cpus-per-infer-actor)")
+    p.add_argument("--address", help="Ray cluster address, as for ensemble.driver (default: start a local one)")
+    return p
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc}); "
+                              f"pass another --port") from None
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Start the app and block until Ctrl-C or SIGTERM; then take it down and exit 0.
+
+    Stopping is the normal end of a server, so it exits 0 (not the driver's 130) after printing
+    one line. Errors a user can make: one line, exit 2."""
+    from ensemble.cluster import connect
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    args = _parser().parse_args(argv)
+    try:
+        options = ServeOptions(run=args.run, members=args.members, max_upload_mb=args.max_upload_mb,
+                               max_megapixels=args.max_megapixels, max_batch_size=args.max_batch_size,
+                               batch_wait_s=args.batch_wait_s, gpus=args.gpus, cpus=args.cpus)
+        load_run(options.run, options.members)  # one line now, before a cluster starts, if it is not a finished run
+        if not 0 < args.port < 65536:
+            raise ConfigError(f"--port {args.port}: choose 1-65535")
+        if args.address in (None, "local") and not os.environ.get("RAY_ADDRESS"):
+            _check_port_free(args.host, args.port)  # a cluster on this machine: its proxy binds here
+        connect(args.address)
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(build_app(options), name=APP_NAME, route_prefix="/", blocking=False)
+    except (ConfigError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted before the server was up", file=sys.stderr)
+        _stop()
+        return 130
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init and serve.run, so these are the ones that hold
+        signal.signal(sig, lambda signum, frame: stop.set())
+    print(f"serving {options.run} at http://{args.host}:{args.port}/ (POST an image; GET / for the run); "
+          f"Ctrl-C or SIGTERM stops it", flush=True)
+    while not stop.wait(1.0):
+        pass
+    _stop()
+    print("stopped: the server is shut down", flush=True)
+    return 0
+
+
+def _stop() -> None:
+    """Take down what this process started: the app (on a shared cluster other Serve apps keep
+    running), then the connection; a cluster this process started ends with it, Serve included."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    try:
+        serve.delete(APP_NAME)
+    finally:
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

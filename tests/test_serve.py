@@ -1,0 +1,426 @@
+"""Serving a finished run over HTTP (ensemble.serve), and ``--members selected`` (serve and predict).
+
+Pure tests first: the answer's numbers for hand-made member probabilities, the selection read
+from a report, the upload and decompression-bomb limits. Then one tiny finished run (the driver,
+as tests/test_pipeline_ray.py makes one) and ONE Serve app on loopback for every HTTP test.
+
+Batching is asserted without timing: the test app's batches wait up to 60 s to fill and hold 5
+requests, and every request that reaches the members is sent in a group of exactly 5 concurrent
+requests (the next group only after the last one answered), so each group is one batch of 5.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import os
+import shutil
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from ensemble.config import ConfigError
+
+pytest.importorskip("ray.serve")
+
+GROUP = 5  # the test app's max_batch_size; requests that reach the members go in groups of this many
+
+
+# ---------------------------------------------------------------- helpers
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A valid PNG header claiming width x height, followed by a few bytes of pixel data: a tiny
+    file that would decode to a huge image (a decompression bomb)."""
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+class FakeRequest:
+    """What ``read_upload`` reads of a Starlette request: headers and the body's chunks."""
+
+    def __init__(self, chunks: list[bytes], content_length=None):
+        self.headers = {} if content_length is None else {"content-length": str(content_length)}
+        self.chunks, self.consumed = chunks, 0
+
+    async def stream(self):
+        for c in self.chunks:
+            self.consumed += 1
+            yield c
+
+
+def _member_probs_in_process(output: str, image_paths: list[str], cfg, num_classes: int) -> np.ndarray:
+    """Every saved member on the images, one after another in this process: (members, n, classes)."""
+    import torch
+
+    from ensemble.data import decode_batch
+    from ensemble.engine import eval_models
+
+    batch = {"id": np.arange(len(image_paths)), "label": np.full(len(image_paths), -1),
+             "path": np.array(image_paths, dtype=object)}
+    images = torch.from_numpy(decode_batch(batch, image_size=cfg.image_size, resize=cfg.eval_resize)["image"])
+    states = [torch.load(os.path.join(output, "members", f"member-{i}", "model.pt"), weights_only=True)
+              for i in range(cfg.members)]
+    models = eval_models(cfg.arch, num_classes, states, torch.device("cpu"))
+    with torch.no_grad():
+        return np.stack([torch.softmax(m(images), dim=1).numpy() for m in models])
+
+
+# ---------------------------------------------------------------- pure: the answer's numbers
+
+# two members, two images, classes a, b, c
+MEMBER_PROBS = np.array([[[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]],
+                         [[0.2, 0.7, 0.1], [0.1, 0.1, 0.8]]])
+
+
+def _entropy(p):
+    p = np.asarray(p, dtype=np.float64)
+    return float(-(p * np.log(p)).sum())
+
+
+def test_answers_soft_vote_exact():
+    from ensemble.serve import answers
+
+    got = answers(MEMBER_PROBS, ["a", "b", "c"], rule="soft", temperature=1.0, ks=[2, 10])
+    # soft vote: row 0 (0.4, 0.5, 0.1) -> b; row 1 (0.15, 0.15, 0.7) -> c
+    assert got[0]["label"] == "b" and got[1]["label"] == "c"
+    assert [t["class"] for t in got[0]["top_k"]] == ["b", "a"]
+    np.testing.assert_allclose([t["probability"] for t in got[0]["top_k"]], [0.5, 0.4], atol=1e-12)
+    assert [t["class"] for t in got[1]["top_k"]] == ["c", "a", "b"]  # k capped at 3 classes; tie a/b: lower index first
+    np.testing.assert_allclose(list(got[0]["probabilities"].values()), [0.4, 0.5, 0.1], atol=1e-12)
+    assert list(got[0]["probabilities"]) == ["a", "b", "c"]
+    assert got[0]["entropy"] == pytest.approx(_entropy([0.4, 0.5, 0.1]), abs=1e-12)
+    assert got[0]["disagreement"] == 0.5 and got[1]["disagreement"] == 0.0  # member 0 says a on row 0
+    assert got[0]["members"] == 2
+
+
+def test_answers_weighted_and_temperature_exact():
+    from ensemble.serve import answers
+
+    # weights (0.75, 0.25): row 0 = (0.5, 0.4, 0.1) -> a; member 1 (top b) now disagrees
+    got = answers(MEMBER_PROBS, ["a", "b", "c"], rule="soft", temperature=1.0, weights=[0.75, 0.25], ks=[3, 3])
+    np.testing.assert_allclose(list(got[0]["probabilities"].values()), [0.5, 0.4, 0.1], atol=1e-12)
+    assert got[0]["label"] == "a" and got[0]["disagreement"] == 0.5
+    # T = 2 on the soft vote: p ** (1/2), renormalised
+    got = answers(MEMBER_PROBS, ["a", "b", "c"], rule="soft", temperature=2.0, ks=[3, 3])
+    expected = np.sqrt([0.4, 0.5, 0.1]) / np.sqrt([0.4, 0.5, 0.1]).sum()
+    np.testing.assert_allclose(list(got[0]["probabilities"].values()), expected, atol=1e-12)
+    assert got[0]["entropy"] == pytest.approx(_entropy(expected), abs=1e-12)
+    assert got[0]["label"] == "b"  # scaling never moves the top class
+
+
+def test_weighted_predictions_files_exact(tmp_path):
+    """write_predictions with a selection's weights: the weighted vote's probabilities and argmax."""
+    import pyarrow.parquet as pq
+
+    from ensemble.report import write_predictions
+
+    voted = {"image_name": np.array(["x", "y"]), "member_probs": MEMBER_PROBS}
+    write_predictions(str(tmp_path), voted, ["a", "b", "c"], "soft", 1.0, [0.75, 0.25])
+    assert (tmp_path / "predictions.csv").read_text() == "image_name,pred_label\nx,a\ny,c\n"
+    table = pq.read_table(tmp_path / "probabilities.parquet")
+    np.testing.assert_allclose([table.column(c)[0].as_py() for c in "abc"], [0.5, 0.4, 0.1], atol=1e-7)
+    np.testing.assert_allclose(table.column("member_disagreement").to_numpy(), [0.5, 0.0])
+
+
+def test_selected_members_from_report():
+    from ensemble.predict import selected_members
+
+    report = {"ensemble": {"selection": {"weights": [0.5, 0.0, 0.25, 0.25]}}}
+    assert selected_members(report, 4, "R") == ([0, 2, 3], [0.5, 0.25, 0.25])
+    with pytest.raises(ConfigError, match=r"^--members selected: R/report.json records no member selection"):
+        selected_members({"ensemble": {}}, 4, "R")
+    with pytest.raises(ConfigError, match="records no member selection"):
+        selected_members(None, 4, "R")
+    with pytest.raises(ConfigError, match="do not fit the run's 3 members"):
+        selected_members(report, 3, "R")
+
+
+def test_options_from_serve_run_strings():
+    from ensemble.serve import ServeOptions, parse_k
+
+    o = ServeOptions.from_args({"run": "r", "members": "selected", "max_upload_mb": "2.5", "max_batch_size": "8"})
+    assert (o.run, o.members, o.max_bytes, o.max_batch_size, o.gpus) == ("r", "selected", int(2.5 * 2**20), 8, None)
+    with pytest.raises(ConfigError, match="unknown argument.*port"):
+        ServeOptions.from_args({"run": "r", "port": "1"})
+    with pytest.raises(ConfigError, match="--members some"):
+        ServeOptions.from_args({"run": "r", "members": "some"})
+    with pytest.raises(ConfigError, match="--max-upload-mb -1.0: must be a finite number > 0"):
+        ServeOptions(run="r", max_upload_mb=-1.0)
+    assert parse_k(None) == 5 and parse_k("3") == 3
+    for bad in ("0", "x", "1001"):
+        with pytest.raises(ValueError, match=f"k={bad}: expected an integer from 1 to 1000"):
+            parse_k(bad)
+
+
+def test_upload_limit_before_reading_and_while_streaming():
+    from ensemble.serve import UploadTooLarge, read_upload
+
+    declared = FakeRequest([b"x" * 10] * 20, content_length=200)
+    with pytest.raises(UploadTooLarge, match="upload of 200 bytes"):
+        asyncio.run(read_upload(declared, 100))
+    assert declared.consumed == 0  # refused by its Content-Length: nothing read
+    chunked = FakeRequest([b"x" * 40] * 20)  # no Content-Length (chunked)
+    with pytest.raises(UploadTooLarge, match="more than 100 bytes"):
+        asyncio.run(read_upload(chunked, 100))
+    assert chunked.consumed == 3  # stopped at the chunk that passed the limit
+    assert asyncio.run(read_upload(FakeRequest([b"ab", b"c"], content_length=3), 3)) == b"abc"
+
+
+def test_decompression_bombs_refused_before_decoding(monkeypatch, tiny_digits):
+    from PIL import ImageFile
+
+    from ensemble.data import ImageTooLarge, decode_batch, decode_image, open_image
+
+    def no_decoding(self):
+        raise AssertionError("load() called: pixels were decoded")
+
+    with monkeypatch.context() as m:
+        m.setattr(ImageFile.ImageFile, "load", no_decoding)
+        # 2.5e9 pixels: past PIL's own bomb limit as well, refused while opening
+        with pytest.raises(ImageTooLarge, match="pixels"):
+            open_image(png_claiming(50000, 50000), max_pixels=40_000_000)
+        # 49 MP: under PIL's limit (89 MP), over ours
+        with pytest.raises(ImageTooLarge, match=r"^image is 7000 x 7000 pixels \(49.0 megapixels\); the limit is 40"):
+            open_image(png_claiming(7000, 7000), max_pixels=40_000_000)
+    # A real image decodes to exactly what predict's batch decoding gives the same file.
+    path = os.path.join(tiny_digits, "test", sorted(os.listdir(os.path.join(tiny_digits, "test")))[0])
+    batch = decode_batch({"id": np.array([0]), "label": np.array([-1]), "path": np.array([path], dtype=object)},
+                         image_size=16, resize="squash")
+    with open(path, "rb") as fh:
+        np.testing.assert_array_equal(decode_image(fh.read(), image_size=16, resize="squash",
+                                                   max_pixels=40_000_000), batch["image"][0])
+
+
+# ---------------------------------------------------------------- one finished run, one Serve app
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")  # never a `ray start` cluster here
+    yield
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def run(cluster, tiny_digits, tmp_path_factory):
+    from ensemble.config import CPU_PRESET, build_config
+    from ensemble.driver import run as run_pipeline
+
+    output = tmp_path_factory.mktemp("run")
+    values = {**CPU_PRESET, "image_size": 16, "epochs": 1, "members": 3, "batch_size": 16, "gpus_per_member": 0,
+              "gpus_per_infer_actor": 0, "infer_batch_size": 16, "infer_actors": 1, "seed": 7}
+    report = run_pipeline(build_config(flag_values={"data": tiny_digits, "output": str(output), **values}))
+    return report, str(output)
+
+
+@pytest.fixture(scope="module")
+def served(run):
+    """The one Serve app of this file: the run's members, batches of GROUP that wait 60 s to fill,
+    a 50 KiB upload limit; on a free loopback port. Yields (host, port)."""
+    from ray import serve
+
+    from ensemble.serve import APP_NAME, ServeOptions, build_app
+    from tests.conftest import free_port
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    options = ServeOptions(run=run[1], max_upload_mb=50 / 1024, max_batch_size=GROUP, batch_wait_s=60.0, cpus=1.0)
+    serve.run(build_app(options), name=APP_NAME, route_prefix="/")
+    yield "127.0.0.1", port
+
+
+def request(address, method: str, path: str = "/", body=None, *, chunked: bool = False) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection(*address, timeout=180)
+    try:
+        if chunked:
+            conn.request(method, path, body=iter([body[i:i + 4096] for i in range(0, len(body), 4096)]),
+                         encode_chunked=True)
+        else:
+            conn.request(method, path, body=body)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def post_group(address, bodies: list[bytes], path: str = "/") -> list[tuple[int, dict]]:
+    """Exactly len(bodies) concurrent POSTs; returns when all have answered."""
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(lambda b: request(address, "POST", path, b), bodies))
+
+
+@pytest.fixture(scope="module")
+def in_process(run, tiny_digits):
+    """(image names, paths, every member's probabilities on the run's test images computed in this
+    process without Ray (members, n, classes), classes, temperature)."""
+    from ensemble.predict import load_run
+
+    _, output = run
+    finished = load_run(output)
+    test_dir = os.path.join(tiny_digits, "test")
+    names = sorted(os.path.splitext(f)[0] for f in os.listdir(test_dir))
+    paths = [os.path.join(test_dir, f"{n}.png") for n in names]
+    member_probs = _member_probs_in_process(output, paths, finished.config, len(finished.classes))
+    return names, paths, member_probs, finished.classes, finished.temperature
+
+
+@pytest.mark.ray
+def test_http_answers_equal_predict_in_batches(served, run, in_process):
+    """Over HTTP == predict's probabilities (the run's probabilities.parquet: the vote stage and
+    write_predictions that predict runs, and reproduces to 1e-5 in test_pipeline_ray) == the saved
+    members run one after another in this process, soft-voted and scaled by the run's temperature."""
+    import pyarrow.parquet as pq
+
+    from ensemble.calibration import scale_probs
+    from ensemble.vote import soft_vote
+
+    _, output = run
+    names, paths, member_probs, classes, temperature = in_process
+    table = pq.read_table(os.path.join(output, "probabilities.parquet"))
+    order = [table.column("image_name").to_pylist().index(n) for n in names]
+    expected = np.stack([table.column(c).to_numpy() for c in classes], axis=1)[order]  # (n, classes)
+    assert temperature != 1.0  # the report fitted one, and it is applied
+    np.testing.assert_allclose(expected, scale_probs(soft_vote(member_probs), temperature), atol=1e-5)
+    labels = dict(line.split(",") for line in open(os.path.join(output, "predictions.csv")).read().splitlines()[1:])
+    assert len(names) == 25 and len(names) % GROUP == 0
+
+    before = request(served, "GET")[1]["batches"]
+    got = []
+    for lo in range(0, len(names), GROUP):
+        bodies = [open(p, "rb").read() for p in paths[lo:lo + GROUP]]
+        got += post_group(served, bodies, "/?k=2")
+    assert [status for status, _ in got] == [200] * len(names)
+    answers = [a for _, a in got]
+    np.testing.assert_allclose([[a["probabilities"][c] for c in classes] for a in answers], expected, atol=1e-5)
+    assert [a["label"] for a in answers] == [labels[n] for n in names]
+    np.testing.assert_allclose([a["entropy"] for a in answers],
+                               table.column("predictive_entropy").to_numpy()[order], atol=1e-5)
+    np.testing.assert_allclose([a["disagreement"] for a in answers],
+                               table.column("member_disagreement").to_numpy()[order], atol=1e-6)
+    for a, p in zip(answers, expected):
+        assert [t["class"] for t in a["top_k"]] == [classes[i] for i in np.argsort(-p, kind="stable")[:2]]
+        assert a["members"] == 3
+    # Batching: each group of GROUP concurrent requests ran through the members as one batch.
+    assert [a["batch_size"] for a in answers] == [GROUP] * len(names)
+    after = request(served, "GET")[1]["batches"]
+    assert after.get(str(GROUP), 0) - before.get(str(GROUP), 0) == len(names) // GROUP
+    assert {k: v for k, v in after.items() if k != str(GROUP)} == {k: v for k, v in before.items() if k != str(GROUP)}
+
+
+@pytest.mark.ray
+def test_bad_requests_get_one_line_and_the_server_keeps_serving(served, run, tiny_digits):
+    _, output = run
+    test_dir = os.path.join(tiny_digits, "test")
+    image = open(os.path.join(test_dir, sorted(os.listdir(test_dir))[0]), "rb").read()
+    cases = [  # (status, response, what the one line says)
+        (request(served, "POST", "/", b"not an image at all"), 400, "not a readable image (UnidentifiedImageError"),
+        (request(served, "POST", "/", image[: len(image) // 2]), 400, "not a readable image"),   # truncated
+        (request(served, "POST", "/", b""), 400, "empty body"),
+        (request(served, "POST", "/?k=zero", image), 400, "k=zero: expected an integer"),
+        (request(served, "POST", "/", png_claiming(50000, 50000)), 400, "image too large"),   # 2.5e9 pixels claimed
+        (request(served, "POST", "/", png_claiming(8000, 8000)), 400,
+         "image too large: image is 8000 x 8000 pixels (64.0 megapixels); the limit is 40 megapixels"),
+        (request(served, "POST", "/", b"\0" * 60_000), 413, "upload of 60000 bytes; the limit is 0.0488281 MiB"),
+        (request(served, "POST", "/", b"\0" * 60_000, chunked=True), 413, "upload of more than 51200 bytes"),
+        (request(served, "PUT", "/", image), 405, "PUT not allowed"),
+        (request(served, "POST", "/elsewhere", image), 404, "no such path /elsewhere"),
+    ]
+    for (status, body), want_status, message in cases:
+        assert status == want_status, (status, body, message)
+        assert list(body) == ["error"] and message in body["error"] and "\n" not in body["error"], (body, message)
+    # ... and the next requests are answered (a full group, so they form one batch)
+    after = post_group(served, [image] * GROUP)
+    assert [s for s, _ in after] == [200] * GROUP and all(a["batch_size"] == GROUP for _, a in after)
+    info = request(served, "GET")[1]
+    assert info["requests"]["400"] >= 6 and info["requests"]["413"] >= 2
+    report = json.load(open(os.path.join(output, "report.json")))
+    assert info["members"] == [0, 1, 2] and info["weights"] == pytest.approx([1 / 3] * 3)
+    assert info["temperature"] == report["ensemble"]["calibration"]["temperature"]
+    assert info["classes"] == report["data"]["class_names"] and info["limits"]["max_batch_size"] == GROUP
+
+
+# ---------------------------------------------------------------- --members selected
+
+@pytest.fixture(scope="module")
+def selected_copy(run, tmp_path_factory):
+    """The run with a known selection in its report (weights 0.75, 0, 0.25) and member 1's weights
+    file altered: loading member 1 would fail its sha256 check, so a success shows it was not loaded."""
+    _, output = run
+    copy = tmp_path_factory.mktemp("selected") / "run"
+    shutil.copytree(output, copy)
+    report = json.load(open(copy / "report.json"))
+    report["ensemble"]["selection"]["weights"] = [0.75, 0.0, 0.25]
+    (copy / "report.json").write_text(json.dumps(report))
+    with open(copy / "members" / "member-1" / "model.pt", "ab") as fh:
+        fh.write(b"\0")
+    return str(copy), report
+
+
+@pytest.mark.ray
+def test_predict_and_serve_with_selected_members(selected_copy, in_process, tiny_digits, tmp_path):
+    import pyarrow.parquet as pq
+
+    from ensemble.calibration import scale_probs
+    from ensemble.predict import predict
+    from ensemble.selection import weighted_vote
+    from ensemble.serve import ServedRun, ServeOptions
+
+    copy, _ = selected_copy
+    names, paths, member_probs, classes, temperature = in_process  # all three members, of the original run
+    summary = predict(copy, os.path.join(tiny_digits, "test"), str(tmp_path / "pred"), infer_actors=1,
+                      members="selected")
+    assert summary["members_used"] == [0, 2] and summary["member_weights"] == [0.75, 0.25]
+    assert summary["member_choice"] == "selected" and summary["vote"] == "weighted soft"
+    assert summary["temperature"] == temperature
+    expected = scale_probs(weighted_vote(member_probs, [0.75, 0.0, 0.25]), temperature)
+    table = pq.read_table(tmp_path / "pred" / "probabilities.parquet")
+    order = [table.column("image_name").to_pylist().index(n) for n in names]
+    got = np.stack([table.column(c).to_numpy() for c in classes], axis=1)[order]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    labels = dict(line.split(",") for line in (tmp_path / "pred" / "predictions.csv").read_text().splitlines()[1:])
+    assert [labels[n] for n in names] == [classes[i] for i in expected.argmax(axis=1)]
+
+    # The server's core with --members selected (what the deployment runs): same numbers, in-process.
+    served = ServedRun(ServeOptions(run=copy, members="selected"))
+    assert served.finished.members == [0, 2] and len(served.models) == 2
+    images = np.stack([served.decode(open(p, "rb").read()) for p in paths])
+    answers = served.answer(images, ks=[1] * len(paths))
+    np.testing.assert_allclose([[a["probabilities"][c] for c in classes] for a in answers], expected, atol=1e-5)
+    assert [a["label"] for a in answers] == [labels[n] for n in names] and all(a["members"] == 2 for a in answers)
+
+
+@pytest.mark.ray
+def test_one_line_errors_for_missing_selection_and_tampered_runs(run, selected_copy, tiny_digits, tmp_path, capsys):
+    from ensemble import predict, serve
+
+    _, output = run
+    no_selection = tmp_path / "no-selection"
+    shutil.copytree(output, no_selection)
+    report = json.load(open(no_selection / "report.json"))
+    del report["ensemble"]["selection"]
+    (no_selection / "report.json").write_text(json.dumps(report))
+    test_dir = os.path.join(tiny_digits, "test")
+    cases = [
+        (predict.main, ["--run", str(no_selection), "--images", test_dir, "--output", str(tmp_path / "o"),
+                        "--members", "selected"], "records no member selection (ensemble.selection.weights)"),
+        (serve.main, ["--run", str(no_selection), "--members", "selected"], "records no member selection"),
+        (serve.main, ["--run", selected_copy[0]], "sha256 differs"),   # member 1 altered, and --members all loads it
+        (serve.main, ["--run", str(tmp_path)], "no readable run.json"),
+    ]
+    for main, argv, message in cases:
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "o").exists()
