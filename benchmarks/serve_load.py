@@ -129,7 +129,7 @@ def members_bound(options, bodies: list[bytes], batch: int, threads: float, repe
     """img/s of all members on a decoded batch (and with decoding) in this process: batch / median time."""
     import torch
 
-    from ensemble.serve import ServedRun
+    from ensemble.served_run import ServedRun
 
     served = ServedRun(options, device=torch.device("cpu"), threads=threads)
     chunk = [bodies[i % len(bodies)] for i in range(batch)]

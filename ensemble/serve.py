@@ -22,15 +22,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import logging
-import math
 import os
 import signal
 import sys
 import threading
 from collections import Counter
-from dataclasses import dataclass, fields
 from typing import Optional, Sequence
 
 import numpy as np
@@ -39,193 +36,12 @@ from ray import serve
 from ensemble.checkpoint import CheckpointError
 from ensemble.config import ConfigError
 from ensemble.predict import MEMBER_CHOICES, FinishedRun, load_run
+from ensemble.served_run import (ServedRun, ServeOptions, UploadTooLarge, bad_image_reason, one_line, parse_k,
+                                  read_upload)
 
 log = logging.getLogger("ensemble.serve")
 
 APP_NAME = "ensemble"  # the Serve application's name (serve status, the dashboard's Serve view)
-MAX_K = 1000           # ceiling on the k query parameter (k is also capped at the number of classes)
-
-
-@dataclass(frozen=True)
-class ServeOptions:
-    """What one served run needs; ``serve run ensemble.serve:app KEY=VALUE`` sets the same fields."""
-
-    run: str                              # the --output folder of a finished ensemble.driver run
-    members: str = "all"                  # all | selected (the report's Caruana selection, weighted)
-    max_upload_mb: float = 20.0           # request bodies over this (MiB) get 413 before they are read
-    max_megapixels: float = 40.0          # images that would decode to more pixels get 400 before decoding
-    max_batch_size: int = 16              # requests the members run together at most
-    batch_wait_s: float = 0.025           # how long a batch waits to fill; 0.01 left batches of ~1 on 2 cores
-                                          # (a request's HTTP path takes longer than that; BENCHMARKS.md)
-    gpus: Optional[float] = None          # GPUs for the deployment; None: 0.5 where the cluster has GPUs, else 0
-    cpus: Optional[float] = None          # CPUs (= torch threads); None: the run's cpus_per_infer_actor
-
-    def __post_init__(self) -> None:
-        if self.members not in MEMBER_CHOICES:
-            raise ConfigError(f"--members {self.members}: choose {' or '.join(MEMBER_CHOICES)}")
-        for name in ("max_upload_mb", "max_megapixels", "batch_wait_s", "gpus", "cpus"):
-            value = getattr(self, name)
-            low_ok = value is None or (math.isfinite(value) and (value >= 0 if name in ("batch_wait_s", "gpus")
-                                                                 else value > 0))
-            if not low_ok:
-                raise ConfigError(f"--{name.replace('_', '-')} {value}: must be a finite number "
-                                  f"{'>= 0' if name in ('batch_wait_s', 'gpus') else '> 0'}")
-        if self.max_batch_size < 1:
-            raise ConfigError(f"--max-batch-size {self.max_batch_size}: must be >= 1")
-        if self.gpus is not None and self.gpus > 1:
-            raise ConfigError(f"--gpus {self.gpus:g}: the deployment runs its members on one device; use 1 or less")
-
-    @property
-    def max_bytes(self) -> int:
-        return int(self.max_upload_mb * 2**20)
-
-    @property
-    def max_pixels(self) -> int:
-        return int(self.max_megapixels * 1e6)
-
-    @classmethod
-    def from_args(cls, args: dict) -> "ServeOptions":
-        """From ``serve run``'s KEY=VALUE strings (or a dict of typed values)."""
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(args) - set(known))
-        if unknown:
-            raise ConfigError(f"unknown argument(s) {', '.join(unknown)}; choose from {', '.join(known)}")
-        if "run" not in args:
-            raise ConfigError("run=OUTPUT is required: the --output folder of a finished ensemble.driver run")
-        values = {}
-        for name, value in args.items():
-            kind = {"max_batch_size": int, "run": str, "members": str}.get(name, float)
-            try:
-                values[name] = None if value in (None, "", "auto") else kind(value)
-            except ValueError:
-                raise ConfigError(f"{name}={value}: expected {kind.__name__}") from None
-        return cls(**values)
-
-
-# ---------------------------------------------------------------- the answer (numpy, no Ray)
-
-def answers(member_probs, classes: Sequence[str], *, rule: str, temperature: float, weights=None,
-            ks: Sequence[int]) -> list[dict]:
-    """One JSON-ready answer per image from the members' probabilities (members, B, classes):
-    the same vote, temperature, entropy and disagreement as predict's files (``report.vote_outputs``).
-    ``ks`` (B,): how many top classes each request asked for."""
-    from ensemble.report import vote_outputs
-
-    member_probs = np.asarray(member_probs, dtype=np.float64)
-    out = vote_outputs(member_probs, rule, temperature, weights)
-    result = []
-    for row, k in enumerate(ks):
-        probs = out["probs"][row]
-        top = np.argsort(-probs, kind="stable")[:min(k, len(classes))]  # ties: lower class index first
-        result.append({"label": classes[int(out["label"][row])],
-                       "top_k": [{"class": classes[int(c)], "probability": float(probs[c])} for c in top],
-                       "probabilities": {c: float(p) for c, p in zip(classes, probs)},
-                       "entropy": float(out["entropy"][row]),
-                       "disagreement": float(out["disagreement"][row]),
-                       "members": int(member_probs.shape[0])})
-    return result
-
-
-def parse_k(value: Optional[str]) -> int:
-    """The ``k`` query parameter: an integer in 1..MAX_K (default 5); ValueError with one line."""
-    if value is None:
-        return 5
-    try:
-        k = int(value)
-    except ValueError:
-        raise ValueError(f"k={value}: expected an integer from 1 to {MAX_K}") from None
-    if not 1 <= k <= MAX_K:
-        raise ValueError(f"k={value}: expected an integer from 1 to {MAX_K}")
-    return k
-
-
-class UploadTooLarge(ValueError):
-    """A request body over the upload limit."""
-
-
-async def read_upload(request, max_bytes: int) -> bytes:
-    """The request body, refused (UploadTooLarge) once it passes ``max_bytes``: by its
-    Content-Length before anything is read, else while it streams in (chunked uploads), so a
-    request never holds more than ``max_bytes`` (plus one chunk) here."""
-    declared = request.headers.get("content-length")
-    limit = f"the limit is {max_bytes / 2**20:g} MiB (--max-upload-mb)"
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise UploadTooLarge(f"upload of {int(declared)} bytes; {limit}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise UploadTooLarge(f"upload of more than {max_bytes} bytes; {limit}")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def bad_image_reason(exc: BaseException) -> str:
-    """Why PIL could not read an upload, in a few words (its own message names a BytesIO object)."""
-    from PIL import UnidentifiedImageError
-
-    if isinstance(exc, UnidentifiedImageError):
-        return "UnidentifiedImageError: not a format PIL knows (JPEG, PNG, WebP, BMP, TIFF, ...)"
-    return f"{exc.__class__.__name__}: {one_line(exc)}"
-
-
-def one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or exc.__class__.__name__
-    return text[:300]
-
-
-class ServedRun:
-    """A finished run's members in this process, ready to answer (plain torch; the deployment
-    below is its thin Ray Serve wrapper, and a test can use it without Ray)."""
-
-    def __init__(self, options: ServeOptions, *, device=None, threads: float = 1):
-        import torch
-
-        from ensemble.engine import eval_models, resolve_precision, set_threads
-
-        set_threads(threads)
-        self.options = options
-        self.finished: FinishedRun = load_run(options.run, options.members)  # sha256 checked, weights_only
-        cfg = self.finished.config
-        self.device = device or torch.device("cpu")
-        self.amp = resolve_precision(cfg.precision, self.device)
-        self.models = eval_models(cfg.arch, len(self.finished.classes), self.finished.states, self.device)
-        self.finished = dataclasses.replace(self.finished, states=[])  # the models hold the weights now
-
-    def decode(self, data: bytes) -> np.ndarray:
-        """Image bytes -> float32 (3, S, S): the run's eval transform, as predict decodes a file.
-        ImageTooLarge past the pixel limit (before decoding); PIL's errors for anything unreadable."""
-        from ensemble.data import decode_image
-
-        cfg = self.finished.config
-        if not data:
-            raise ValueError("empty body; POST the image file's bytes")
-        return decode_image(data, image_size=cfg.image_size, resize=cfg.eval_resize,
-                            max_pixels=self.options.max_pixels)
-
-    def member_probs(self, images: np.ndarray) -> np.ndarray:
-        """(B, 3, S, S) float32 -> the members' probabilities (members, B, classes), TTA as the run's."""
-        import torch
-
-        from ensemble.engine import vote_member_probabilities
-
-        batch = torch.from_numpy(images).to(self.device, non_blocking=True)
-        return vote_member_probabilities(self.models, batch, self.amp, self.finished.config.tta).cpu().numpy()
-
-    def answer(self, images: np.ndarray, ks: Sequence[int]) -> list[dict]:
-        return answers(self.member_probs(images), self.finished.classes, rule=self.finished.config.vote,
-                       temperature=self.finished.temperature, weights=self.finished.weights, ks=ks)
-
-    def info(self) -> dict:
-        cfg, o = self.finished.config, self.options
-        return {"run": o.run, "classes": self.finished.classes, "members": self.finished.members,
-                "member_choice": o.members,
-                "weights": self.finished.weights or [1 / len(self.finished.members)] * len(self.finished.members),
-                "vote": cfg.vote if self.finished.weights is None else "weighted soft",
-                "temperature": self.finished.temperature, "arch": cfg.arch, "image_size": cfg.image_size,
-                "eval_resize": cfg.eval_resize, "tta": cfg.tta, "device": str(self.device),
-                "limits": {"max_upload_mb": o.max_upload_mb, "max_megapixels": o.max_megapixels,
-                           "max_batch_size": o.max_batch_size, "batch_wait_s": o.batch_wait_s}}
 
 
 # ---------------------------------------------------------------- the deployment (Ray Serve)

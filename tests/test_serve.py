@@ -85,7 +85,7 @@ def _entropy(p):
 
 
 def test_answers_soft_vote_exact():
-    from ensemble.serve import answers
+    from ensemble.served_run import answers
 
     got = answers(MEMBER_PROBS, ["a", "b", "c"], rule="soft", temperature=1.0, ks=[2, 10])
     # soft vote: row 0 (0.4, 0.5, 0.1) -> b; row 1 (0.15, 0.15, 0.7) -> c
@@ -101,7 +101,7 @@ def test_answers_soft_vote_exact():
 
 
 def test_answers_weighted_and_temperature_exact():
-    from ensemble.serve import answers
+    from ensemble.served_run import answers
 
     # weights (0.75, 0.25): row 0 = (0.5, 0.4, 0.1) -> a; member 1 (top b) now disagrees
     got = answers(MEMBER_PROBS, ["a", "b", "c"], rule="soft", temperature=1.0, weights=[0.75, 0.25], ks=[3, 3])
@@ -143,7 +143,7 @@ def test_selected_members_from_report():
 
 
 def test_options_from_serve_run_strings():
-    from ensemble.serve import ServeOptions, parse_k
+    from ensemble.served_run import ServeOptions, parse_k
 
     o = ServeOptions.from_args({"run": "r", "members": "selected", "max_upload_mb": "2.5", "max_batch_size": "8"})
     assert (o.run, o.members, o.max_bytes, o.max_batch_size, o.gpus) == ("r", "selected", int(2.5 * 2**20), 8, None)
@@ -160,7 +160,7 @@ def test_options_from_serve_run_strings():
 
 
 def test_upload_limit_before_reading_and_while_streaming():
-    from ensemble.serve import UploadTooLarge, read_upload
+    from ensemble.served_run import UploadTooLarge, read_upload
 
     declared = FakeRequest([b"x" * 10] * 20, content_length=200)
     with pytest.raises(UploadTooLarge, match="upload of 200 bytes"):
@@ -374,7 +374,7 @@ def test_predict_and_serve_with_selected_members(selected_copy, in_process, tiny
     from ensemble.calibration import scale_probs
     from ensemble.predict import predict
     from ensemble.selection import weighted_vote
-    from ensemble.serve import ServedRun, ServeOptions
+    from ensemble.served_run import ServedRun, ServeOptions
 
     copy, _ = selected_copy
     names, paths, member_probs, classes, temperature = in_process  # all three members, of the original run
