@@ -160,7 +160,7 @@ def _parser() -> argparse.ArgumentParser:
                                 description="Serve a finished run's members over HTTP (Ray Serve).")
     p.add_argument("--run", required=True, help="the --output folder of a finished ensemble.driver run")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
-                                                       "only; 0.0.0.0 exposes the server to the network)")
+                                                       "only; an address of another interface exposes the server to that network)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--members", choices=MEMBER_CHOICES, default=d.members,
                    help="all (default), or selected: the Caruana selection the run's report recorded, weighted")

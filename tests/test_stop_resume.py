@@ -1,11 +1,15 @@
 """A stopped driver loses no finished work: Ctrl-C (SIGINT), SIGTERM (`kill`) and `ray job stop`
-stop the members, exit 130 and print the resume command; SIGKILL just dies. The same command then
-loads the finished members, resumes the others from their checkpoints and reruns inference
-(after `ray job stop`, as a `ray job submit` with the repository as working dir, which succeeds).
+stop the members, exit 130 and print the resume command; SIGKILL just dies. Each rerun of the same
+command loads the finished members and resumes the others from their checkpoints.
+
+One run, stopped four times in a row: submitted as a job and stopped with `ray job stop`, rerun
+and stopped with SIGINT, rerun and stopped with SIGTERM, rerun and SIGKILLed, then resubmitted
+as a job with the repository as its working dir, which completes. Every stop lands while a
+member trains (the test waits for a member to commit an epoch the previous stop had not seen,
+never for a time), and every member must resume after exactly the epochs it had committed.
 
 The drivers join a `ray start --head` cluster of 2 CPUs of the test's own, with one CPU per
-member: two members train at once on any machine, so member 2 is still training when the stop
-lands (the test waits for that state, never for a time).
+member: two members train at once on any machine, and member 2 waits for a slot.
 """
 
 from __future__ import annotations
@@ -52,10 +56,13 @@ def head(tmp_path_factory):
             cluster.stop()
 
 
+EPOCHS = 8  # room for four stops, each after one more committed epoch
+
+
 def _driver_args(data, output, address):
     return ["-m", "ensemble.driver", "--data", data, "--output", str(output), "--address", address,
-            "--members", "3", "--epochs", "4", "--image-size", "16", "--batch-size", "16", "--seed", "3",
-            "--cpus-per-member", "1", "--cpus-per-infer-actor", "1", *RECIPE_FLAGS]
+            "--members", "3", "--epochs", str(EPOCHS), "--image-size", "16", "--batch-size", "16", "--seed", "3",
+            "--cpus-per-member", "1", "--cpus-per-infer-actor", "1", "--infer-actors", "1", *RECIPE_FLAGS]
 
 
 def _wait_for(predicate, timeout_s: float, what: str):
@@ -63,7 +70,7 @@ def _wait_for(predicate, timeout_s: float, what: str):
     while time.time() < deadline:
         if predicate():
             return
-        time.sleep(0.05)
+        time.sleep(0.02)
     raise AssertionError(f"timed out waiting for {what}")
 
 
@@ -78,93 +85,118 @@ def _checkpoint_epoch(output, i):
         return None
 
 
-def _mid_run(output) -> bool:
-    """Member 0 finished and member 2 (the third, waiting for a slot) has a checkpoint of its own."""
-    return _member_done(output, 0) and bool(_checkpoint_epoch(output, 2))
+def _committed(output) -> dict:
+    """Member -> its committed epoch (EPOCHS once finished; 0 before its first checkpoint)."""
+    return {i: EPOCHS if _member_done(output, i) else (_checkpoint_epoch(output, i) or 0) for i in range(3)}
 
 
-def _check_resumed_rerun(data, output, head, *, as_job: str = ""):
-    """The same command (or, with ``as_job``, the same `ray job submit` with the repository as its
-    working dir, as the README says): member 0 loaded, members stopped mid-training resumed, all
-    predictions written."""
-    resumable = [i for i in (1, 2) if _checkpoint_epoch(output, i) and not _member_done(output, i)]
-    assert resumable, "no member was stopped mid-training"
-    command = [sys.executable, *_driver_args(data, output, head["address"])]
-    if as_job:
-        command = [RAY_CLI, "job", "submit", "--address", head["jobs"], "--submission-id", as_job,
-                   "--working-dir", REPO, "--", "python", *command[1:]]
-    again = subprocess.run(command, capture_output=True, text=True, env=head["env"], cwd=REPO, timeout=600)
-    log = again.stdout + again.stderr
-    assert again.returncode == 0, log[-3000:]
-    if as_job:
-        status = subprocess.run([RAY_CLI, "job", "status", "--address", head["jobs"], as_job], capture_output=True,
-                                text=True, env=head["env"], timeout=120)
-        assert "succeeded" in status.stdout, status.stdout + status.stderr
-        assert "outputs in" in log  # the driver's last line reached the job's log
-    assert "member 0: finished earlier" in log
-    assert "%|" not in log and "Running Dataset" not in log  # piped: no progress bars
-    report = json.loads((output / "report.json").read_text())
-    assert [m["member"] for m in report["members"]] == [0, 1, 2]
-    assert report["members"][0]["resumed_after_epochs"] == []
-    for i in resumable:  # no finished epoch trained again
-        assert report["members"][i]["resumed_after_epochs"], f"member {i} restarted from epoch 0"
-        assert [h["epoch"] for h in report["members"][i]["history"]] == [1, 2, 3, 4]
-    assert (output / "predictions.csv").read_text().count("\n") == 21
+def _moved_on(output, before: dict):
+    """A member still training has committed an epoch past ``before`` (a stop now lands mid-training)."""
+    def check():
+        now = _committed(output)
+        return any(before[i] < now[i] < EPOCHS for i in now)
+    return check
 
 
-@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGKILL"])
-def test_stopped_driver_rerun_resumes(head, data, tmp_path, how):
+def _trainers_alive() -> list[int]:
+    """Member processes (Ray titles them ray::MemberTrainer...) still alive on this machine."""
+    pids = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                if fh.read().startswith(b"ray::MemberTrainer"):
+                    with open(f"/proc/{pid}/stat") as st:
+                        if st.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                            pids.append(int(pid))
+        except (OSError, ValueError, IndexError):
+            continue
+    return pids
+
+
+def _stopped_cleanly(returncode: int, err: str) -> None:
+    assert returncode == 130, err[-3000:]
+    assert "interrupted: members stopped" in err and RESUME_LINE in err, err[-3000:]
+    assert "Traceback" not in err and "SIGTERM received" not in err, err[-3000:]
+
+
+def _job(head, *args, check=False, timeout=120):
+    proc = subprocess.run([RAY_CLI, "job", *args[:1], "--address", head["jobs"], *args[1:]], capture_output=True,
+                          text=True, env=head["env"], cwd=REPO, timeout=timeout)
+    assert not check or proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc
+
+
+def test_every_stop_keeps_finished_work_and_reruns_resume(head, data, tmp_path):
     output = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, *_driver_args(data, output, head["address"])], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=head["env"], cwd=REPO, start_new_session=True)
-    try:
-        _wait_for(lambda: proc.poll() is not None or _mid_run(output), 400, "member 0 done + member 2 checkpointed")
-        assert proc.poll() is None, f"driver exited early: {proc.communicate()[1][-2000:]}"
-        proc.send_signal(getattr(signal, how))
-        _, err = proc.communicate(timeout=120)
-    finally:
-        try:  # whatever this driver left in its session
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    if how == "SIGKILL":
-        assert proc.returncode == -signal.SIGKILL
-    else:
-        assert proc.returncode == 130, err[-3000:]
-        assert "interrupted: members stopped" in err and RESUME_LINE in err
-        assert "Traceback" not in err and "SIGTERM received" not in err
-    assert not (output / "predictions.csv").exists()
-    _check_resumed_rerun(data, output, head)
+    driver = [sys.executable, *_driver_args(data, output, head["address"])]
+    # member -> the epochs it must resume after: what each stop left committed (a member stopped
+    # again before its next commit resumes after the same epoch once more, recorded once)
+    resumes = {i: [] for i in range(3)}
 
+    def note_stop(what: str) -> dict:
+        _wait_for(lambda: not _trainers_alive(), 60, f"the members to end after {what}")
+        committed = _committed(output)  # the stopped driver's members are gone: these no longer change
+        for i, epoch in committed.items():
+            if 0 < epoch < EPOCHS and epoch not in resumes[i]:
+                resumes[i].append(epoch)
+        assert not (output / "predictions.csv").exists(), what
+        return committed
 
-def test_ray_job_stop_is_a_clean_stop(head, data, tmp_path):
-    """`ray job stop` sends the driver SIGTERM: the job ends STOPPED, its log has the resume line."""
-    output = tmp_path / "out"
+    # 1. `ray job stop` (SIGTERM to the job's driver) once member 0 is done and member 2 has a checkpoint.
     job = f"ensemble-stop-{os.getpid()}"
-    ray_job = [RAY_CLI, "job"]
-    submit = [*ray_job, "submit", "--address", head["jobs"], "--submission-id", job, "--no-wait",
-              "--", sys.executable, *_driver_args(data, output, head["address"])]
     for _ in range(30):  # the head's job agent may still be registering: Ray answers "try again later"
-        submitted = subprocess.run(submit, capture_output=True, text=True, env=head["env"], cwd=REPO, timeout=120)
+        submitted = _job(head, "submit", "--submission-id", job, "--no-wait", "--", *driver)
         if submitted.returncode == 0 or "No available agent" not in submitted.stderr:
             break
         time.sleep(2)
     assert submitted.returncode == 0, submitted.stderr[-2000:]
-    _wait_for(lambda: _mid_run(output), 400, "member 0 done + member 2 checkpointed")
-    stop = subprocess.run([*ray_job, "stop", "--address", head["jobs"], job], capture_output=True, text=True,
-                          env=head["env"], timeout=120)
-    assert stop.returncode == 0, stop.stdout + stop.stderr
-
-    def status():
-        return subprocess.run([*ray_job, "status", "--address", head["jobs"], job], capture_output=True, text=True,
-                              env=head["env"], timeout=60).stdout
-
-    _wait_for(lambda: "STOPPED" in status() or "stopped" in status(), 120, "the job to stop")
-    logs = subprocess.run([*ray_job, "logs", "--address", head["jobs"], job], capture_output=True, text=True,
-                          env=head["env"], timeout=60).stdout
+    _wait_for(lambda: _member_done(output, 0) and bool(_checkpoint_epoch(output, 2)), 400,
+              "member 0 done + member 2 checkpointed")
+    _job(head, "stop", job, check=True)
+    _wait_for(lambda: "STOPPED" in _job(head, "status", job, timeout=60).stdout.upper(), 120, "the job to stop")
+    logs = _job(head, "logs", job, timeout=60).stdout
     assert "interrupted: members stopped" in logs and RESUME_LINE in logs, logs[-3000:]
     assert "SIGTERM received" not in logs
-    assert not (output / "predictions.csv").exists()
-    _check_resumed_rerun(data, output, head, as_job=job + "-again")
-    for name in ("predictions.csv", "probabilities.parquet", "report.json", "report.md"):
+    seen = note_stop("ray job stop")
+
+    # 2-4. The same command, stopped by SIGINT, SIGTERM, SIGKILL once a member has moved on.
+    for how in ("SIGINT", "SIGTERM", "SIGKILL"):
+        proc = subprocess.Popen(driver, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=head["env"],
+                                cwd=REPO, start_new_session=True)
+        try:
+            _wait_for(lambda: proc.poll() is not None or _moved_on(output, seen)(), 400,
+                      f"a member to commit an epoch past {seen} ({how})")
+            assert proc.poll() is None, f"driver exited early: {proc.communicate()[1][-2000:]}"
+            proc.send_signal(getattr(signal, how))
+            out, err = proc.communicate(timeout=120)
+        finally:
+            try:  # whatever this driver left in its session
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        assert "member 0: finished earlier" in err, err[-3000:]  # a rerun loads what is finished
+        if how == "SIGKILL":
+            assert proc.returncode == -signal.SIGKILL
+        else:
+            _stopped_cleanly(proc.returncode, err)
+        seen = note_stop(how)
+
+    # 5. Resubmitted as a job with the repository as its working dir (as the README says): it completes.
+    again = job + "-again"
+    done = _job(head, "submit", "--submission-id", again, "--working-dir", REPO, "--", "python", *driver[1:],
+                timeout=600)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    assert "succeeded" in _job(head, "status", again, timeout=60).stdout.lower()
+    assert "outputs in" in log and "member 0: finished earlier" in log  # the driver's lines reached the job's log
+    assert "%|" not in log and "Running Dataset" not in log  # piped: no progress bars
+    report = json.loads((output / "report.json").read_text())
+    assert [m["member"] for m in report["members"]] == [0, 1, 2]
+    assert report["members"][0]["resumed_after_epochs"] == []
+    assert sum(map(len, resumes.values())) >= 4, resumes  # every stop caught a member mid-training
+    for i, member in enumerate(report["members"]):  # no committed epoch trained again
+        assert member["resumed_after_epochs"] == resumes[i], (i, member["resumed_after_epochs"], resumes)
+        assert [h["epoch"] for h in member["history"]] == list(range(1, EPOCHS + 1))
+    assert (output / "predictions.csv").read_text().count("\n") == 21
+    for name in ("probabilities.parquet", "report.json", "report.md"):
         assert (output / name).is_file(), name
