@@ -141,25 +141,6 @@ def test_test_probabilities_equal_sequential_inference(run, tiny_digits):
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
-def test_fractional_gpus_share_one_fake_gpu(cluster, tiny_digits, tmp_path, caplog):
-    """Two members asking 0.5 GPU are planned at once on the one (fake) GPU, both get it, and they
-    train on CPU (torch sees no CUDA). Whether their epochs overlap in time is the scheduler's and
-    the machine's business, not asserted."""
-    import logging
-
-    from ensemble.driver import run as run_pipeline
-
-    caplog.set_level(logging.INFO, logger="ensemble.driver")
-    cfg = _config(tiny_digits, tmp_path, members=2, epochs=1, gpus_per_member=0.5,
-                  gpus_per_infer_actor=0.5)
-    report = run_pipeline(cfg)
-    members = report["members"]
-    assert "running up to 2 member(s) at once on 2 CPU / 1 GPU" in caplog.text  # two slots share the GPU
-    assert [m["gpu_ids"] for m in members] == [["0"], ["0"]]
-    assert all(m["device"] == "cpu" for m in members)
-    assert report["config"]["gpus_per_member"] == 0.5
-
-
 @pytest.mark.parametrize("request_, message", [
     ({"gpus_per_member": 2}, "each actor uses one GPU"),                  # a member trains on one device
     ({"cpus_per_member": 4}, "but the largest node has 2 CPU(s); use --cpus-per-member 2 or less"),
