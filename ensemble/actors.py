@@ -164,8 +164,11 @@ class MemberTrainer:
                          "images/s %.1f", member, epoch, cfg.epochs, train["loss"], train["acc"],
                          ev["loss"], ev["acc"], train["images_per_s"])
                 if epoch < cfg.epochs:
-                    # A snapshot now; serializing, hashing and writing overlap the next epoch.
-                    snapshot = {"epoch": epoch, "model": cpu_copy(model.state_dict()),
+                    # A snapshot now; serializing, hashing and writing overlap the next epoch. When this
+                    # epoch is the best so far, the model's weights are the best state's very tensors:
+                    # torch.save writes shared storages once (a quarter less to write with Adam's state).
+                    weights = best["state"] if best["epoch"] == epoch else cpu_copy(model.state_dict())
+                    snapshot = {"epoch": epoch, "model": weights,
                                 "optimizer": cpu_copy(optimizer.state_dict()), "rng": rng_state(),
                                 "history": list(history), "best": best, "resumed": resumed}
                     writer.submit(files.save_checkpoint, snapshot, node=node)

@@ -60,6 +60,33 @@ def tiny_digits(tmp_path_factory) -> str:
                              per_class_val=5, n_test=25, classes=4)
 
 
+def tiny_run_config(data, output, **overrides):
+    """The small pipeline config of the shared finished run (3 resnet18 members, 2 epochs, 16 px)."""
+    from ensemble.config import CPU_PRESET, build_config
+
+    values = {**CPU_PRESET, "image_size": 16, "epochs": 2, "members": 3, "batch_size": 16, "gpus_per_member": 0,
+              "gpus_per_infer_actor": 0, "infer_batch_size": 16, "seed": 7, **overrides}
+    return build_config(flag_values={"data": data, "output": str(output), **values})
+
+
+@pytest.fixture(scope="session")
+def tiny_run_cache() -> dict:
+    return {}
+
+
+def finished_tiny_run(cache: dict, data: str, tmp_path_factory):
+    """(config, report, output) of one finished run of ``tiny_run_config`` on ``data``, made once per
+    session on the Ray cluster of the first module that asks (each such module starts its own and
+    calls this from a fixture that depends on it). Readers copy it before they change anything."""
+    if "run" not in cache:
+        from ensemble.driver import run
+
+        output = tmp_path_factory.mktemp("tiny_run")
+        cfg = tiny_run_config(data, output)
+        cache["run"] = (cfg, run(cfg), str(output))
+    return cache["run"]
+
+
 RAY_CLI = os.path.join(os.path.dirname(sys.executable), "ray")
 
 

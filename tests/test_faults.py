@@ -10,7 +10,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from ensemble.config import CPU_PRESET, build_config  # noqa: E402
+from tests.conftest import finished_tiny_run, tiny_run_config  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -27,18 +27,11 @@ def cluster():
     ray.shutdown()
 
 
-def _config(data, output, **overrides):
-    values = {**CPU_PRESET, "image_size": 16, "epochs": 2, "members": 2, "batch_size": 16, "infer_actors": 1,
-              "infer_batch_size": 128, "seed": 3, **overrides}
-    return build_config(flag_values={"data": data, "output": str(output), **values})
-
-
 @pytest.fixture(scope="module")
-def clean_run(cluster, data, tmp_path_factory):
-    from ensemble.driver import run
-
-    output = tmp_path_factory.mktemp("clean")
-    return run(_config(data, output)), str(output)
+def clean_run(cluster, data, tiny_run_cache, tmp_path_factory):
+    """(report, output) of the session's finished run (conftest.finished_tiny_run): tests copy it."""
+    _, report, output = finished_tiny_run(tiny_run_cache, data, tmp_path_factory)
+    return report, output
 
 
 def test_tampered_member_file_is_refused(cluster, data, clean_run, tmp_path):
@@ -53,7 +46,7 @@ def test_tampered_member_file_is_refused(cluster, data, clean_run, tmp_path):
     with open(tmp_path / "copy" / "members" / "member-1" / "model.pt", "ab") as fh:
         fh.write(b"\0")
     with pytest.raises(CheckpointError, match="sha256 differs"):
-        run(_config(data, tmp_path / "copy"))
+        run(tiny_run_config(data, tmp_path / "copy"))
 
 
 def test_rerun_with_other_config_is_refused_unless_fresh(cluster, data, clean_run, tmp_path):
@@ -65,7 +58,7 @@ def test_rerun_with_other_config_is_refused_unless_fresh(cluster, data, clean_ru
     _, clean_output = clean_run
     shutil.copytree(clean_output, tmp_path / "copy")
     with pytest.raises(ConfigError, match=r"another config \(lr differ\).*--fresh"):
-        run(_config(data, tmp_path / "copy", lr=1e-3))
-    report = run(_config(data, tmp_path / "copy", lr=1e-3, epochs=1, members=1), fresh=True)
+        run(tiny_run_config(data, tmp_path / "copy", lr=1e-3))
+    report = run(tiny_run_config(data, tmp_path / "copy", lr=1e-3, epochs=1, members=1), fresh=True)
     assert report["config"]["lr"] == 1e-3
     assert sorted(os.listdir(tmp_path / "copy" / "members")) == ["member-0"]

@@ -23,6 +23,7 @@ from ensemble.config import CPU_PRESET, build_config  # noqa: E402
 from ensemble.data import decode_batch, scan_layout  # noqa: E402
 from ensemble.models import make_member_model  # noqa: E402
 from ensemble.vote import accuracy, soft_vote  # noqa: E402
+from tests.conftest import finished_tiny_run  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -42,13 +43,8 @@ def _config(data, output, **overrides):
 
 
 @pytest.fixture(scope="module")
-def run(cluster, tiny_digits, tmp_path_factory):
-    from ensemble.driver import run as run_pipeline
-
-    output = tmp_path_factory.mktemp("run")
-    cfg = _config(tiny_digits, output, seed=7)
-    report = run_pipeline(cfg)
-    return cfg, report, str(output)
+def run(cluster, tiny_digits, tiny_run_cache, tmp_path_factory):
+    return finished_tiny_run(tiny_run_cache, tiny_digits, tmp_path_factory)  # _config(..., seed=7)
 
 
 def test_outputs_exist(run):

@@ -1,10 +1,12 @@
-"""Progress bars: on a terminal the driver shows each member's epoch (Ray's distributed tqdm) and
-the soft vote (Ray Data's bar). (With output piped, as in CI logs, it shows none: the driver runs
-of tests/test_faults.py check that.)"""
+"""The command a user types, on a terminal: no arguments but the size (the bundled digits demo),
+end to end, with progress bars for each member's epoch (Ray's distributed tqdm) and the soft vote
+(Ray Data's bar). (With output piped, as in CI logs, it shows none: the resubmitted job of
+tests/test_stop_resume.py checks that.)"""
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import select
 import struct
@@ -15,19 +17,11 @@ import time
 
 import pytest
 
-from tests.conftest import RECIPE_FLAGS
-
 pytest.importorskip("ray")
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _cmd(data, output):
-    return [sys.executable, "-m", "ensemble.driver", "--data", data, "--output", str(output), "--members", "2",
-            "--epochs", "1", "--image-size", "16", "--batch-size", "4", *RECIPE_FLAGS, "--cpus-per-member", "0.5",
-            "--infer-batch-size", "8"]
 
 
 def _env():
@@ -62,10 +56,26 @@ def _run_on_a_terminal(cmd, env, timeout_s=300) -> str:
     return b"".join(chunks).decode(errors="replace")
 
 
-def test_bars_on_a_terminal(tiny_digits, tmp_path):
-    shown = _run_on_a_terminal(_cmd(tiny_digits, tmp_path / "tty"), _env())
+def test_bundled_default_end_to_end_on_a_terminal(tmp_path):
+    env = {**_env(), "ENSEMBLE_CACHE": str(tmp_path / "cache")}
+    output = tmp_path / "out"
+    shown = _run_on_a_terminal([sys.executable, "-m", "ensemble.driver", "--members", "2", "--epochs", "2",
+                                "--output", str(output)], env)
+    assert "ensemble (soft vote)" in shown and "mean of members" in shown, shown[-3000:]
+    report = json.loads((output / "report.json").read_text())
+    assert report["config"]["arch"] == "resnet18" and report["config"]["members"] == 2
+    assert report["data"]["class_names"] == [str(c) for c in range(10)]
+    assert (report["data"]["train"], report["data"]["val"], report["data"]["test"]) == (1078, 359, 360)
+    # Real learning happened: ten classes, two epochs, far above chance (0.1).
+    assert report["ensemble"]["val_acc"] > 0.3
+    lines = (output / "predictions.csv").read_text().splitlines()
+    assert lines[0] == "image_name,pred_label" and len(lines) == 361
+    assert (tmp_path / "cache" / "digits-v1" / "DONE").exists()
+    # The dashboard of the cluster the driver started listens on loopback only.
+    assert "Ray dashboard: http://127.0.0.1:" in shown
+    # The bars: each member's epochs (one that reached its end), the soft vote's.
     for member in (0, 1):
-        assert f"member {member} epoch 1/1: 100%|" in shown, shown[-3000:]  # a bar that reached its end
+        assert f"member {member} epoch 2/2: 100%|" in shown, shown[-3000:]
     assert "batch/s" in shown
-    assert "Running Dataset" in shown  # the soft vote's bar
+    assert "Running Dataset" in shown
     assert "outputs in" in shown

@@ -213,15 +213,12 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def run(cluster, tiny_digits, tmp_path_factory):
-    from ensemble.config import CPU_PRESET, build_config
-    from ensemble.driver import run as run_pipeline
+def run(cluster, tiny_digits, tiny_run_cache, tmp_path_factory):
+    """(report, output) of the session's finished 3-member run (conftest.finished_tiny_run)."""
+    from tests.conftest import finished_tiny_run
 
-    output = tmp_path_factory.mktemp("run")
-    values = {**CPU_PRESET, "image_size": 16, "epochs": 1, "members": 3, "batch_size": 16, "gpus_per_member": 0,
-              "gpus_per_infer_actor": 0, "infer_batch_size": 16, "infer_actors": 1, "seed": 7}
-    report = run_pipeline(build_config(flag_values={"data": tiny_digits, "output": str(output), **values}))
-    return report, str(output)
+    _, report, output = finished_tiny_run(tiny_run_cache, tiny_digits, tmp_path_factory)
+    return report, output
 
 
 @pytest.fixture(scope="module")
