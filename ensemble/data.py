@@ -292,14 +292,16 @@ def local_batches(table: pa.Table, rows: Optional[np.ndarray] = None, *, batch_s
             yield batch
 
 
-def decoded_eval(table: pa.Table, *, image_size: int, batch_size: int, resize: str, max_bytes: float):
+def decoded_eval(table: pa.Table, *, image_size: int, batch_size: int, resize: str, max_bytes: float,
+                 min_rows: int = 0):
     """Eval-transformed images of a labelled split, decoded once (Ray Data) for every member and epoch.
 
     Run before the members start, so its tasks never wait for CPUs the members hold. Returns the
-    materialized dataset when its float32 pixels fit in ``max_bytes``, else None: the members
-    then decode the split themselves (``local_batches``).
+    materialized dataset when its float32 pixels fit in ``max_bytes`` and it has at least
+    ``min_rows`` rows, else None: the members then decode the split themselves (``local_batches``;
+    for a few hundred images that is cheaper than a Ray Data job whose worker imports torch).
     """
-    if table.num_rows * 3 * image_size * image_size * 4 > max_bytes:
+    if table.num_rows < min_rows or table.num_rows * 3 * image_size * image_size * 4 > max_bytes:
         return None
     return to_dataset(table, rows_per_block=batch_size).map_batches(
         decode_batch, batch_size=batch_size, batch_format="numpy", num_cpus=1,

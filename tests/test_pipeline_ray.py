@@ -30,8 +30,10 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def cluster():
-    # One fake GPU: members asking 0.5 share it; torch sees no CUDA and trains on CPU.
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="WARNING")
+    # One fake GPU (a request of 2 is refused against it); torch sees no CUDA and trains on CPU.
+    # Metrics are exported every second instead of Ray's 10 (the metrics test waits for them).
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="WARNING",
+             _system_config={"metrics_report_interval_ms": 1000})
     yield
     ray.shutdown()
 
