@@ -25,7 +25,8 @@ import pytest
 
 pytest.importorskip("ray")
 
-from tests.conftest import RAY_CLI, RECIPE_FLAGS, RayHead, free_port, ray_env, write_digits_tree  # noqa: E402
+from tests.conftest import (RAY_CLI, RECIPE_FLAGS, RayHead, free_port, process_alive, ray_env,  # noqa: E402
+                            write_digits_tree)
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -101,15 +102,14 @@ def _moved_on(output, before: dict):
 def _trainers_alive() -> list[int]:
     """Member processes (Ray titles them ray::MemberTrainer...) still alive on this machine."""
     pids = []
-    for pid in os.listdir("/proc"):
+    for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                if fh.read().startswith(b"ray::MemberTrainer"):
-                    with open(f"/proc/{pid}/stat") as st:
-                        if st.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
-                            pids.append(int(pid))
-        except (OSError, ValueError, IndexError):
+                trainer = fh.read().startswith(b"ray::MemberTrainer")
+        except OSError:
             continue
+        if trainer and process_alive(int(pid)):
+            pids.append(int(pid))
     return pids
 
 

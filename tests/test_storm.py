@@ -26,7 +26,7 @@ ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from ensemble.config import CPU_PRESET, build_config  # noqa: E402
-from tests.conftest import write_digits_tree  # noqa: E402
+from tests.conftest import process_alive, write_digits_tree  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -80,11 +80,7 @@ def _wait_gone(pid: int, timeout_s: float = 30) -> None:
     """Until process ``pid`` is dead (gone, or a zombie): its files can no longer change."""
     deadline = time.time() + timeout_s
     while time.time() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as fh:
-                if fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-                    return
-        except (OSError, IndexError):
+        if not process_alive(pid):
             return
         time.sleep(0.01)
     raise AssertionError(f"storm: process {pid} still alive {timeout_s} s after its end")
