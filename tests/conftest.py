@@ -142,6 +142,10 @@ class RayHead:
         import sys
 
         self.temp_dir, self.log_path = temp_dir, log_path
+        self.mark = f"ENSEMBLE_TEST_CLUSTER={temp_dir}".encode()
+        # Every process of the cluster inherits this mark, also workers whose process title no
+        # longer names the temp dir (a fake autoscaler node's voters): stop() finds them by it.
+        env = {**env, "ENSEMBLE_TEST_CLUSTER": temp_dir}
         ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
         # The dashboard agent's HTTP port (where `ray job submit` lands) is a free one, not the fixed
         # default 52365 that another cluster on this machine may already hold.
@@ -168,16 +172,20 @@ class RayHead:
         assert self.proc.poll() is None and "exited unexpectedly" not in log, log[-3000:]
 
     def _leftovers(self) -> list[int]:
-        """Processes of this cluster still alive: any whose command line names its temp dir."""
+        """Processes of this cluster still alive: any whose command line names its temp dir, or
+        whose environment carries this cluster's mark."""
         pids = []
-        for pid in os.listdir("/proc"):
-            if pid.isdigit():
-                try:
-                    cmdline = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
-                except OSError:
-                    continue
-                if self.temp_dir in cmdline:
-                    pids.append(int(pid))
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                    ours = self.temp_dir.encode() in fh.read()
+                if not ours:
+                    with open(f"/proc/{pid}/environ", "rb") as fh:
+                        ours = self.mark in fh.read().split(b"\0")
+            except OSError:
+                continue
+            if ours and process_alive(int(pid)):
+                pids.append(int(pid))
         return pids
 
     def stop(self) -> None:
