@@ -11,7 +11,6 @@ serializes the snapshot dict exactly as ``MemberTrainer.fit`` builds it (torch.s
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 
