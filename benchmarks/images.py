@@ -62,3 +62,35 @@ def write_flat_images(folder: str, *, n: int, classes: int = 10, size: int = 16,
         Image.fromarray(pixels, mode="L").resize((size, size)).convert("RGB").save(path)
         paths.append(path)
     return paths
+
+
+def write_photo_images(root: str, *, n_train: int, n_val: int, n_test: int, size: tuple = (500, 375),
+                       quality: int = 90, seed: int = 0) -> str:
+    """A study-layout tree of camera-size JPEGs (``size`` = width, height; quality 90) cut from the
+    two real photographs that ship with scikit-learn (``load_sample_images``: a temple in China, a
+    flower; 640x427 each). The class is the photo; each file is a random crop (60-100% of the
+    side), scaled to ``size`` and maybe mirrored, so files differ and decode like real photos."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = [Image.fromarray(p) for p in load_sample_images().images]
+    rng = np.random.default_rng(seed)
+
+    def shot(label: int) -> Image.Image:
+        photo = photos[label]
+        scale = rng.uniform(0.6, 1.0)
+        w, h = int(photo.width * scale), int(photo.height * scale)
+        left, top = int(rng.integers(0, photo.width - w + 1)), int(rng.integers(0, photo.height - h + 1))
+        img = photo.crop((left, top, left + w, top + h)).resize(size, Image.BILINEAR)
+        return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
+
+    for split, n in (("train", n_train), ("val", n_val)):
+        for k in range(n):
+            label = k % len(photos)
+            folder = os.path.join(root, split, f"photo_{label}")
+            os.makedirs(folder, exist_ok=True)
+            shot(label).save(os.path.join(folder, f"{split}{k:06d}.jpg"), quality=quality)
+    os.makedirs(os.path.join(root, "test"), exist_ok=True)
+    for k in range(n_test):
+        shot(k % len(photos)).save(os.path.join(root, "test", f"test{k:06d}.jpg"), quality=quality)
+    return root

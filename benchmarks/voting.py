@@ -46,6 +46,7 @@ def _models(cfg, states: list[dict], num_classes: int):
 def compute_bound(cfg, states: list[dict], paths: list[str], num_classes: int) -> dict:
     """Forward passes only, on tensors decoded beforehand: n / sum over members of their time."""
     from ensemble.data import decode_batch
+    from ensemble.pixels import model_input
 
     threads_before = torch.get_num_threads()
     torch.set_num_threads(max(1, int(cfg.cpus_per_infer_actor)))  # as SoftVoter
@@ -56,7 +57,7 @@ def compute_bound(cfg, states: list[dict], paths: list[str], num_classes: int) -
             chunk = np.array(paths[lo:lo + step], dtype=object)
             decoded = decode_batch({"id": np.arange(len(chunk)), "label": np.zeros(len(chunk), np.int64),
                                     "path": chunk}, image_size=cfg.image_size)
-            batches.append(torch.from_numpy(decoded["image"]))
+            batches.append(model_input(torch.from_numpy(decoded["image"]), torch.device("cpu")))
         per_member = []
         with torch.no_grad():
             for model in _models(cfg, states, num_classes):

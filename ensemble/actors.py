@@ -13,7 +13,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +23,9 @@ import torch
 from ensemble.bootstrap import epoch_rows, epoch_seed
 from ensemble.checkpoint import rng_state, set_rng_state
 from ensemble.config import EnsembleConfig
-from ensemble.data import decode_batch, local_batches, quiet_ray_data
+from ensemble.batches import batches as image_batches
+from ensemble.data import decode_batch, quiet_ray_data
+from ensemble.image_cache import BlockReader, ImageCache, SplitImages, train_side
 from ensemble.engine import (cpu_copy, eval_models, evaluate, make_optimizer, pick_device, prepare_for_device,
                              resolve_precision, seed_everything, set_threads, train_one_epoch,
                              vote_member_probabilities)
@@ -85,6 +87,12 @@ class MemberPlan:
     num_classes: int
     initial_state: Any = None        # ObjectRef of the initial state dict shared by the members, or None
     progress: bool = False           # draw a progress bar per epoch in the driver's terminal
+    cache: Optional[ImageCache] = None  # the run's decoded pixels (None: members decode the files)
+
+    def images(self, table: pa.Table) -> SplitImages:
+        """A split's images in this process: from the cache, or decoded from its files."""
+        cfg = self.config
+        return SplitImages(table, self.cache, image_size=cfg.image_size, resize=cfg.eval_resize, side=train_side(cfg))
 
 
 @ray.remote
@@ -109,12 +117,14 @@ class MemberTrainer:
         return ray.get_runtime_context().get_node_id()
 
     @ray.method(num_returns=2)
-    def fit(self, member: int, member_seed: int, plan: MemberPlan, train_table, val, counts_box: list):
+    def fit(self, member: int, member_seed: int, plan: MemberPlan, train_table: pa.Table, val_table: pa.Table,
+            counts_box: list):
         """Train member ``member``; returns (summary dict, best state dict on CPU).
 
-        ``train_table``: the training split's file rows (id, path, label); ``val``: the val split
-        decoded once for every member (a materialized Dataset), or its file rows to decode here;
-        ``counts_box`` = [ObjectRef of bootstrap counts].
+        ``train_table`` / ``val_table``: the splits' rows (id, path, label, and block/row into the
+        run's image cache when there is one); ``counts_box`` = [ObjectRef of bootstrap counts].
+        Input work runs in this process: ``cpus_per_member`` threads augment the epoch's images
+        (from the cache, or decoded from the files) ahead of the training step.
         """
         cfg, start = plan.config, time.time()
         files = MemberFiles(plan.output, member, plan.fingerprint)
@@ -137,19 +147,22 @@ class MemberTrainer:
             log.info("member %d resumes after epoch %d/%d", member, saved["epoch"], cfg.epochs)
         counts = ray.get(counts_box[0])
         pin = self.device.type == "cuda"
+        train_images, val_images = plan.images(train_table), plan.images(val_table)
+        threads = max(1, int(cfg.cpus_per_member))
         writer = BackgroundWriter()
 
         try:
             for epoch in range(len(history) + 1, cfg.epochs + 1):
                 seed = epoch_seed(member_seed, epoch)
                 rows = epoch_rows(counts, seed)  # this epoch's bootstrap rows, shuffled
-                batches = _xy(local_batches(train_table, rows, batch_size=cfg.batch_size,
-                                            image_size=cfg.image_size, augment=cfg.augment, seed=seed), pin)
+                batches = _xy(image_batches(train_images, rows, batch_size=cfg.batch_size, augment=cfg.augment,
+                                            seed=seed, threads=threads), pin)
                 if plan.progress:
                     batches = _progress(batches, total=-(-len(rows) // cfg.batch_size),
                                         desc=f"member {member} epoch {epoch}/{cfg.epochs}")
                 train = train_one_epoch(model, batches, optimizer, self.device, amp)
-                ev = evaluate(model, _ixy(_val_batches(val, cfg), pin), self.device, amp)
+                ev = evaluate(model, _ixy(image_batches(val_images, batch_size=cfg.batch_size, threads=threads), pin),
+                              self.device, amp)
                 history.append({"epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"],
                                 "val_loss": ev["loss"], "val_acc": ev["acc"],
                                 "images": train["images"], "images_per_s": train["images_per_s"],
@@ -189,13 +202,6 @@ class MemberTrainer:
         return summary, best["state"]
 
 
-def _val_batches(val, cfg: EnsembleConfig):
-    """Val batches from the shared decoded Dataset, or decoded here from its file rows."""
-    if isinstance(val, pa.Table):
-        return local_batches(val, batch_size=cfg.batch_size, image_size=cfg.image_size, resize=cfg.eval_resize)
-    return val.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", prefetch_batches=2)
-
-
 def _tensors(batches, pin: bool):
     """Numpy batches with their images as tensors, without a copy (pinned on GPU members, for
     asynchronous copies)."""
@@ -230,24 +236,30 @@ def _ixy(batches, pin: bool = False):
 
 
 class SoftVoter:
-    """Ray Data callable class: decode each batch once, run every member, average softmax.
+    """Ray Data callable class: each batch's pixels once (from the run's image cache, or decoded
+    from the files), every member on them, softmax averaged.
 
     The members' weights are fetched from the object store once, when the actor starts.
     Output per row: ``probs`` (classes,) the soft vote, ``member_probs`` (members, classes).
     """
 
     def __init__(self, *, arch: str, num_classes: int, weight_refs: list, image_size: int,
-                 threads: float, tta: str = "none", precision: str = "auto", resize: str = "squash"):
+                 threads: float, tta: str = "none", precision: str = "auto", resize: str = "squash",
+                 side: Optional[int] = None, cache: Optional[ImageCache] = None):
         set_threads(threads)
         self.device = pick_device(ray.get_gpu_ids())
-        self.image_size, self.tta, self.resize = image_size, tta, resize
+        self.image_size, self.tta, self.resize, self.side = image_size, tta, resize, side
+        self.reader = BlockReader(cache) if cache is not None else None
         self.amp = resolve_precision(precision, self.device)
         self.models = eval_models(arch, num_classes, ray.get(list(weight_refs)), self.device)
 
     def __call__(self, batch: dict) -> dict:
-        decoded_batch = decode_batch(batch, image_size=self.image_size, resize=self.resize)
-        images = torch.from_numpy(decoded_batch["image"]).to(self.device, non_blocking=True)
-        probs = vote_member_probabilities(self.models, images, self.amp, self.tta)  # (members, B, classes)
+        if self.reader is not None and "block" in batch:
+            pixels = np.stack([self.reader.eval(int(b), int(r)) for b, r in zip(batch["block"], batch["row"])])
+        else:
+            pixels = decode_batch(batch, image_size=self.image_size, resize=self.resize, side=self.side)["image"]
+        probs = vote_member_probabilities(self.models, torch.from_numpy(pixels), self.amp, self.tta,
+                                          device=self.device)  # (members, B, classes)
         probs = probs.cpu().numpy()
         return {"id": batch["id"], "image_name": batch["image_name"], "label": batch["label"],
                 "probs": soft_vote(probs).astype(np.float32),

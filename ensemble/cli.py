@@ -53,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--augment", help=f"{' | '.join(AUGMENTS)}: seed = AutoAugment+RandomResizedCrop+flip; "
                                      f"light = RandomResizedCrop(scale 0.6-1) only; none = eval transform "
                                      f"(default {d.augment})")
+    g.add_argument("--cache-side", type=int, help="short side, in pixels, of the train images cached (decoded once "
+                   "per run) as the source of every epoch's crops (default: round(S*256/224), 256 at S=224)")
+    g.add_argument("--cache-share", type=float, help=f"the image cache may take this share of the object store; "
+                   f"larger data is decoded by the members every epoch; 0 = never cache (default {d.cache_share:g})")
     g = p.add_argument_group("resources")
     g.add_argument("--gpus-per-member", type=float, help="0, a fraction (0.25, 0.5) or 1 GPU "
                                                          "(default: 1 if the cluster has or its autoscaler can add GPUs, else 0)")

@@ -55,6 +55,8 @@ class EnsembleConfig:
     image_size: int = 224               # training crop S; eval resizes to round(S*256/224) first
     augment: str = "seed"               # seed | light | none (see transforms.py)
     eval_resize: str = "squash"         # squash (the study's: S x S, then R x R, centre S) | short-side (keeps aspect)
+    cache_side: Optional[int] = None    # short side of cached train images (augmentation source); None = round(S*256/224)
+    cache_share: float = 0.5            # the image cache may take this share of the object store; 0 = no cache
     precision: str = "auto"             # auto = bf16 autocast on GPUs that support it; fp32; bf16
     # --- resources
     gpus_per_member: Optional[float] = None   # 0, a fraction (0.25, 0.5) or 1 GPU; None = 1 if the cluster has GPUs else 0
@@ -84,6 +86,11 @@ class EnsembleConfig:
             _check_number(self, "cpus_per_member", positive=True)
         _check_number(self, "cpus_per_infer_actor", positive=True)
         _check_number(self, "stall_timeout", positive=True)
+        _check_number(self, "cache_share", positive=False)
+        if self.cache_share > 1:
+            raise ConfigError(f"--cache-share {self.cache_share:g}: a share of the object store, from 0 (no cache) to 1")
+        if self.cache_side is not None:
+            _check_int(self, "cache_side", low=self.image_size)
         for name in ("gpus_per_member", "gpus_per_infer_actor"):
             value = getattr(self, name)
             if value is None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Optional
 
 import numpy as np
@@ -218,91 +217,26 @@ def open_image(data: bytes, *, min_size: Optional[int] = None, max_pixels: Optio
         return img.convert("RGB")
 
 
-@lru_cache(maxsize=8)
-def _transform(image_size: int, augment: Optional[str], resize: str):
-    from ensemble.transforms import eval_transform, train_transform
+def decode_batch(batch: dict, *, image_size: int, resize: str = "squash", side: Optional[int] = None) -> dict:
+    """Read and decode a batch of file rows -> the eval transform's uint8 ``image`` (B, S, S, 3).
 
-    if augment is None:
-        return eval_transform(image_size=image_size, resize=resize)
-    return train_transform(image_size=image_size, augment=augment, resize=resize)
-
-
-def decode_batch(batch: dict, *, image_size: int, augment: Optional[str] = None,
-                 seed: Optional[int] = None, resize: str = "squash") -> dict:
-    """Read, decode and transform a batch of file rows -> float32 ``image`` (B, 3, S, S).
-
-    ``augment=None`` applies the eval transform (``resize``: squash | short-side). With ``seed``,
-    augmentation draws are seeded from (seed, the batch's first ``pos``, else its first ``id``)
-    so a run is repeatable.
+    ``side``: the run's cache side (``image_cache.train_side``), the least a huge JPEG is decoded
+    at: the same pixels the run's image cache holds for these files.
     """
-    import torch
+    from ensemble.pixels import eval_pixels
 
-    tf = _transform(image_size, augment, resize)
-    if seed is not None and len(batch["id"]):
-        first = int(batch["pos"][0] if "pos" in batch else batch["id"][0])
-        torch.manual_seed(int(np.random.SeedSequence([seed, first]).generate_state(1)[0]))
-    images = np.stack([tf(read_image(p, min_size=image_size)).numpy() for p in batch["path"]]) if len(batch["path"]) else \
-        np.zeros((0, 3, image_size, image_size), np.float32)
+    images = np.zeros((len(batch["path"]), image_size, image_size, 3), np.uint8)
+    for k, path in enumerate(batch["path"]):
+        images[k] = eval_pixels(read_image(path, min_size=side or image_size), image_size=image_size, resize=resize)
     return {"id": batch["id"], "label": batch["label"], "image": images}
 
 
-def decode_image(data: bytes, *, image_size: int, resize: str = "squash",
+def decode_image(data: bytes, *, image_size: int, resize: str = "squash", side: Optional[int] = None,
                  max_pixels: Optional[int] = None) -> np.ndarray:
-    """One image's bytes -> float32 (3, S, S) through the eval transform: the pixels
-    ``decode_batch`` gives the same image as a file. ImageTooLarge past ``max_pixels``; PIL's
-    errors (not an image, truncated) as they are."""
-    return _transform(image_size, None, resize)(
-        open_image(data, min_size=image_size, max_pixels=max_pixels)).numpy()
+    """One image's bytes -> (S, S, 3) uint8 through the eval transform: the pixels ``decode_batch``
+    gives the same image as a file. ImageTooLarge past ``max_pixels``; PIL's errors (not an image,
+    truncated) as they are."""
+    from ensemble.pixels import eval_pixels
 
-
-def local_batches(table: pa.Table, rows: Optional[np.ndarray] = None, *, batch_size: int, image_size: int,
-                  augment: Optional[str] = None, seed: Optional[int] = None, resize: str = "squash",
-                  prefetch: int = 2):
-    """Decoded batches of ``table``'s ``rows`` (default: all, in order), made in THIS process.
-
-    A member's input work runs on the CPUs Ray gave the member, never in tasks that wait for
-    CPUs the members hold (the deadlock of a member pipeline in Ray Data on a small machine).
-    One background thread decodes up to ``prefetch`` batches ahead of the consumer; one thread,
-    because the augmentation draws come from torch's global generator, seeded per batch from
-    (seed, the batch's place in the epoch), so the batches are the same on every run.
-    Yields ``decode_batch`` dicts: id, label (numpy), image float32 (B, 3, S, S).
-    """
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
-    ids = table.column("id").to_numpy()
-    paths = np.asarray(table.column("path").to_pylist(), dtype=object)
-    labels = table.column("label").to_numpy()
-    rows = np.arange(len(ids)) if rows is None else np.asarray(rows)
-
-    def make(start: int) -> dict:
-        part = rows[start:start + batch_size]
-        return decode_batch({"id": ids[part], "path": paths[part], "label": labels[part],
-                             "pos": np.arange(start, start + len(part))},
-                            image_size=image_size, augment=augment, seed=seed, resize=resize)
-
-    starts = iter(range(0, len(rows), batch_size))
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
-        pending = deque(pool.submit(make, start) for _, start in zip(range(max(1, prefetch)), starts))
-        while pending:
-            batch = pending.popleft().result()
-            following = next(starts, None)
-            if following is not None:
-                pending.append(pool.submit(make, following))
-            yield batch
-
-
-def decoded_eval(table: pa.Table, *, image_size: int, batch_size: int, resize: str, max_bytes: float,
-                 min_rows: int = 0):
-    """Eval-transformed images of a labelled split, decoded once (Ray Data) for every member and epoch.
-
-    Run before the members start, so its tasks never wait for CPUs the members hold. Returns the
-    materialized dataset when its float32 pixels fit in ``max_bytes`` and it has at least
-    ``min_rows`` rows, else None: the members then decode the split themselves (``local_batches``;
-    for a few hundred images that is cheaper than a Ray Data job whose worker imports torch).
-    """
-    if table.num_rows < min_rows or table.num_rows * 3 * image_size * image_size * 4 > max_bytes:
-        return None
-    return to_dataset(table, rows_per_block=batch_size).map_batches(
-        decode_batch, batch_size=batch_size, batch_format="numpy", num_cpus=1,
-        fn_kwargs={"image_size": image_size, "resize": resize}).materialize()
+    return eval_pixels(open_image(data, min_size=side or image_size, max_pixels=max_pixels),
+                       image_size=image_size, resize=resize)

@@ -26,11 +26,6 @@ from ensemble.run_folder import check_output, open_output, save_run_config, trai
 
 log = logging.getLogger("ensemble.driver")
 
-EVAL_CACHE_SHARE = 0.2  # decoded val may take up to this share of the object store; larger streams
-EVAL_CACHE_MIN_ROWS = 256  # a smaller val split each member decodes itself: a 2-member tiny run's training
-                           # stage took 6.0 s that way vs 9.2-9.5 s with a Ray Data job (2 cores)
-
-
 def run(cfg: EnsembleConfig, *, fresh: bool = False) -> dict:
     """The whole pipeline; returns the report.
 
@@ -42,8 +37,8 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False) -> dict:
 
     from ensemble.actors import MemberPlan, show_progress
     from ensemble.cluster import cluster_capacity, connect, member_window, resolve_resources
-    from ensemble.data import decoded_eval, quiet_ray_data, scan_layout
-    from ensemble.image_check import check_images
+    from ensemble.data import quiet_ray_data, scan_layout
+    from ensemble.image_cache import cache_images, train_side
     from ensemble.digits import ensure_digits
     from ensemble.scoring import score_run
     from ensemble.models import count_parameters, make_member_model, resolve_weights
@@ -52,6 +47,7 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False) -> dict:
     from ensemble.vote_stage import vote_splits
 
     started = time.time()
+    cfg = cfg.replace(cache_side=train_side(cfg))  # resolved: part of what a finished member depends on
     # inputs: the data index (names only), the initial weights, the output folder (nothing written yet)
     index = scan_layout(cfg.data or ensure_digits())
     num_classes = len(index.classes)
@@ -69,8 +65,10 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False) -> dict:
     sized = resolve_resources(cfg, capacity)  # CPUs and GPUs per member and voter, the voter pool
     window = member_window(sized, capacity, sized.gpus_per_member)
 
-    # image check: every file decoded once in Ray Data (unreadable ones skipped, or --strict stops)
-    index, skipped = check_images(index, strict=cfg.strict)
+    # image check + cache: every file decoded once in Ray tasks (unreadable ones skipped, or --strict
+    # stops); the pixels stay in the object store for the members and voters when they fit
+    index, skipped, cache = cache_images(
+        index, cfg, max_bytes=cfg.cache_share * ray.cluster_resources().get("object_store_memory", 0))
 
     # output folder: the first write; an earlier run there is resumed (same fingerprint) or refused
     n_samples = cfg.bootstrap_size or index.train.num_rows
@@ -85,20 +83,12 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False) -> dict:
     log.info("running up to %d member(s) at once on %g CPU / %g GPU%s", window, capacity.most("CPU"),
              capacity.most("GPU"), grows)
 
-    # train: members decode their own epochs on their own CPUs; val is decoded once for all of them
+    # train: each member augments its bootstrap rows from the cache with threads of its own CPUs
     t_train = time.time()
-
-    def make_val():
-        decoded = decoded_eval(index.val, image_size=cfg.image_size, batch_size=cfg.batch_size,
-                               resize=cfg.eval_resize,
-                               max_bytes=EVAL_CACHE_SHARE * ray.cluster_resources().get("object_store_memory", 0),
-                               min_rows=EVAL_CACHE_MIN_ROWS)
-        return index.val if decoded is None else decoded
-
     plan = MemberPlan(config=resolved, output=output, fingerprint=fingerprint, num_classes=num_classes,
                       initial_state=ray.put(initial_state) if initial_state is not None else None,
-                      progress=show_progress())
-    summaries, weight_refs = train_members(plan, seeds=seeds, train_table=index.train, make_val=make_val,
+                      progress=show_progress(), cache=cache)
+    summaries, weight_refs = train_members(plan, seeds=seeds, train_table=index.train, val_table=index.val,
                                            gpus=resolved.gpus_per_member, window=window, resuming=resuming)
     _Stop.check()
 
@@ -108,7 +98,7 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False) -> dict:
     if cfg.bagging == "bootstrap":
         splits["train"] = index.train
     voted = vote_splits(resolved, splits, weight_refs=weight_refs, num_classes=num_classes,
-                        gpus=resolved.gpus_per_infer_actor)
+                        gpus=resolved.gpus_per_infer_actor, cache=cache)
     _Stop.check()
 
     # report: scores (data) -> report.json, predictions, figures, report.md -> the printed table

@@ -14,7 +14,7 @@ from torch import nn
 from ensemble.metrics import nll
 from ensemble.vote import accuracy
 
-Batch = tuple[torch.Tensor, torch.Tensor]  # images (B, 3, S, S) float32, labels (B,) int64
+Batch = tuple[torch.Tensor, torch.Tensor]  # images uint8 (B, S, S, 3) or float32 (B, 3, S, S), labels (B,) int64
 
 
 def seed_everything(seed: int) -> None:
@@ -71,6 +71,12 @@ def prepare_for_device(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def _to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The model's input on ``device``: uint8 (B, H, W, 3) batches (the pipeline's) are cast and
+    normalised there (``pixels.model_input``); float (B, 3, H, W) batches are moved as they are."""
+    if images.dtype == torch.uint8:
+        from ensemble.pixels import model_input
+
+        return model_input(images, device)
     if device.type == "cuda":
         return images.to(device, non_blocking=True, memory_format=torch.channels_last)
     return images
@@ -131,8 +137,8 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
 @torch.no_grad()
 def member_probabilities(models: list[nn.Module], images: torch.Tensor,
                          autocast_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """Softmax outputs of every member on one batch: (members, B, classes), float32."""
-    images = _to_device(images, images.device)
+    """Softmax outputs of every member on one batch (already on the members' device): (members, B,
+    classes), float32."""
     with torch.autocast(images.device.type, dtype=autocast_dtype or torch.float32,
                         enabled=autocast_dtype is not None):
         return torch.stack([torch.softmax(m(images).float(), dim=1) for m in models])
@@ -140,9 +146,12 @@ def member_probabilities(models: list[nn.Module], images: torch.Tensor,
 
 @torch.no_grad()
 def vote_member_probabilities(models: list[nn.Module], images: torch.Tensor,
-                              autocast_dtype: Optional[torch.dtype] = None, tta: str = "none") -> torch.Tensor:
+                              autocast_dtype: Optional[torch.dtype] = None, tta: str = "none",
+                              device: Optional[torch.device] = None) -> torch.Tensor:
     """``member_probabilities`` under the run's test-time augmentation: with ``tta="hflip"`` each
-    member's output is the mean over the image and its mirror. (members, B, classes), float32."""
+    member's output is the mean over the image and its mirror. ``images``: uint8 (B, S, S, 3) or
+    float (B, 3, S, S), moved to ``device`` (default: where they are). (members, B, classes), float32."""
+    images = _to_device(images, device or images.device)
     probs = member_probabilities(models, images, autocast_dtype)
     if tta == "hflip":
         probs = (probs + member_probabilities(models, torch.flip(images, dims=[3]), autocast_dtype)) / 2

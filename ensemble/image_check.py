@@ -67,6 +67,12 @@ def check_files(splits: dict, *, flag: str, root: str, strict: bool) -> tuple[di
         for split, row_id, ok, reason in zip(batch["split"], batch["id"], batch["ok"], batch["reason"]):
             if not ok:
                 bad[str(split)][int(row_id)] = str(reason)
+    return clean_splits(splits, bad, flag=flag, root=root, strict=strict)
+
+
+def clean_splits(splits: dict, bad: dict, *, flag: str, root: str, strict: bool) -> tuple[dict, list[dict]]:
+    """The tables without the rows of ``bad`` ({split: {row id: reason}}), ids renumbered 0..n-1,
+    and the skipped list; the ConfigErrors of ``check_files``."""
     skipped = [{"split": split, "path": splits[split].column("path")[row_id].as_py(), "reason": reason}
                for split in splits for row_id, reason in sorted(bad[split].items())]
     for entry in skipped if not strict else ():

@@ -45,7 +45,7 @@ def training_fingerprint(cfg: EnsembleConfig, index, n_samples: int) -> dict:
     for table in (index.train, index.val):
         for column in ("path", "label"):
             digest.update("\n".join(map(str, table.column(column).to_pylist())).encode())
-    keys = ("arch", "weights", "freeze", "freeze_stem", "epochs", "batch_size", "lr", "image_size", "augment", "eval_resize", "seed",
+    keys = ("arch", "weights", "freeze", "freeze_stem", "epochs", "batch_size", "lr", "image_size", "augment", "eval_resize", "cache_side", "seed",
             "bagging", "precision")
     return {**{k: getattr(cfg, k) for k in keys}, "bootstrap_size": n_samples, "classes": list(index.classes),
             "files_sha256": digest.hexdigest()}

@@ -96,7 +96,7 @@ class EnsembleServer:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.025)  # both set from the options in __init__
     async def vote(self, requests: list) -> list[dict]:
-        """A batch of (decoded image (3, S, S), k): every member once on the stacked batch."""
+        """A batch of (decoded image, uint8 (S, S, 3), k): every member once on the stacked batch."""
         images = np.stack([image for image, _ in requests])
         result = await asyncio.to_thread(self.run.answer, images, [k for _, k in requests])
         self.batch_sizes[len(requests)] += 1

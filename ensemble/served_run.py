@@ -162,24 +162,25 @@ class ServedRun:
         self.finished = dataclasses.replace(self.finished, states=[])  # the models hold the weights now
 
     def decode(self, data: bytes) -> np.ndarray:
-        """Image bytes -> float32 (3, S, S): the run's eval transform, as predict decodes a file.
+        """Image bytes -> uint8 (S, S, 3): the run's eval transform, as predict decodes a file.
         ImageTooLarge past the pixel limit (before decoding); PIL's errors for anything unreadable."""
         from ensemble.data import decode_image
+        from ensemble.image_cache import train_side
 
         cfg = self.finished.config
         if not data:
             raise ValueError("empty body; POST the image file's bytes")
-        return decode_image(data, image_size=cfg.image_size, resize=cfg.eval_resize,
+        return decode_image(data, image_size=cfg.image_size, resize=cfg.eval_resize, side=train_side(cfg),
                             max_pixels=self.options.max_pixels)
 
     def member_probs(self, images: np.ndarray) -> np.ndarray:
-        """(B, 3, S, S) float32 -> the members' probabilities (members, B, classes), TTA as the run's."""
+        """uint8 (B, S, S, 3) -> the members' probabilities (members, B, classes), TTA as the run's."""
         import torch
 
         from ensemble.engine import vote_member_probabilities
 
-        batch = torch.from_numpy(images).to(self.device, non_blocking=True)
-        return vote_member_probabilities(self.models, batch, self.amp, self.finished.config.tta).cpu().numpy()
+        return vote_member_probabilities(self.models, torch.from_numpy(images), self.amp, self.finished.config.tta,
+                                         device=self.device).cpu().numpy()
 
     def answer(self, images: np.ndarray, ks: Sequence[int]) -> list[dict]:
         return answers(self.member_probs(images), self.finished.classes, rule=self.finished.config.vote,

@@ -7,8 +7,6 @@ waits with ``ray.wait`` and keeps each member's best weights in the object store
 from __future__ import annotations
 
 import logging
-from typing import Callable
-
 import numpy as np
 
 from ensemble.bootstrap import bootstrap_counts
@@ -34,15 +32,12 @@ def member_counts(bagging: str, seed: int, n_train: int, n_samples: int) -> np.n
     return bootstrap_counts(seed, n_train, n_samples)
 
 
-def train_members(plan, *, seeds: list[int], train_table, make_val: Callable, gpus: float, window: int,
-                  resuming: bool):
+def train_members(plan, *, seeds: list[int], train_table, val_table, gpus: float, window: int, resuming: bool):
     """Train every unfinished member on at most ``window`` trainer actors; wait with ray.wait; gather.
 
-    ``plan``: the run's ``actors.MemberPlan``. ``train_table``: the train split's file rows.
-    Each actor (a slot) trains its members one after another, so a process starts once per slot,
-    not once per member. ``make_val()`` gives what members evaluate on: the val split decoded
-    once for all of them, or its file rows when that is too large to keep (members then decode
-    it themselves); it runs before the actors start, so its tasks never wait for CPUs they hold.
+    ``plan``: the run's ``actors.MemberPlan`` (with the image cache, if any). ``train_table`` /
+    ``val_table``: the splits' rows. Each actor (a slot) trains its members one after another, so
+    a process starts once per slot, not once per member.
     Members an earlier run finished are loaded (hashes checked), not retrained. A slot whose
     process dies is restarted by Ray; its member resumes from its last epoch checkpoint, and
     its later members follow.
@@ -63,10 +58,9 @@ def train_members(plan, *, seeds: list[int], train_table, make_val: Callable, gp
         else:
             summaries[i], weights[i] = finished[0], ray.put(finished[1])
             log.info("member %d: finished earlier (val acc %.4f), loaded from %s", i, finished[0]["val_acc"], output)
-    plan_ref, train_ref = ray.put(plan), ray.put(train_table)
+    plan_ref, train_ref, val_ref = ray.put(plan), ray.put(train_table), ray.put(val_table)
     running: dict = {}   # summary ref -> (member, slot, weights ref)
     actors, left, up = [], [], []  # per slot: the actor, its unfinished members, its started() ref
-    val = make_val() if queue else None
     try:
         slots = slot_members(queue, window)
         for members in slots:
@@ -81,7 +75,7 @@ def train_members(plan, *, seeds: list[int], train_table, make_val: Callable, gp
             for i in members:  # queued on the actor; it runs them in this order
                 counts = member_counts(cfg.bagging, seeds[i], n_train, n_samples)
                 summary_ref, weights_ref = actors[slot].fit.options(name=f"ensemble-member-{i}.fit").remote(
-                    i, seeds[i], plan_ref, train_ref, val, [ray.put(counts)])
+                    i, seeds[i], plan_ref, train_ref, val_ref, [ray.put(counts)])
                 running[summary_ref] = (i, slot, weights_ref)
         watch = StallWatch(cfg, gpus)
         while running:

@@ -37,13 +37,18 @@ def eval_transform(*, image_size: int, resize: str = "squash") -> v2.Compose:
     R = ``eval_resize(S)``. ``squash`` is the study's evaluation at any S; its two resamplings are
     kept on purpose (one Resize((R, R)) gives different pixels).
     """
+    return v2.Compose([*eval_steps(image_size=image_size, resize=resize), *_to_normalized_tensor()])
+
+
+def eval_steps(*, image_size: int, resize: str = "squash") -> list:
+    """The eval transform's geometry (PIL in, PIL out): what ``pixels.eval_pixels`` applies."""
     _check_resize(resize)
     r = eval_resize(image_size)
     if resize == "squash":
         steps = [v2.Resize((image_size, image_size)), v2.Resize((r, r))]
     else:
         steps = [v2.Resize(r)]
-    return v2.Compose([*steps, v2.CenterCrop(image_size), *_to_normalized_tensor()])
+    return [*steps, v2.CenterCrop(image_size)]
 
 
 def train_transform(*, image_size: int, augment: str, resize: str = "squash") -> v2.Compose:

@@ -11,7 +11,7 @@ Every trial starts from the same seed (same initial weights, same batches, same 
 draws), so trials differ only in their hyperparameters.
 
 Stages: config -> data index -> ray.init -> image check -> Tuner.fit (ASHA) -> table + files.
-Trials decode their images in-process with ``local_batches``: a Tune trial holding the CPUs that
+Trials decode their images in-process (``batches.batches``): a Tune trial holding the CPUs that
 nested Ray Data tasks would need can hang a small machine (see RAY_NOTES).
 """
 
@@ -142,7 +142,8 @@ def train_trial(config: dict, *, base: EnsembleConfig, train_table, val_table, n
     from ray import tune
 
     from ensemble.bootstrap import epoch_seed
-    from ensemble.data import local_batches
+    from ensemble.batches import batches
+    from ensemble.image_cache import SplitImages, train_side
     from ensemble.engine import (evaluate, make_optimizer, pick_device, prepare_for_device, resolve_precision,
                                  seed_everything, set_threads, train_one_epoch)
     from ensemble.models import make_member_model
@@ -155,16 +156,17 @@ def train_trial(config: dict, *, base: EnsembleConfig, train_table, val_table, n
         make_member_model(base.arch, num_classes, initial_state, config["freeze"], base.freeze_stem), device)
     amp = resolve_precision(base.precision, device)  # as the members will train: bf16 autocast on GPUs
     optimizer = make_optimizer(model, config["lr"])
+    train_images, val_images = (SplitImages(t, None, image_size=base.image_size, resize=base.eval_resize,
+                                            side=train_side(base)) for t in (train_table, val_table))
     for epoch in range(1, max_epochs + 1):
         seed = epoch_seed(base.seed, epoch)
         rows = np.random.default_rng(seed).permutation(train_table.num_rows)
         train = train_one_epoch(
-            model, ((torch.from_numpy(b["image"]), torch.from_numpy(b["label"])) for b in local_batches(
-                train_table, rows, batch_size=base.batch_size, image_size=base.image_size, augment=base.augment,
-                seed=seed)), optimizer, device, amp)
-        ev = evaluate(model, ((b["id"], torch.from_numpy(b["image"]), b["label"]) for b in local_batches(
-            val_table, batch_size=base.batch_size, image_size=base.image_size, resize=base.eval_resize)),
-            device, amp)
+            model, ((torch.from_numpy(b["image"]), torch.from_numpy(b["label"])) for b in batches(
+                train_images, rows, batch_size=base.batch_size, augment=base.augment, seed=seed,
+                threads=threads)), optimizer, device, amp)
+        ev = evaluate(model, ((b["id"], torch.from_numpy(b["image"]), b["label"]) for b in batches(
+            val_images, batch_size=base.batch_size, threads=threads)), device, amp)
         log.info("trial %s lr %.3g freeze %s epoch %d/%d train_loss %.4f train_acc %.4f val_loss %.4f val_acc %.4f",
                  tune.get_context().get_trial_id(), config["lr"], config["freeze"], epoch, max_epochs,
                  train["loss"], train["acc"], ev["loss"], ev["acc"])

@@ -18,8 +18,10 @@ def voter_names():
     return lambda: {"name": f"ensemble-voter-{next(_VOTERS)}"}
 
 
-def soft_vote_stage(cfg: EnsembleConfig, table, *, weight_refs: list, num_classes: int, gpus: float) -> dict:
-    """Ray Data inference: an actor pool of SoftVoters over file rows.
+def soft_vote_stage(cfg: EnsembleConfig, table, *, weight_refs: list, num_classes: int, gpus: float,
+                    cache=None) -> dict:
+    """Ray Data inference: an actor pool of SoftVoters over file rows (their pixels read from the
+    run's image ``cache`` when the rows carry block/row, else decoded by the voters).
 
     Returns arrays sorted by row id: id, image_name, label, probs (n, classes) = soft vote,
     member_probs (n, members, classes).
@@ -28,6 +30,7 @@ def soft_vote_stage(cfg: EnsembleConfig, table, *, weight_refs: list, num_classe
 
     from ensemble.actors import SoftVoter, show_progress
     from ensemble.data import to_dataset
+    from ensemble.image_cache import train_side
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = show_progress()  # the vote's own bar (a dataset keeps the context it was made in)
@@ -42,7 +45,8 @@ def soft_vote_stage(cfg: EnsembleConfig, table, *, weight_refs: list, num_classe
                 num_cpus=cfg.cpus_per_infer_actor, num_gpus=gpus, ray_remote_args_fn=voter_names(),
                 fn_constructor_kwargs={"arch": cfg.arch, "num_classes": num_classes, "weight_refs": weight_refs,
                                        "image_size": cfg.image_size, "threads": cfg.cpus_per_infer_actor,
-                                       "tta": cfg.tta, "precision": cfg.precision, "resize": cfg.eval_resize})
+                                       "tta": cfg.tta, "precision": cfg.precision, "resize": cfg.eval_resize,
+                                       "side": train_side(cfg), "cache": cache})
         parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
     finally:
         context.enable_progress_bars = False
@@ -67,11 +71,12 @@ def stack_splits(tables: dict):
 
 
 
-def vote_splits(cfg: EnsembleConfig, splits: dict, *, weight_refs: list, num_classes: int, gpus: float) -> dict:
+def vote_splits(cfg: EnsembleConfig, splits: dict, *, weight_refs: list, num_classes: int, gpus: float,
+                cache=None) -> dict:
     """Every split through one pass of the voter pool: {name: arrays of that split}, each with
     id, image_name, label, probs (n, classes) and member_probs (members, n, classes)."""
     table, ranges = stack_splits(splits)
-    voted = soft_vote_stage(cfg, table, weight_refs=weight_refs, num_classes=num_classes, gpus=gpus)
+    voted = soft_vote_stage(cfg, table, weight_refs=weight_refs, num_classes=num_classes, gpus=gpus, cache=cache)
     out = {}
     for name, (lo, hi) in ranges.items():
         part = {k: v[lo:hi] for k, v in voted.items()}

@@ -21,6 +21,8 @@ ray = pytest.importorskip("ray")
 from ensemble.bootstrap import member_seeds  # noqa: E402
 from ensemble.config import CPU_PRESET, build_config  # noqa: E402
 from ensemble.data import decode_batch, scan_layout  # noqa: E402
+from ensemble.image_cache import train_side  # noqa: E402
+from ensemble.pixels import model_input  # noqa: E402
 from ensemble.models import make_member_model  # noqa: E402
 from ensemble.vote import accuracy, soft_vote  # noqa: E402
 from tests.conftest import finished_tiny_run  # noqa: E402
@@ -108,7 +110,8 @@ def test_ensemble_val_acc_equals_sequential_soft_vote(run, tiny_digits):
 def _sequential_test_probs(cfg, index, output, *, hflip=False) -> np.ndarray:
     """The saved members run one after another in this process on the test images: (members, n, classes)."""
     batch = {k: index.test.column(k).to_numpy(zero_copy_only=False) for k in ("id", "path", "label")}
-    images = torch.from_numpy(decode_batch(batch, image_size=cfg.image_size)["image"])
+    images = model_input(torch.from_numpy(decode_batch(batch, image_size=cfg.image_size, side=train_side(cfg))["image"]),
+                         torch.device("cpu"))
     member_probs = []
     for i in range(cfg.members):
         model = make_member_model(cfg.arch, len(index.classes), None, "none")
@@ -282,3 +285,55 @@ def test_predict_refuses_unfinished_tampered_and_empty_in_one_line(run, tiny_dig
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
         assert not (tmp_path / "out").exists()
+
+
+def test_image_cache_holds_every_readable_files_exact_pixels(cluster, tiny_digits, tmp_path):
+    """One pass checks and caches: an unreadable file is skipped (its row dropped, ids renumbered),
+    every other row's block/row points at that file's eval pixels, and train rows also at its
+    shrunk source image."""
+    import shutil
+
+    from ensemble.data import read_image
+    from ensemble.image_cache import SplitImages, cache_images
+    from ensemble.pixels import shrink
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_digits, data)
+    bad = data / "train" / sorted(os.listdir(data / "train"))[-1] / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    cfg = _config(str(data), tmp_path / "out", image_size=24)
+    index, skipped, cache = cache_images(scan_layout(str(data)), cfg, max_bytes=1e9)
+    assert [(s["split"], os.path.basename(s["path"])) for s in skipped] == [("train", "broken.png")]
+    assert str(bad) not in index.train.column("path").to_pylist()
+    assert cache is not None and cache.side == train_side(cfg) == 27
+    for split in ("train", "val", "test"):
+        table = getattr(index, split)
+        np.testing.assert_array_equal(table.column("id").to_numpy(), np.arange(table.num_rows))
+        images = SplitImages(table, cache, image_size=24, resize="squash", side=cache.side)
+        files = {k: table.column(k).to_numpy(zero_copy_only=False) for k in ("id", "path", "label")}
+        expected = decode_batch(files, image_size=24, side=cache.side)["image"]
+        np.testing.assert_array_equal(np.stack([images.eval(i) for i in range(table.num_rows)]), expected)
+    train = SplitImages(index.train, cache, image_size=24, resize="squash", side=cache.side)
+    for i in (0, index.train.num_rows - 1):
+        path = index.train.column("path")[i].as_py()
+        np.testing.assert_array_equal(train.train(i), shrink(read_image(path, min_size=27), 27), err_msg=path)
+    assert cache.nbytes == sum(ray.get(r).nbytes for r in cache.eval_blocks) + sum(
+        ray.get(r)["pixels"].nbytes for r in cache.train_blocks if r is not None)
+
+
+def test_streaming_path_gives_the_cached_runs_results(run, tiny_digits, tmp_path, caplog):
+    """--cache-share 0: no cache; members and voters decode the files themselves. The same seed
+    gives the same member accuracies and the same predictions and probabilities, byte for byte."""
+    import logging
+
+    from ensemble.driver import run as run_driver
+    from tests.conftest import tiny_run_config
+
+    cfg, report, output = run
+    with caplog.at_level(logging.INFO, logger="ensemble.data"):
+        streamed = run_driver(tiny_run_config(tiny_digits, tmp_path / "streamed", cache_share=0.0))
+    assert "image cache: off" in caplog.text
+    assert [m["val_acc"] for m in streamed["members"]] == [m["val_acc"] for m in report["members"]]
+    for name in ("predictions.csv", "probabilities.parquet"):
+        with open(os.path.join(output, name), "rb") as a, open(tmp_path / "streamed" / name, "rb") as b:
+            assert a.read() == b.read(), name

@@ -61,10 +61,13 @@ def _member_probs_in_process(output: str, image_paths: list[str], cfg, num_class
 
     from ensemble.data import decode_batch
     from ensemble.engine import eval_models
+    from ensemble.image_cache import train_side
+    from ensemble.pixels import model_input
 
     batch = {"id": np.arange(len(image_paths)), "label": np.full(len(image_paths), -1),
              "path": np.array(image_paths, dtype=object)}
-    images = torch.from_numpy(decode_batch(batch, image_size=cfg.image_size, resize=cfg.eval_resize)["image"])
+    images = model_input(torch.from_numpy(decode_batch(batch, image_size=cfg.image_size, resize=cfg.eval_resize,
+                                                       side=train_side(cfg))["image"]), torch.device("cpu"))
     states = [torch.load(os.path.join(output, "members", f"member-{i}", "model.pt"), weights_only=True)
               for i in range(cfg.members)]
     models = eval_models(cfg.arch, num_classes, states, torch.device("cpu"))

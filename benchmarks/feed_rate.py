@@ -1,0 +1,167 @@
+"""Feed rate: member-images/s the input path delivers to N members that only touch their batches.
+
+    .venv/bin/python benchmarks/feed_rate.py                  # 9 members, 300 photo JPEGs, 224 px, seed recipe
+    .venv/bin/python benchmarks/feed_rate.py --images 60 --members 3 --epochs 1   # smoke size
+
+Both paths get the same CPUs (``--cpus``), the same photos (camera-size JPEGs, 500x375, quality
+90, cut from scikit-learn's sample photographs), the same seed recipe (AutoAugment ImageNet ->
+RandomResizedCrop(S) -> flip) and the same bootstrap rows per member and epoch:
+
+(a) the pipeline: ``image_cache.cache_images`` decodes every file once into the object store
+    (Ray tasks on a local cluster of ``--cpus`` CPUs); then ``--cpus`` member slots (Ray actors of
+    1 CPU, started and warmed before the clock starts) each feed their members in turn with
+    ``batches.batches`` (uint8 batches augmented from the cache, 1 thread).
+(b) the loop a user would write: per member, a torch ``DataLoader`` (``--cpus`` workers) over
+    torchvision ``ImageFolder`` with ``transforms.train_transform`` (decode + augment + float
+    normalise in the workers), members one after another.
+
+Member-images = members x bootstrap rows x epochs. (a) counts the cache stage in its time.
+Prints the ratio a/b (target >= 3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+import numpy as np  # noqa: E402
+
+
+def member_rows(members: int, n: int, epochs: int, seed: int) -> list[list[np.ndarray]]:
+    """Each member's rows per epoch: its bootstrap counts, shuffled per epoch (as the driver)."""
+    from ensemble.bootstrap import bootstrap_counts, epoch_rows, epoch_seed, member_seeds
+
+    out = []
+    for s in member_seeds(seed, members):
+        counts = bootstrap_counts(s, n, n)
+        out.append([epoch_rows(counts, epoch_seed(s, e)) for e in range(1, epochs + 1)])
+    return out
+
+
+def run_loader(data: str, rows: list, *, image_size: int, batch_size: int, workers: int) -> float:
+    """(b): seconds for every member's DataLoader epochs, one member after another."""
+    import torch
+    from torch.utils.data import DataLoader, Subset
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import v2
+
+    from ensemble.transforms import train_transform
+
+    folder = ImageFolder(os.path.join(data, "train"), transform=v2.Compose(
+        [train_transform(image_size=image_size, augment="seed"), lambda t: t.as_subclass(torch.Tensor)]))
+    start = time.perf_counter()
+    for epochs in rows:
+        for epoch_rows in epochs:
+            loader = DataLoader(Subset(folder, epoch_rows.tolist()), batch_size=batch_size, num_workers=workers)
+            for images, labels in loader:
+                _touch(images)
+    return time.perf_counter() - start
+
+
+def _touch(images) -> None:
+    """What a consumer that only touches its batch does: read one value of it."""
+    float(images.reshape(-1)[-1])
+
+
+def run_pipeline(data: str, rows: list, *, image_size: int, batch_size: int, cpus: int) -> dict:
+    """(a): seconds for the cache stage and for every member's epochs from the cache."""
+    import logging
+
+    import ray
+
+    from ensemble.config import build_config
+    from ensemble.data import scan_layout
+    from ensemble.image_cache import cache_images
+
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    try:
+        cfg = build_config(flag_values={"data": data, "image_size": image_size, "augment": "seed",
+                                        "batch_size": batch_size})
+
+        @ray.remote(num_cpus=1)
+        class Slot:
+            def ready(self) -> bool:
+                import ensemble.batches  # noqa: F401  (imports torch/torchvision before the clock)
+                import ensemble.pixels  # noqa: F401
+                return True
+
+            def feed(self, table, cache, epochs: list) -> int:
+                from ensemble.batches import batches
+                from ensemble.image_cache import SplitImages
+
+                images = SplitImages(table, cache, image_size=image_size, resize="squash", side=cache.side)
+                seen = 0
+                for e, epoch_rows in enumerate(epochs):
+                    for b in batches(images, epoch_rows, batch_size=batch_size, augment="seed", seed=e, threads=1):
+                        _touch(b["image"])
+                        seen += len(b["id"])
+                return seen
+
+        slots = [Slot.remote() for _ in range(cpus)]
+        ray.get([s.ready.remote() for s in slots])
+        index = scan_layout(data)
+        start = time.perf_counter()
+        index, _, cache = cache_images(index, cfg, max_bytes=1e12)
+        cached = time.perf_counter()
+        table = ray.put(index.train)
+        seen = ray.get([slots[m % cpus].feed.remote(table, cache, epochs) for m, epochs in enumerate(rows)])
+        end = time.perf_counter()
+        return {"cache_s": cached - start, "feed_s": end - cached, "total_s": end - start,
+                "cache_bytes": cache.nbytes, "images": int(sum(seen))}
+    finally:
+        ray.shutdown()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=int, default=300, help="training JPEGs (default 300)")
+    p.add_argument("--members", type=int, default=9)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs for each path (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the numbers to this file")
+    args = p.parse_args(argv)
+
+    from benchmarks.images import write_photo_images
+
+    work = tempfile.mkdtemp(prefix="ensemble-feed-")
+    try:
+        data = write_photo_images(os.path.join(work, "photos"), n_train=args.images, n_val=10, n_test=10,
+                                  seed=args.seed)
+        rows = member_rows(args.members, args.images, args.epochs, args.seed)
+        total = sum(len(r) for m in rows for r in m)
+        print(f"feed rate: {args.members} members x {args.images} bootstrap rows x {args.epochs} epoch(s) = "
+              f"{total} member-images of 500x375 JPEGs at {args.image_size} px, seed recipe, {args.cpus} CPU(s); "
+              f"load average {os.getloadavg()[0]:.2f}", flush=True)
+        b = run_loader(data, rows, image_size=args.image_size, batch_size=args.batch_size, workers=args.cpus)
+        print(f"(b) DataLoader x {args.members}: {b:7.1f} s  {total / b:8.1f} member-images/s", flush=True)
+        a = run_pipeline(data, rows, image_size=args.image_size, batch_size=args.batch_size, cpus=args.cpus)
+        assert a["images"] == total, (a["images"], total)
+        print(f"(a) pipeline: {a['total_s']:7.1f} s  {total / a['total_s']:8.1f} member-images/s  "
+              f"(cache stage {a['cache_s']:.1f} s, {a['cache_bytes'] / 1e6:.1f} MB; feeding {a['feed_s']:.1f} s = "
+              f"{total / a['feed_s']:.1f} member-images/s)", flush=True)
+        ratio = b / a["total_s"]
+        print(f"ratio a/b {ratio:.2f} (target >= 3: {'met' if ratio >= 3 else 'missed'}); "
+              f"load average {os.getloadavg()[0]:.2f}")
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"args": vars(args), "loader_s": b, "pipeline": a, "member_images": total,
+                           "ratio": ratio}, fh, indent=2)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""The recipe's transforms as uint8 pixel work, and the float input the model sees.
+
+CPU work ends at uint8 (H, W, 3) pixels: decode, resize, augment. The cast to float, the
+ImageNet normalisation and channels_last happen where the model runs (``model_input``, on the
+GPU for GPU members), so a batch crosses processes and the PCIe bus at a quarter of its float32
+size.
+
+Every random draw of the train augmentation comes from a numpy ``Generator`` made per image from
+(epoch seed, the image's place in the epoch), never from torch's global generator: any number of
+threads can augment a member's batches and the pixels are the same on every run, and a row drawn
+twice by the bootstrap gets two independent draws.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from ensemble.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_resize, eval_steps
+
+CROP_RATIO = (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop aspect ratio range
+CROP_SCALES = {"seed": (0.08, 1.0), "light": (0.6, 1.0)}  # its area range per --augment
+
+
+def cache_side(image_size: int) -> int:
+    """The short side cached train images keep by default: the eval resize R = round(S*256/224),
+    so a RandomResizedCrop of the whole image still downsamples to S."""
+    return eval_resize(image_size)
+
+
+def shrink(img: Image.Image, side: int) -> np.ndarray:
+    """(H, W, 3) uint8 with the short side at most ``side`` (aspect kept; smaller images as they are)."""
+    if min(img.size) > side:
+        img = F.resize(img, side)
+    return np.asarray(img)
+
+
+def eval_pixels(img: Image.Image, *, image_size: int, resize: str = "squash") -> np.ndarray:
+    """The eval transform's geometry on a decoded image -> (S, S, 3) uint8: exactly the pixels
+    ``transforms.eval_transform`` normalises."""
+    return np.array(_eval_compose(image_size, resize)(img))
+
+
+@lru_cache(maxsize=8)
+def _eval_compose(image_size: int, resize: str) -> v2.Compose:
+    return v2.Compose(eval_steps(image_size=image_size, resize=resize))
+
+
+def crop_box(height: int, width: int, scale: tuple, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's (top, left, h, w), torchvision's algorithm with numpy draws: 10 tries at
+    an area share in ``scale`` and a log-uniform aspect ratio, else the central crop."""
+    area = height * width
+    log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < CROP_RATIO[0]:
+        w, h = width, int(round(width / CROP_RATIO[0]))
+    elif in_ratio > CROP_RATIO[1]:
+        h, w = height, int(round(height * CROP_RATIO[1]))
+    else:
+        h, w = height, width
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class Augmenter:
+    """The train augmentation of ``--augment`` seed | light on one (H, W, 3) uint8 image.
+
+    seed:  AutoAugment (ImageNet policy) -> RandomResizedCrop(S) -> RandomHorizontalFlip
+    light: RandomResizedCrop(S, scale=(0.6, 1))
+    The operations are torchvision's (its AutoAugment policy table and ops, ``resized_crop``,
+    ``horizontal_flip`` on PIL images); only the draws come from ``rng``. ``none`` trains on the
+    eval pixels and needs no augmenter.
+    """
+
+    def __init__(self, *, image_size: int, augment: str):
+        if augment not in CROP_SCALES:
+            raise ValueError(f"augment {augment!r}: the augmenter does seed or light")
+        self.size, self.augment, self.scale = image_size, augment, CROP_SCALES[augment]
+        self.auto = v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET) if augment == "seed" else None
+
+    def __call__(self, pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        img = Image.fromarray(np.ascontiguousarray(pixels), mode="RGB")
+        if self.auto is not None:
+            img = self._auto_augment(img, rng)
+        top, left, h, w = crop_box(img.height, img.width, self.scale, rng)
+        img = F.resized_crop(img, top, left, h, w, [self.size, self.size], antialias=True)
+        if self.auto is not None and rng.random() < 0.5:
+            img = F.horizontal_flip(img)
+        return np.asarray(img)
+
+    def _auto_augment(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        """torchvision's ``AutoAugment.forward`` with the draws from ``rng``: one sub-policy of
+        two ops, each applied with its probability, signed magnitudes mirrored half the time."""
+        auto = self.auto
+        policy = auto._policies[int(rng.integers(len(auto._policies)))]
+        for op, probability, magnitude_bin in policy:
+            if not rng.random() <= probability:
+                continue
+            magnitudes_fn, signed = auto._AUGMENTATION_SPACE[op]
+            magnitudes = magnitudes_fn(10, img.height, img.width)
+            magnitude = 0.0
+            if magnitudes is not None:
+                magnitude = float(magnitudes[magnitude_bin])
+                if signed and rng.random() <= 0.5:
+                    magnitude = -magnitude
+            img = auto._apply_image_or_video_transform(img, op, magnitude, interpolation=auto.interpolation,
+                                                       fill=auto._fill)
+        return img
+
+
+def image_rng(seed: int, position: int) -> np.random.Generator:
+    """The generator of the image at ``position`` in an epoch whose seed is ``seed``."""
+    return np.random.default_rng([seed, position])
+
+
+@lru_cache(maxsize=8)
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
+
+
+def model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) on ``device``, scaled and normalised as torchvision's
+    ToDtype(scale=True) -> Normalize(ImageNet) (same operations, same order). On CUDA the result
+    is channels_last (a permuted (B, H, W, 3) batch already is); on CPU contiguous."""
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
+        raise ValueError(f"model_input takes uint8 (B, H, W, 3) batches, got {images.dtype} {tuple(images.shape)}")
+    mean, std = _mean_std(device)
+    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).to(torch.float32).mul_(1.0 / 255)
+    x = x.sub_(mean).div_(std)
+    if device.type == "cuda":
+        return x.contiguous(memory_format=torch.channels_last)
+    return x.contiguous()
