@@ -26,6 +26,12 @@ BAGGINGS = ("bootstrap", "full")
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
+def eval_resize(image_size: int) -> int:
+    """R, the size eval resizes to before its centre crop S: the study resizes to 256 before a 224
+    crop; keep that ratio at other sizes."""
+    return round(image_size * 256 / 224)
+
+
 class ConfigError(ValueError):
     """A setting the user can fix; the driver prints it as one line and exits 2."""
 

@@ -17,12 +17,9 @@ import math
 from functools import lru_cache
 
 import numpy as np
-import torch
 from PIL import Image
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as F
 
-from ensemble.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_resize, eval_steps
+from ensemble.config import eval_resize
 
 CROP_RATIO = (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop aspect ratio range
 CROP_SCALES = {"seed": (0.08, 1.0), "light": (0.6, 1.0)}  # its area range per --augment
@@ -34,22 +31,34 @@ def cache_side(image_size: int) -> int:
     return eval_resize(image_size)
 
 
+def _resize_short(img: Image.Image, side: int) -> Image.Image:
+    """torchvision's Resize(side) on a PIL image: the short side to ``side``, the long side to
+    int(side * long / short), bilinear (PIL antialiases); an image of that size already is kept."""
+    w, h = img.size
+    short, long = min(w, h), max(w, h)
+    size = (side, int(side * long / short)) if w <= h else (int(side * long / short), side)
+    return img if size == img.size else img.resize(size, Image.BILINEAR)
+
+
 def shrink(img: Image.Image, side: int) -> np.ndarray:
     """(H, W, 3) uint8 with the short side at most ``side`` (aspect kept; smaller images as they are)."""
-    if min(img.size) > side:
-        img = F.resize(img, side)
-    return np.asarray(img)
+    return np.array(_resize_short(img, side) if min(img.size) > side else img)
 
 
 def eval_pixels(img: Image.Image, *, image_size: int, resize: str = "squash") -> np.ndarray:
     """The eval transform's geometry on a decoded image -> (S, S, 3) uint8: exactly the pixels
-    ``transforms.eval_transform`` normalises."""
-    return np.array(_eval_compose(image_size, resize)(img))
-
-
-@lru_cache(maxsize=8)
-def _eval_compose(image_size: int, resize: str) -> v2.Compose:
-    return v2.Compose(eval_steps(image_size=image_size, resize=resize))
+    ``transforms.eval_transform`` normalises (its PIL steps, reproduced without torch, so the
+    image cache's decode tasks start without importing it; tests compare the two)."""
+    s, r = image_size, eval_resize(image_size)
+    if resize == "squash":
+        img = img.resize((s, s), Image.BILINEAR).resize((r, r), Image.BILINEAR)
+    elif resize == "short-side":
+        img = _resize_short(img, r)
+    else:
+        raise ValueError(f"resize {resize!r}: choose squash or short-side")
+    w, h = img.size  # torchvision's CenterCrop offsets
+    top, left = int(round((h - s) / 2.0)), int(round((w - s) / 2.0))
+    return np.array(img.crop((left, top, left + s, top + s)))
 
 
 def crop_box(height: int, width: int, scale: tuple, rng: np.random.Generator) -> tuple[int, int, int, int]:
@@ -85,12 +94,16 @@ class Augmenter:
     """
 
     def __init__(self, *, image_size: int, augment: str):
+        from torchvision.transforms import v2
+
         if augment not in CROP_SCALES:
             raise ValueError(f"augment {augment!r}: the augmenter does seed or light")
         self.size, self.augment, self.scale = image_size, augment, CROP_SCALES[augment]
         self.auto = v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET) if augment == "seed" else None
 
     def __call__(self, pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        from torchvision.transforms.v2 import functional as F
+
         img = Image.fromarray(np.ascontiguousarray(pixels), mode="RGB")
         if self.auto is not None:
             img = self._auto_augment(img, rng)
@@ -126,15 +139,21 @@ def image_rng(seed: int, position: int) -> np.random.Generator:
 
 
 @lru_cache(maxsize=8)
-def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _mean_std(device):
+    import torch
+
+    from ensemble.transforms import IMAGENET_MEAN, IMAGENET_STD
+
     return (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
             torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
 
 
-def model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+def model_input(images, device):
     """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) on ``device``, scaled and normalised as torchvision's
     ToDtype(scale=True) -> Normalize(ImageNet) (same operations, same order). On CUDA the result
     is channels_last (a permuted (B, H, W, 3) batch already is); on CPU contiguous."""
+    import torch
+
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
         raise ValueError(f"model_input takes uint8 (B, H, W, 3) batches, got {images.dtype} {tuple(images.shape)}")
     mean, std = _mean_std(device)

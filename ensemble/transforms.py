@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import v2
 
-from ensemble.config import EVAL_RESIZES
+from ensemble.config import EVAL_RESIZES, eval_resize  # noqa: F401 (eval_resize: re-exported)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -13,11 +13,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #   squash      the study's Resize((S, S)) -> Resize(R): aspect ratio NOT kept, the crop trims only a border
 #   short-side  Resize(R) on the short side: aspect ratio kept, the long side cropped
 # (EVAL_RESIZES, the choices, live in config.py beside the --eval-resize flag they validate)
-
-
-def eval_resize(image_size: int) -> int:
-    """The study resizes to 256 before a 224 crop; keep that ratio at other sizes."""
-    return round(image_size * 256 / 224)
 
 
 def _check_resize(resize: str) -> None:

@@ -49,6 +49,14 @@ def test_shrink_keeps_the_aspect_and_never_enlarges():
     assert cache_side(224) == 256 and cache_side(16) == 18
 
 
+@pytest.mark.parametrize("size", [(500, 375), (375, 500), (300, 641), (257, 256)])
+def test_shrink_is_torchvisions_resize_exactly(size):
+    from torchvision.transforms.v2 import functional as F
+
+    img = _photo(*size)
+    np.testing.assert_array_equal(shrink(img, 256), np.asarray(F.resize(img, 256)))
+
+
 def test_crop_box_follows_random_resized_crop():
     """Areas within the scale range, aspect ratios within 3/4..4/3, the box inside the image."""
     rng = np.random.default_rng(0)
