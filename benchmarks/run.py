@@ -69,6 +69,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"section 4's base training set; the large one is {SCALE}x (default 100, quick: --images, "
                         f"which reuses section 3's run as the base)")
     p.add_argument("--no-scale", action="store_true", help="skip section 4")
+    p.add_argument("--photos", action="store_true",
+                   help="sections 1-3 on camera-size JPEGs (500x375, quality 90, cut from scikit-learn's sample "
+                        "photographs; 2 classes) with the seed recipe (AutoAugment + crop + flip) instead of digit "
+                        "PNGs with the light one")
     p.add_argument("--join", action=argparse.BooleanOptionalAction, default=None,
                    help="sections 3-4: the driver subprocesses join this script's Ray cluster instead of "
                         "starting their own, so ray.init and shutdown are not in their times "
@@ -323,6 +327,12 @@ def gpu_section(args, results: dict) -> None:
         f"{' + '.join(f'{x:.1f}' for x in g['two']['peak_gib'])} GiB")
     r_share = g["two"]["aggregate_images_per_s"] / g["alone"]["aggregate_images_per_s"]
     g["two/one"] = ratio("gpu-two-shared/one", r_share, ">= 1 (sharing costs nothing)", r_share >= 1)
+    fed = g["fed"]
+    for name, label in (("one", "one member"), ("two", "two members at 0.5 GPU")):
+        f = fed[name]
+        say(f"{f'{label}: pipeline from photo JPEGs':<44}{f['pipeline']:8.1f} images/s vs synthetic "
+            f"{f['synthetic']:.1f} ({f['threads_per_member']} input threads per member, {fed['cores']} cores)")
+        g[f"fed-{name}"] = ratio(f"gpu-pipeline/synthetic-{name}", f["ratio"], ">= 0.95", f["ratio"] >= 0.95)
     results["gpu"] = g
 
 
@@ -332,7 +342,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from benchmarks.images import write_digits_images, write_flat_images
+    from benchmarks.images import write_digits_images, write_flat_images, write_photo_images
     from ensemble.run_folder import versions
 
     torch.set_num_threads(max(1, int(args.cpus_per_member)))  # (b), (c) and the vote's compute bound
@@ -342,20 +352,25 @@ def main(argv=None) -> int:
     for name in OUR_FOLDERS:  # a reused --workdir starts clean (only what this script writes)
         shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
     n_side = max(10, args.images // 3)
-    data = write_digits_images(os.path.join(workdir, "data"), n_train=args.images, n_val=n_side, n_test=n_side,
-                               size=16, seed=args.seed)
+    if args.photos:
+        data = write_photo_images(os.path.join(workdir, "data"), n_train=args.images, n_val=n_side, n_test=n_side,
+                                  seed=args.seed)
+    else:
+        data = write_digits_images(os.path.join(workdir, "data"), n_train=args.images, n_val=n_side, n_test=n_side,
+                                   size=16, seed=args.seed)
     vote_paths = write_flat_images(os.path.join(workdir, "vote"), n=args.vote_images, seed=args.seed + 1)
     # Every path gets the same recipe (the CPU preset's); resources from the flags.
     values = {"data": data, "output": os.path.join(workdir, "pipeline"), "members": args.members,
               "seed": args.seed, "arch": args.arch, "weights": "none", "freeze": "none",
               "epochs": args.epochs, "batch_size": args.batch_size, "lr": 2e-3, "image_size": args.image_size,
-              "augment": "light", "cpus_per_member": args.cpus_per_member, "gpus_per_member": 0,
+              "augment": "seed" if args.photos else "light", "cpus_per_member": args.cpus_per_member, "gpus_per_member": 0,
               "gpus_per_infer_actor": 0, "infer_actors": 1, "infer_batch_size": 128, "cpus_per_infer_actor": 1}
 
     v = versions()
     say(f"ensemble benchmarks{' --quick' if args.quick else ''}: {os.cpu_count()} CPU core(s), CUDA "
         f"{'yes' if torch.cuda.is_available() else 'no'}; " + ", ".join(f"{k} {v[k]}" for k in v if v[k]))
-    say(f"data: {args.images} train / {n_side} val / {n_side} test digit PNGs (16x16) under {workdir}; "
+    kind = "photo JPEGs (500x375), augment seed" if args.photos else "digit PNGs (16x16), augment light"
+    say(f"data: {args.images} train / {n_side} val / {n_side} test {kind} under {workdir}; "
         f"load average at start {load_average()}")
     results = {"args": vars(args), "versions": v, "cpus": os.cpu_count()}
     try:
