@@ -131,9 +131,9 @@ CPU_PRESET: Mapping[str, Any] = {
     "arch": "resnet18",
     "weights": "none",          # nothing to fine-tune from offline; trains from scratch
     "freeze": "none",
-    "epochs": 3,
+    "epochs": 2,                # 2 at lr 1e-3: ensemble 0.947 vs mean member 0.834 val acc, demo 54 s (3 at 3e-3: 64 s)
     "batch_size": 64,
-    "lr": 3e-3,                 # from scratch, a higher rate than the fine-tuning recipe's 8e-5
+    "lr": 1e-3,                 # from scratch, a higher rate than the fine-tuning recipe's 8e-5
     "image_size": 16,           # the digits are 8x8 scans: 16 px keeps every pixel, and trains fast
     "augment": "light",         # flips and heavy crops change what a digit means
     "cpus_per_member": 1.0,     # two members train at once on a 2-core laptop, one thread each

@@ -190,6 +190,8 @@ def _wait_all(refs: list, stall_timeout: float) -> list:
         if done:
             last = time.time()
         elif time.time() - last > stall_timeout:
+            for ref in pending:  # queued decode tasks would otherwise still run once CPUs free up
+                ray.cancel(ref)
             free, total = ray.available_resources(), ray.cluster_resources()
             raise ConfigError(f"image decoding made no progress in {stall_timeout:g} s: its tasks need 1 CPU each, "
                               f"the cluster has {free.get('CPU', 0):g} of {total.get('CPU', 0):g} CPU free "

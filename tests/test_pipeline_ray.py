@@ -337,3 +337,28 @@ def test_streaming_path_gives_the_cached_runs_results(run, tiny_digits, tmp_path
     for name in ("predictions.csv", "probabilities.parquet"):
         with open(os.path.join(output, name), "rb") as a, open(tmp_path / "streamed" / name, "rb") as b:
             assert a.read() == b.read(), name
+
+
+def test_image_cache_stage_that_cannot_start_is_reported(cluster, tiny_digits, tmp_path):
+    """Every CPU held by other work: the decode tasks never start, and the stage stops with one
+    line naming the CPUs after --stall-timeout instead of waiting."""
+    import time
+
+    from ensemble.config import ConfigError
+    from ensemble.image_cache import cache_images
+
+    @ray.remote(num_cpus=2)
+    class Holder:
+        def ready(self):
+            return True
+
+    holder = Holder.remote()
+    ray.get(holder.ready.remote())
+    try:
+        started = time.time()
+        with pytest.raises(ConfigError, match=r"^image decoding made no progress in 2 s: its tasks need 1 CPU each, "
+                                              r"the cluster has 0 of 2 CPU free"):
+            cache_images(scan_layout(tiny_digits), _config(tiny_digits, tmp_path, stall_timeout=2.0), max_bytes=1e9)
+        assert time.time() - started < 30
+    finally:
+        ray.kill(holder)
