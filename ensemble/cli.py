@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
                                      f"(default {d.augment})")
     g.add_argument("--cache-side", type=int, help="short side, in pixels, of the train images cached (decoded once "
                    "per run) as the source of every epoch's crops (default: round(S*256/224), 256 at S=224)")
-    g.add_argument("--cache-share", type=float, help=f"the image cache may take this share of the object store; "
+    g.add_argument("--cache-share", type=float, help=f"the image cache may take this share of the smallest node's object store; "
                    f"larger data is decoded by the members every epoch; 0 = never cache (default {d.cache_share:g})")
     g = p.add_argument_group("resources")
     g.add_argument("--gpus-per-member", type=float, help="0, a fraction (0.25, 0.5) or 1 GPU "

@@ -151,6 +151,13 @@ class Capacity:
                    default=0.0)
 
 
+    def smallest_store(self) -> float:
+        """The object store (bytes) of the smallest alive node that can run members or voters (one
+        with CPUs): each such node reads the whole image cache into its own store."""
+        stores = [n.get("object_store_memory", 0.0) for n in self.nodes if n.get("CPU", 0) > 0]
+        return min(stores or [n.get("object_store_memory", 0.0) for n in self.nodes], default=0.0)
+
+
 def cluster_capacity() -> Capacity:
     """Read the connected cluster's nodes and, when it autoscales, the node types it may launch."""
     import ray

@@ -67,8 +67,7 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False) -> dict:
 
     # image check + cache: every file decoded once in Ray tasks (unreadable ones skipped, or --strict
     # stops); the pixels stay in the object store for the members and voters when they fit
-    index, skipped, cache = cache_images(
-        index, cfg, max_bytes=cfg.cache_share * ray.cluster_resources().get("object_store_memory", 0))
+    index, skipped, cache = cache_images(index, cfg, max_bytes=cfg.cache_share * capacity.smallest_store())
 
     # output folder: the first write; an earlier run there is resumed (same fingerprint) or refused
     n_samples = cfg.bootstrap_size or index.train.num_rows

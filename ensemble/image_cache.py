@@ -121,8 +121,9 @@ def cache_images(index, cfg: EnsembleConfig, *, max_bytes: float):
 
     need = estimate_bytes(index, cfg)
     if need > max_bytes:
-        log.info("image cache: off (about %s of pixels, over --cache-share %g of the object store = %s); "
-                 "members decode their images every epoch", _size(need), cfg.cache_share, _size(max_bytes))
+        log.info("image cache: off (about %s of pixels, over --cache-share %g of the smallest node's object store "
+                 "= %s); members and voters decode the files where they use them", _size(need), cfg.cache_share,
+                 _size(max_bytes))
         index, skipped = check_images(index, strict=cfg.strict)
         return index, skipped, None
     started = time.time()

@@ -111,3 +111,14 @@ def test_explicit_cpus_no_node_has_are_refused_in_one_line():
         resolve_resources(build_config(flag_values={"cpus_per_member": 2.0}), ONE_CPU)
     with pytest.raises(ConfigError, match=r"^--cpus-per-infer-actor 3 but the largest node has 2 CPU"):
         resolve_resources(build_config(flag_values={"cpus_per_infer_actor": 3.0}), LAPTOP)
+
+
+def test_smallest_store_is_the_smallest_node_that_can_train():
+    """The image cache must fit on every node that trains (each reads all of it): the 0-CPU head's
+    store does not count while a node with CPUs exists."""
+    cluster = Capacity(nodes=({"CPU": 0.0, "object_store_memory": 1e9},
+                              {"CPU": 4.0, "object_store_memory": 8e9},
+                              {"CPU": 2.0, "GPU": 1.0, "object_store_memory": 3e9}))
+    assert cluster.smallest_store() == 3e9
+    assert Capacity(nodes=({"CPU": 0.0, "object_store_memory": 2e9},)).smallest_store() == 2e9
+    assert Capacity(nodes=()).smallest_store() == 0.0
