@@ -68,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--gpus-per-infer-actor", type=float, help="like --gpus-per-member")
     g.add_argument("--cpus-per-infer-actor", type=float, help=f"CPUs per soft-vote actor (default {d.cpus_per_infer_actor:g})")
     g.add_argument("--stall-timeout", type=float, help="seconds with none of the run's member actors able to start "
-                                                       "(their CPUs/GPUs held by other work, or never added) before "
+                                                       "(their CPUs/GPUs held by other work, or never added), or the "
+                                                       "image cache or the soft vote making no progress, before "
                                                        f"the run stops with a line saying why (default {d.stall_timeout:g})")
     g.add_argument("--address", help="Ray cluster address (ray://..., host:port, auto); default: the running "
                                      "local cluster or RAY_ADDRESS if any, else start a local one")

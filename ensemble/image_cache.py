@@ -124,7 +124,7 @@ def cache_images(index, cfg: EnsembleConfig, *, max_bytes: float):
         log.info("image cache: off (about %s of pixels, over --cache-share %g of the smallest node's object store "
                  "= %s); members and voters decode the files where they use them", _size(need), cfg.cache_share,
                  _size(max_bytes))
-        index, skipped = check_images(index, strict=cfg.strict)
+        index, skipped = check_images(index, strict=cfg.strict, stall_timeout=cfg.stall_timeout)
         return index, skipped, None
     started = time.time()
     splits = {"train": index.train, "val": index.val, "test": index.test}
@@ -193,10 +193,12 @@ def _wait_all(refs: list, stall_timeout: float) -> list:
         elif time.time() - last > stall_timeout:
             for ref in pending:  # queued decode tasks would otherwise still run once CPUs free up
                 ray.cancel(ref)
-            free, total = ray.available_resources(), ray.cluster_resources()
-            raise ConfigError(f"image decoding made no progress in {stall_timeout:g} s: its tasks need 1 CPU each, "
-                              f"the cluster has {free.get('CPU', 0):g} of {total.get('CPU', 0):g} CPU free "
-                              f"(other work holds the rest); free CPUs or add a node, then rerun the same command")
+            from ensemble.watch import free_line
+
+            need, have = free_line(1)
+            raise ConfigError(f"image decoding made no progress in {stall_timeout:g} s: its tasks need {need} each, "
+                              f"the cluster has {have} free (other work holds the rest); free CPUs or add a node, "
+                              f"then rerun the same command")
     return ray.get(refs)
 
 

@@ -41,12 +41,12 @@ def check_batch(batch: dict) -> dict:
     return {"split": batch["split"], "id": batch["id"], "ok": np.array(ok), "reason": np.array(reasons, dtype=object)}
 
 
-def check_images(index: DatasetIndex, *, strict: bool) -> tuple[DatasetIndex, list[dict]]:
+def check_images(index: DatasetIndex, *, strict: bool, stall_timeout: float = 600.0) -> tuple[DatasetIndex, list[dict]]:
     """Decode every file of the three splits once in Ray Data tasks; drop the unreadable ones (or
     stop, if ``strict``). Returns the index without bad files (ids renumbered 0..n-1 per split)
     and the list of skipped files with reasons."""
     cleaned, skipped = check_files({"train": index.train, "val": index.val, "test": index.test},
-                                   flag="--data", root=index.root, strict=strict)
+                                   flag="--data", root=index.root, strict=strict, stall_timeout=stall_timeout)
     labels = set(cleaned["train"].column("label").to_pylist())
     empty = [c for k, c in enumerate(index.classes) if k not in labels]
     if empty:
@@ -54,16 +54,29 @@ def check_images(index: DatasetIndex, *, strict: bool) -> tuple[DatasetIndex, li
     return DatasetIndex(root=index.root, classes=index.classes, **cleaned), skipped
 
 
-def check_files(splits: dict, *, flag: str, root: str, strict: bool) -> tuple[dict, list[dict]]:
+def check_files(splits: dict, *, flag: str, root: str, strict: bool,
+                stall_timeout: float = 600.0) -> tuple[dict, list[dict]]:
     """``check_images`` for any named file tables: (tables without unreadable files, skipped).
     A split left with no readable file, or any bad file under ``strict``, is a ConfigError
-    naming ``flag`` and ``root``."""
+    naming ``flag`` and ``root``; so is a check that makes no progress for ``stall_timeout`` s."""
+    from ensemble.watch import free_line, watched
+
     tables = [t.select(["id", "path"]).append_column("split", pa.array([name] * t.num_rows, pa.string()))
               for name, t in splits.items()]
-    ds = to_dataset(pa.concat_tables(tables), rows_per_block=512).map_batches(
-        check_batch, batch_format="numpy", batch_size=512, num_cpus=1)
+
+    def batches():
+        return to_dataset(pa.concat_tables(tables), rows_per_block=512).map_batches(
+            check_batch, batch_format="numpy", batch_size=512, num_cpus=1).iter_batches(
+                batch_size=None, batch_format="numpy")
+
+    def stalled(waited: float) -> Exception:
+        need, have = free_line(1)
+        return ConfigError(f"the image check made no progress in {waited:.0f} s: its tasks need {need} each, the "
+                           f"cluster has {have} free (other work holds the rest); free CPUs or add a node, then "
+                           f"rerun the same command")
+
     bad: dict[str, dict[int, str]] = {name: {} for name in splits}
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in watched(batches, stall_timeout=stall_timeout, stalled=stalled, name="ensemble-image-check"):
         for split, row_id, ok, reason in zip(batch["split"], batch["id"], batch["ok"], batch["reason"]):
             if not ok:
                 bad[str(split)][int(row_id)] = str(reason)

@@ -31,29 +31,47 @@ def soft_vote_stage(cfg: EnsembleConfig, table, *, weight_refs: list, num_classe
     from ensemble.actors import SoftVoter, show_progress
     from ensemble.data import to_dataset
     from ensemble.image_cache import train_side
+    from ensemble.watch import watched
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = show_progress()  # the vote's own bar (a dataset keeps the context it was made in)
-    try:
+    pool = max(1, min(cfg.infer_actors, -(-table.num_rows // cfg.infer_batch_size)))  # no more voters than batches
+
+    def batches():
         with warnings.catch_warnings():  # deprecated from Ray 2.60 (removal planned for 2.64); names the pool's actors
             warnings.filterwarnings("ignore", message="`ray_remote_args_fn` is deprecated")
             ds = to_dataset(table, rows_per_block=cfg.infer_batch_size).map_batches(
                 SoftVoter, batch_size=cfg.infer_batch_size, batch_format="numpy",
-                # no more voters than batches: each starts a process and loads every member
-                compute=ray.data.ActorPoolStrategy(size=max(1, min(cfg.infer_actors,
-                                                                   -(-table.num_rows // cfg.infer_batch_size)))),
+                compute=ray.data.ActorPoolStrategy(size=pool),  # each voter starts a process, loads every member
                 num_cpus=cfg.cpus_per_infer_actor, num_gpus=gpus, ray_remote_args_fn=voter_names(),
                 fn_constructor_kwargs={"arch": cfg.arch, "num_classes": num_classes, "weight_refs": weight_refs,
                                        "image_size": cfg.image_size, "threads": cfg.cpus_per_infer_actor,
                                        "tta": cfg.tta, "precision": cfg.precision, "resize": cfg.eval_resize,
                                        "side": train_side(cfg), "cache": cache})
-        parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        return ds.iter_batches(batch_size=None, batch_format="numpy")
+
+    try:
+        # Building the dataset runs Ray tasks too (block metadata): all of it is watched.
+        parts = watched(batches, stall_timeout=cfg.stall_timeout, stalled=_stalled(cfg, gpus), name="ensemble-vote")
     finally:
         context.enable_progress_bars = False
     keys = ("id", "image_name", "label", "probs", "member_probs")
     out = {k: np.concatenate([p[k] for p in parts]) for k in keys}
     order = np.argsort(out["id"], kind="stable")
     return {k: v[order] for k, v in out.items()}
+
+
+def _stalled(cfg: EnsembleConfig, gpus: float):
+    from ensemble.config import ConfigError
+    from ensemble.watch import free_line
+
+    def error(waited: float) -> Exception:
+        need, have = free_line(cfg.cpus_per_infer_actor, gpus)
+        return ConfigError(f"the soft vote made no progress in {waited:.0f} s: each voter needs {need}, the cluster "
+                           f"has {have} free (other work holds the rest); free them, or lower "
+                           f"--cpus-per-infer-actor{'/--gpus-per-infer-actor' if gpus else ''}, then rerun the same "
+                           f"command (finished members are kept and not trained again)")
+    return error
 
 
 def stack_splits(tables: dict):

@@ -339,6 +339,18 @@ def test_streaming_path_gives_the_cached_runs_results(run, tiny_digits, tmp_path
             assert a.read() == b.read(), name
 
 
+def _wait_for_stage_threads(timeout_s: float = 120.0) -> None:
+    """A stalled stage's helper thread ends once the held CPUs are free (it drops the stage at its
+    next result): wait for it, so no Ray call of it outlives this module's cluster."""
+    import threading
+    import time
+
+    deadline = time.time() + timeout_s
+    while any(t.name.startswith("ensemble-") for t in threading.enumerate()):
+        assert time.time() < deadline, [t.name for t in threading.enumerate()]
+        time.sleep(0.2)
+
+
 def test_image_cache_stage_that_cannot_start_is_reported(cluster, tiny_digits, tmp_path):
     """Every CPU held by other work: the decode tasks never start, and the stage stops with one
     line naming the CPUs after --stall-timeout instead of waiting."""
@@ -359,6 +371,39 @@ def test_image_cache_stage_that_cannot_start_is_reported(cluster, tiny_digits, t
         with pytest.raises(ConfigError, match=r"^image decoding made no progress in 2 s: its tasks need 1 CPU each, "
                                               r"the cluster has 0 of 2 CPU free"):
             cache_images(scan_layout(tiny_digits), _config(tiny_digits, tmp_path, stall_timeout=2.0), max_bytes=1e9)
+        # Data too large to cache: the Ray Data check alone, watched the same way.
+        with pytest.raises(ConfigError, match=r"^the image check made no progress in [23] s: its tasks need 1 CPU "
+                                              r"each, the cluster has 0 of 2 CPU free"):
+            cache_images(scan_layout(tiny_digits), _config(tiny_digits, tmp_path, stall_timeout=2.0), max_bytes=0)
+        assert time.time() - started < 40
+    finally:
+        ray.kill(holder)
+        _wait_for_stage_threads()
+
+
+def test_vote_stage_that_cannot_start_is_reported(cluster, tiny_digits, tmp_path):
+    """Every CPU held by other work: no voter can start, and the vote stops with one line naming
+    what a voter needs after --stall-timeout instead of waiting."""
+    import time
+
+    from ensemble.config import ConfigError
+    from ensemble.vote_stage import vote_splits
+
+    @ray.remote(num_cpus=2)
+    class Holder:
+        def ready(self):
+            return True
+
+    holder = Holder.remote()
+    ray.get(holder.ready.remote())
+    try:
+        cfg = _config(tiny_digits, tmp_path, stall_timeout=2.0)
+        weights = [ray.put(make_member_model(cfg.arch, 4, None, "none").state_dict())]
+        started = time.time()
+        with pytest.raises(ConfigError, match=r"^the soft vote made no progress in [23] s: each voter needs 1 CPU, "
+                                              r"the cluster has 0 of 2 CPU free .*--cpus-per-infer-actor"):
+            vote_splits(cfg, {"test": scan_layout(tiny_digits).test}, weight_refs=weights, num_classes=4, gpus=0.0)
         assert time.time() - started < 30
     finally:
         ray.kill(holder)
+        _wait_for_stage_threads()

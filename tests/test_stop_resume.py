@@ -57,7 +57,9 @@ def head(tmp_path_factory):
             cluster.stop()
 
 
-EPOCHS = 10  # room for four stops, each after one more committed epoch
+EPOCHS = 20  # room for four stops, each after one more committed epoch: an epoch of 160 images takes
+             # under a second now, and a stop can land two or three epochs after the commit it saw
+             # (10 epochs ran out once: member 2 resumed after epoch 7 of 10 and finished before the stop)
 LEFT = 3     # a stop lands while the member it waited for has at least this many epochs to go: members
              # keep training for the second or so a stop takes to reach them (it ran out once at 8/1)
 

@@ -1,0 +1,64 @@
+"""Never a silent wait: pull a Ray stage's results on a helper thread and stop, with one line,
+when nothing arrives for a while."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Callable, Iterable
+
+
+def watched(produce: Callable[[], Iterable], *, stall_timeout: float, stalled: Callable[[float], Exception],
+            name: str = "ensemble-stage") -> list:
+    """Everything ``produce()`` yields, in order. ``produce`` runs on a helper thread (building a
+    Ray Dataset may itself wait for a CPU); when nothing arrives for ``stall_timeout`` seconds,
+    ``stalled(seconds waited)`` is raised here. This thread waits in short steps, so Ctrl-C and
+    SIGTERM still stop the run; errors of ``produce`` are raised here as they are. A stage given
+    up on (stalled, interrupted) is dropped by the helper at its next result; a helper blocked in
+    Ray until then stays a daemon thread (the driver exits right after such an error)."""
+    arrived: queue.Queue = queue.Queue()
+    abandoned = threading.Event()  # set when this thread stops waiting: the helper drops the stage
+
+    def pull() -> None:
+        try:
+            items = iter(produce())
+            for item in items:
+                if abandoned.is_set():
+                    getattr(items, "close", lambda: None)()  # ends a Ray Data iteration and its executor
+                    return
+                arrived.put(("item", item))
+            arrived.put(("done", None))
+        except BaseException as exc:  # handed to the waiting thread, raised there
+            arrived.put(("error", exc))
+
+    threading.Thread(target=pull, name=name, daemon=True).start()
+    items, last = [], time.time()
+    try:
+        while True:
+            try:
+                kind, value = arrived.get(timeout=1.0)
+            except queue.Empty:
+                if time.time() - last > stall_timeout:
+                    raise stalled(time.time() - last) from None
+                continue
+            last = time.time()
+            if kind == "item":
+                items.append(value)
+            elif kind == "error":
+                raise value
+            else:
+                return items
+    finally:
+        abandoned.set()
+
+
+def free_line(need_cpu: float, need_gpu: float = 0.0) -> tuple[str, str]:
+    """("1 CPU and 0.5 GPU", "0 of 2 CPU, 0 of 1 GPU"): what one actor or task needs, what is free."""
+    import ray
+
+    free, total = ray.available_resources(), ray.cluster_resources()
+    need = f"{need_cpu:g} CPU" + (f" and {need_gpu:g} GPU" if need_gpu else "")
+    have = f"{free.get('CPU', 0):g} of {total.get('CPU', 0):g} CPU" + (
+        f", {free.get('GPU', 0):g} of {total.get('GPU', 0):g} GPU" if need_gpu else "")
+    return need, have
