@@ -148,8 +148,19 @@ def build_app(options: ServeOptions):
 
 def app(args: dict):
     """Ray Serve application builder: ``serve run ensemble.serve:app run=OUTPUT [members=selected]
-    [max_upload_mb=20] [max_megapixels=40] [max_batch_size=16] [batch_wait_s=0.025] [gpus=..] [cpus=..]``."""
-    return build_app(ServeOptions.from_args(args))
+    [max_upload_mb=20] [max_megapixels=40] [max_batch_size=16] [batch_wait_s=0.025] [gpus=..] [cpus=..]``.
+
+    Under the ``serve`` command line (which calls builders in its own process, before it starts
+    anything), a run or argument we cannot use is one ``error:`` line and exit code 2, as in
+    ``python -m ensemble.serve``, not the CLI's traceback. Elsewhere (``serve deploy`` builds in
+    Serve's controller) the error is raised as it is."""
+    try:
+        return build_app(ServeOptions.from_args(args))
+    except (ConfigError, CheckpointError) as exc:
+        if os.path.basename(sys.argv[0]) != "serve":
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 # ---------------------------------------------------------------- python -m ensemble.serve

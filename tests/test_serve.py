@@ -201,6 +201,23 @@ def test_decompression_bombs_refused_before_decoding(monkeypatch, tiny_digits):
                                                    max_pixels=40_000_000), batch["image"][0])
 
 
+def test_serve_cli_builder_errors_are_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    """`serve run ensemble.serve:app run=DIR` calls the builder in the CLI's process: a folder that
+    is not a finished run is one line and exit 2 there; called elsewhere, the builder raises."""
+    from ensemble import serve
+    from ensemble.config import ConfigError
+
+    with pytest.raises(ConfigError, match="no readable run.json"):
+        serve.app({"run": str(tmp_path)})
+    monkeypatch.setattr("sys.argv", ["/venv/bin/serve", "run", "ensemble.serve:app", f"run={tmp_path}"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        serve.app({"run": str(tmp_path)})
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "no readable run.json" in err[0], err
+
+
 # ---------------------------------------------------------------- one finished run, one Serve app
 
 @pytest.fixture(scope="module")
