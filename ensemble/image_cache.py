@@ -46,6 +46,7 @@ class ImageCache:
     side: int
     resize: str
     nbytes: int = 0
+    fetch_timeout: float = 600.0  # --stall-timeout: a block that cannot be fetched in this long is an error
 
 
 def train_side(cfg: EnsembleConfig) -> int:
@@ -149,7 +150,7 @@ def cache_images(index, cfg: EnsembleConfig, *, max_bytes: float):
             "row", pa.array(row[keep]))
     nbytes = int(sum(c["bytes"] for c in checks))
     cache = ImageCache(eval_blocks=evals, train_blocks=trains, image_size=cfg.image_size, side=side,
-                       resize=cfg.eval_resize, nbytes=nbytes)
+                       resize=cfg.eval_resize, nbytes=nbytes, fetch_timeout=cfg.stall_timeout)
     n = sum(t.num_rows for t in splits.values())
     log.info("image cache: %d images decoded once in %.1f s, %s in the object store (eval %d px, train short side "
              "%d px)", n, time.time() - started, _size(nbytes), cfg.image_size, side)
@@ -232,7 +233,15 @@ class BlockReader:
         if key not in self._blocks:
             import ray
 
-            value = ray.get((self.cache.eval_blocks if kind == "eval" else self.cache.train_blocks)[block])
+            ref = (self.cache.eval_blocks if kind == "eval" else self.cache.train_blocks)[block]
+            try:
+                value = ray.get(ref, timeout=self.cache.fetch_timeout)
+            except ray.exceptions.GetTimeoutError:
+                # A block lost with its node is decoded again by Ray (lineage), on a free CPU: on a
+                # cluster whose CPUs the members hold, that never comes. Say so instead of waiting.
+                raise ConfigError(f"image cache block {block} could not be fetched in {self.cache.fetch_timeout:g} s "
+                                  f"(lost with its node, and no CPU free to decode it again); finished members and "
+                                  f"epochs are kept: rerun the same command to resume") from None
             with self._lock:
                 self._blocks.setdefault(key, value)
         return self._blocks[key]

@@ -1,5 +1,5 @@
-"""Smoke test of the benchmark script: ``benchmarks/run.py --quick`` runs every section and prints
-each ratio with a finite number. Only a/c may say ``skipped: <why>`` (torchensemble is optional:
+"""Smoke test of the benchmark script: ``benchmarks/run.py --quick --no-scale`` runs sections 1-3
+and 5 and prints each ratio with a finite number. Only a/c may say ``skipped: <why>`` (torchensemble is optional:
 not installed, or broken on this torch)."""
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ import pytest
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RATIOS = ("a/b", "a/c", "vote-stage/bound", "vote-stage/naive", "rss-10x/base", "time-10x/base")
+# Section 4 (two more driver runs at 1x and 10x data) is left to full runs: CI's time budget.
+RATIOS = ("a/b", "a/c", "vote-stage/bound", "vote-stage/naive")
 
 
 def test_quick_benchmark_prints_every_ratio(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, os.path.join("benchmarks", "run.py"), "--quick",
+    proc = subprocess.run([sys.executable, os.path.join("benchmarks", "run.py"), "--quick", "--no-scale",
                            "--workdir", str(tmp_path), "--json", str(tmp_path / "results.json")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     out = proc.stdout

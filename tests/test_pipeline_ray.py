@@ -321,22 +321,33 @@ def test_image_cache_holds_every_readable_files_exact_pixels(cluster, tiny_digit
         ray.get(r)["pixels"].nbytes for r in cache.train_blocks if r is not None)
 
 
-def test_streaming_path_gives_the_cached_runs_results(run, tiny_digits, tmp_path, caplog):
-    """--cache-share 0: no cache; members and voters decode the files themselves. The same seed
-    gives the same member accuracies and the same predictions and probabilities, byte for byte."""
+def test_streaming_path_gives_the_cached_pixels(cluster, tiny_digits, tmp_path, caplog):
+    """Data too large to cache (here: a budget of 0 bytes) is only checked, with the same rows, and
+    members and voters decode the files: the same eval pixels and the same augmented batches as
+    from the cache, so the same seed gives the same run either way."""
     import logging
 
-    from ensemble.driver import run as run_driver
-    from tests.conftest import tiny_run_config
+    from ensemble.batches import batches
+    from ensemble.image_cache import SplitImages, cache_images
 
-    cfg, report, output = run
+    cfg = _config(tiny_digits, tmp_path, image_size=24)
+    cached_index, _, cache = cache_images(scan_layout(tiny_digits), cfg, max_bytes=1e9)
     with caplog.at_level(logging.INFO, logger="ensemble.data"):
-        streamed = run_driver(tiny_run_config(tiny_digits, tmp_path / "streamed", cache_share=0.0))
-    assert "image cache: off" in caplog.text
-    assert [m["val_acc"] for m in streamed["members"]] == [m["val_acc"] for m in report["members"]]
-    for name in ("predictions.csv", "probabilities.parquet"):
-        with open(os.path.join(output, name), "rb") as a, open(tmp_path / "streamed" / name, "rb") as b:
-            assert a.read() == b.read(), name
+        streamed_index, _, none = cache_images(scan_layout(tiny_digits), cfg, max_bytes=0)
+    assert none is None and "image cache: off" in caplog.text
+    for split in ("train", "val", "test"):
+        assert getattr(streamed_index, split).column("path").to_pylist() == \
+            getattr(cached_index, split).column("path").to_pylist()
+    side = train_side(cfg)
+    for split, augment in (("train", "seed"), ("train", "light"), ("val", None)):
+        from_cache = SplitImages(getattr(cached_index, split), cache, image_size=24, resize="squash", side=side)
+        from_files = SplitImages(getattr(streamed_index, split), None, image_size=24, resize="squash", side=side)
+        assert from_cache.reader is not None and from_files.reader is None
+        rows = np.random.default_rng(0).integers(0, len(from_cache), size=len(from_cache))
+        for a, b in zip(batches(from_cache, rows, batch_size=16, augment=augment, seed=5, threads=2),
+                        batches(from_files, rows, batch_size=16, augment=augment, seed=5, threads=1)):
+            np.testing.assert_array_equal(a["image"], b["image"])
+            np.testing.assert_array_equal(a["id"], b["id"])
 
 
 def _wait_for_stage_threads(timeout_s: float = 120.0) -> None:
@@ -407,3 +418,31 @@ def test_vote_stage_that_cannot_start_is_reported(cluster, tiny_digits, tmp_path
     finally:
         ray.kill(holder)
         _wait_for_stage_threads()
+
+
+def test_cache_block_that_cannot_be_fetched_is_an_error_not_a_wait(cluster):
+    """A block whose ref never resolves (lost, and no CPU free to decode it again) is one clear
+    error after the cache's fetch timeout (--stall-timeout), not a member waiting forever."""
+    from ensemble.config import ConfigError
+    from ensemble.image_cache import BlockReader, ImageCache
+
+    @ray.remote(num_cpus=2)
+    class Holder:
+        def ready(self):
+            return True
+
+    @ray.remote(num_cpus=1)
+    def block():
+        return np.zeros((1, 16, 16, 3), np.uint8)
+
+    holder = Holder.remote()
+    ray.get(holder.ready.remote())
+    try:
+        never = block.remote()  # waits for a CPU the holder keeps
+        cache = ImageCache(eval_blocks=[never], train_blocks=[None], image_size=16, side=18, resize="squash",
+                           fetch_timeout=1.0)
+        with pytest.raises(ConfigError, match=r"^image cache block 0 could not be fetched in 1 s \(lost with its "
+                                              r"node, and no CPU free to decode it again\)"):
+            BlockReader(cache).eval(0, 0)
+    finally:
+        ray.kill(holder)
