@@ -182,24 +182,28 @@ def _run_chunks(splits: dict, cfg: EnsembleConfig, side: int):
 
 
 def _wait_all(refs: list, stall_timeout: float) -> list:
-    """ray.get of ``refs``, but a stage where nothing finishes for ``stall_timeout`` seconds stops
-    with one line naming the CPUs it waits for."""
+    """ray.get of ``refs``, watched as every stage is (``watch.watched``): when none of the tasks
+    finishes for ``stall_timeout`` seconds, they are cancelled and the stage stops with one line
+    naming the CPUs it waits for."""
     import ray
 
-    pending, last = list(refs), time.time()
-    while pending:
-        done, pending = ray.wait(pending, num_returns=len(pending), timeout=5.0)
-        if done:
-            last = time.time()
-        elif time.time() - last > stall_timeout:
-            for ref in pending:  # queued decode tasks would otherwise still run once CPUs free up
-                ray.cancel(ref)
-            from ensemble.watch import free_line
+    from ensemble.watch import free_line, watched
 
-            need, have = free_line(1)
-            raise ConfigError(f"image decoding made no progress in {stall_timeout:g} s: its tasks need {need} each, "
-                              f"the cluster has {have} free (other work holds the rest); free CPUs or add a node, "
-                              f"then rerun the same command")
+    def finished():
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            yield done[0]
+
+    def stalled(waited: float) -> Exception:
+        for ref in refs:  # queued decode tasks would otherwise still run once CPUs free up
+            ray.cancel(ref)
+        need, have = free_line(1)
+        return ConfigError(f"image decoding made no progress in {stall_timeout:g} s: its tasks need {need} each, "
+                           f"the cluster has {have} free (other work holds the rest); free CPUs or add a node, "
+                           f"then rerun the same command")
+
+    watched(finished, stall_timeout=stall_timeout, stalled=stalled, name="ensemble-image-cache")
     return ray.get(refs)
 
 
