@@ -7,6 +7,7 @@ from the saved member weights run in this process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -362,14 +363,10 @@ def _wait_for_stage_threads(timeout_s: float = 120.0) -> None:
         time.sleep(0.2)
 
 
-def test_image_cache_stage_that_cannot_start_is_reported(cluster, tiny_digits, tmp_path):
-    """Every CPU held by other work: the decode tasks never start, and the stage stops with one
-    line naming the CPUs after --stall-timeout instead of waiting."""
-    import time
-
-    from ensemble.config import ConfigError
-    from ensemble.image_cache import cache_images
-
+@contextlib.contextmanager
+def _every_cpu_held():
+    """The module cluster's 2 CPUs held by an actor (other work) for the block; afterwards the
+    actor is gone and any stalled stage's helper thread has ended."""
     @ray.remote(num_cpus=2)
     class Holder:
         def ready(self):
@@ -378,6 +375,21 @@ def test_image_cache_stage_that_cannot_start_is_reported(cluster, tiny_digits, t
     holder = Holder.remote()
     ray.get(holder.ready.remote())
     try:
+        yield
+    finally:
+        ray.kill(holder)
+        _wait_for_stage_threads()
+
+
+def test_image_cache_stage_that_cannot_start_is_reported(cluster, tiny_digits, tmp_path):
+    """Every CPU held by other work: the decode tasks never start, and the stage stops with one
+    line naming the CPUs after --stall-timeout instead of waiting."""
+    import time
+
+    from ensemble.config import ConfigError
+    from ensemble.image_cache import cache_images
+
+    with _every_cpu_held():
         started = time.time()
         with pytest.raises(ConfigError, match=r"^image decoding made no progress in 2 s: its tasks need 1 CPU each, "
                                               r"the cluster has 0 of 2 CPU free"):
@@ -387,9 +399,6 @@ def test_image_cache_stage_that_cannot_start_is_reported(cluster, tiny_digits, t
                                               r"each, the cluster has 0 of 2 CPU free"):
             cache_images(scan_layout(tiny_digits), _config(tiny_digits, tmp_path, stall_timeout=2.0), max_bytes=0)
         assert time.time() - started < 40
-    finally:
-        ray.kill(holder)
-        _wait_for_stage_threads()
 
 
 def test_vote_stage_that_cannot_start_is_reported(cluster, tiny_digits, tmp_path):
@@ -400,14 +409,7 @@ def test_vote_stage_that_cannot_start_is_reported(cluster, tiny_digits, tmp_path
     from ensemble.config import ConfigError
     from ensemble.vote_stage import vote_splits
 
-    @ray.remote(num_cpus=2)
-    class Holder:
-        def ready(self):
-            return True
-
-    holder = Holder.remote()
-    ray.get(holder.ready.remote())
-    try:
+    with _every_cpu_held():
         cfg = _config(tiny_digits, tmp_path, stall_timeout=2.0)
         weights = [ray.put(make_member_model(cfg.arch, 4, None, "none").state_dict())]
         started = time.time()
@@ -415,9 +417,6 @@ def test_vote_stage_that_cannot_start_is_reported(cluster, tiny_digits, tmp_path
                                               r"the cluster has 0 of 2 CPU free .*--cpus-per-infer-actor"):
             vote_splits(cfg, {"test": scan_layout(tiny_digits).test}, weight_refs=weights, num_classes=4, gpus=0.0)
         assert time.time() - started < 30
-    finally:
-        ray.kill(holder)
-        _wait_for_stage_threads()
 
 
 def test_cache_block_that_cannot_be_fetched_is_an_error_not_a_wait(cluster):
@@ -426,23 +425,14 @@ def test_cache_block_that_cannot_be_fetched_is_an_error_not_a_wait(cluster):
     from ensemble.config import ConfigError
     from ensemble.image_cache import BlockReader, ImageCache
 
-    @ray.remote(num_cpus=2)
-    class Holder:
-        def ready(self):
-            return True
-
     @ray.remote(num_cpus=1)
     def block():
         return np.zeros((1, 16, 16, 3), np.uint8)
 
-    holder = Holder.remote()
-    ray.get(holder.ready.remote())
-    try:
+    with _every_cpu_held():
         never = block.remote()  # waits for a CPU the holder keeps
         cache = ImageCache(eval_blocks=[never], train_blocks=[None], image_size=16, side=18, resize="squash",
                            fetch_timeout=1.0)
         with pytest.raises(ConfigError, match=r"^image cache block 0 could not be fetched in 1 s \(lost with its "
                                               r"node, and no CPU free to decode it again\)"):
             BlockReader(cache).eval(0, 0)
-    finally:
-        ray.kill(holder)
