@@ -7,6 +7,8 @@ waits with ``ray.wait`` and keeps each member's best weights in the object store
 from __future__ import annotations
 
 import logging
+import uuid
+
 import numpy as np
 
 from ensemble.bootstrap import bootstrap_counts
@@ -61,12 +63,17 @@ def train_members(plan, *, seeds: list[int], train_table, val_table, gpus: float
     plan_ref, train_ref, val_ref = ray.put(plan), ray.put(train_table), ray.put(val_table)
     running: dict = {}   # summary ref -> (member, slot, weights ref)
     actors, left, up = [], [], []  # per slot: the actor, its unfinished members, its started() ref
+    # Ray frees an actor's name only once it has processed the actor's death, which can lag a
+    # ray.kill by seconds on a loaded cluster: a second run in the same process (a test, a
+    # notebook) could find "ensemble-member-3" still taken. Each run names its trainers in a
+    # namespace of its own.
+    namespace = f"ensemble-run-{uuid.uuid4().hex[:12]}"
     try:
         slots = slot_members(queue, window)
         for members in slots:
             # Named after its members, so the dashboard's Actors view reads like the ensemble.
             actors.append(MemberTrainer.options(
-                name=slot_name(members), num_cpus=cfg.cpus_per_member, num_gpus=gpus,
+                name=slot_name(members), namespace=namespace, num_cpus=cfg.cpus_per_member, num_gpus=gpus,
                 max_restarts=MEMBER_RESTARTS, max_task_retries=MEMBER_RESTARTS,
             ).remote(cfg.cpus_per_member))
             left.append(len(members))

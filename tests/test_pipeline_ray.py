@@ -196,13 +196,36 @@ def test_entropy_and_disagreement_columns(run, tiny_digits):
     assert set(np.round(disagreement * cfg.members).astype(int)) <= set(range(cfg.members + 1))
 
 
-def test_hard_vote_hflip_tta_full_bagging(cluster, tiny_digits, tmp_path):
-    """--vote hard --tta hflip --bagging full, checked against the saved members run in this process."""
+@contextlib.contextmanager
+def _trainer_names_taken(members: int):
+    """Every name a run's trainers could get, held in this job's namespace by actors that never
+    start (they ask for a resource no node has): what an earlier run's trainer looks like while
+    Ray has not yet processed its death, which can lag its ray.kill by seconds."""
+    from ensemble.cluster import slot_members, slot_name
+
+    @ray.remote
+    class Placeholder:
+        pass
+
+    names = {slot_name(slot) for window in range(1, members + 1) for slot in slot_members(list(range(members)), window)}
+    held = [Placeholder.options(name=name, resources={"nowhere": 1}).remote() for name in sorted(names)]
+    try:
+        yield sorted(names)
+    finally:
+        for actor in held:
+            ray.kill(actor)
+
+
+def test_hard_vote_hflip_tta_full_bagging_beside_taken_trainer_names(cluster, tiny_digits, tmp_path):
+    """--vote hard --tta hflip --bagging full, checked against the saved members run in this
+    process; run while every trainer name it could use is taken in the job's namespace."""
     from ensemble.driver import run as run_pipeline
     from ensemble.vote import hard_vote
 
     cfg = _config(tiny_digits, tmp_path, members=3, epochs=1, vote="hard", tta="hflip", bagging="full")
-    report = run_pipeline(cfg)
+    with _trainer_names_taken(cfg.members) as names:
+        assert "ensemble-member-0" in names and "ensemble-members-0-1-2" in names
+        report = run_pipeline(cfg)
     index = scan_layout(tiny_digits)
     assert report["ensemble"]["bagging"] == "full" and "oob" not in report["ensemble"]
     assert all(m["history"][0]["images"] == index.train.num_rows for m in report["members"])

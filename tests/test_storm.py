@@ -98,6 +98,7 @@ class Storm:
         self.torn: dict = {}
         self.log: list[str] = []
         self.error: BaseException | None = None
+        self.driver: threading.Thread | None = None  # the run's thread: a storm has nothing to wait for once it ended
 
     def _wait(self, pick, what: str, timeout_s: float = 300):
         deadline = time.time() + timeout_s
@@ -105,6 +106,8 @@ class Storm:
             found = pick()
             if found is not None:
                 return found
+            if self.driver is not None and not self.driver.is_alive():
+                raise AssertionError(f"storm: the run ended while waiting for {what}")
             time.sleep(0.005)
         raise AssertionError(f"storm: timed out waiting for {what}")
 
@@ -195,7 +198,14 @@ def test_storm_of_failures_changes_no_prediction(cluster, tmp_path):
     started = time.time()
     storm = Storm(output, nodes, cluster, random.Random(STORM_SEED))
     result = {}
-    driver = threading.Thread(target=lambda: result.update(report=run(_config(data, output))), daemon=True)
+
+    def drive():
+        try:
+            result["report"] = run(_config(data, output))
+        except BaseException as exc:  # reported by the test, not lost on this thread
+            result["error"] = exc
+
+    driver = storm.driver = threading.Thread(target=drive, daemon=True)
     hits = threading.Thread(target=storm, daemon=True)
     driver.start()
     hits.start()
@@ -203,6 +213,7 @@ def test_storm_of_failures_changes_no_prediction(cluster, tmp_path):
     driver.join(timeout=600)
     print(f"storm run {time.time() - started:.0f} s:", "; ".join(storm.log), storm.torn)
     where = f"(ENSEMBLE_STORM_SEED={STORM_SEED}; {'; '.join(storm.log)})"
+    assert "error" not in result, f"the run failed: {result['error']!r} {where}"
     assert storm.error is None, f"{storm.error!r} {where}"
     assert not driver.is_alive() and "report" in result, f"the run did not finish {where}"
     report = result["report"]
