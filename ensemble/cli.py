@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--vote", help=f"soft: average probabilities; hard: majority of member top-1, ties by summed "
                                   f"probability (default {d.vote})")
     g.add_argument("--tta", help=f"none | hflip: also run each member on the mirrored image and average (default {d.tta})")
+    g.add_argument("--calibrate-on", help="val: fit the ensemble's temperature on the full vote over val (its "
+                                          "scores cross-fitted); oob: on out-of-bag training rows, which each "
+                                          f"vote with only the members that never drew them (default {d.calibrate_on})")
     g = p.add_argument_group("model")
     g.add_argument("--arch", help=f"one of {', '.join(ARCHS)} (default {d.arch})")
     g.add_argument("--weights", help="none, a torchvision weights name (IMAGENET1K_V1, DEFAULT) or a "

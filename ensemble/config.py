@@ -23,6 +23,7 @@ EVAL_RESIZES = ("squash", "short-side")
 VOTES = ("soft", "hard")
 TTAS = ("none", "hflip")
 BAGGINGS = ("bootstrap", "full")
+CALIBRATE_ON = ("val", "oob")
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
@@ -48,6 +49,7 @@ class EnsembleConfig:
     bagging: str = "bootstrap"          # bootstrap = sample with replacement; full = every member sees all rows
     vote: str = "soft"                  # soft = mean of probabilities; hard = majority of top-1 labels
     tta: str = "none"                   # none | hflip: average each member over the image and its mirror
+    calibrate_on: str = "val"           # val | oob: the rows the ensemble's temperature is fitted on
     # --- model
     arch: str = "resnext101_64x4d"      # torchvision ResNet-family name (see ARCHS)
     weights: str = "DEFAULT"            # "none", a torchvision weights name, or a state-dict file
@@ -111,6 +113,7 @@ class EnsembleConfig:
         _check_choice(self, "precision", PRECISIONS)
         _check_choice(self, "tta", TTAS)
         _check_choice(self, "bagging", BAGGINGS)
+        _check_choice(self, "calibrate_on", CALIBRATE_ON)
         for name in ("freeze_stem", "strict"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"--{flag(name)} {getattr(self, name)!r}: must be true or false")

@@ -107,7 +107,8 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False) -> dict:
         counts = np.stack([member_counts(cfg.bagging, s, index.train.num_rows, n_samples) for s in seeds])
         oob = {"train_member_probs": voted["train"]["member_probs"], "train_labels": voted["train"]["label"],
                "counts": counts}
-    scores = score_run(voted["val"]["member_probs"], voted["val"]["label"], rule=cfg.vote, seed=cfg.seed, **oob)
+    scores = score_run(voted["val"]["member_probs"], voted["val"]["label"], rule=cfg.vote, seed=cfg.seed,
+                        calibrate_on=cfg.calibrate_on, **oob)
     report = build_report(resolved, summaries=summaries, scores=scores, params=params, index=index,
                           skipped=skipped, seeds=seeds, fingerprint=fingerprint, versions=versions(),
                           seconds={"train": t_vote - t_train, "vote": t_report - t_vote})

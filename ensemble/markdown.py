@@ -28,9 +28,9 @@ def render_report_md(report: Mapping[str, Any], figures: Mapping[str, str]) -> s
           "metrics" (optional): ``metrics.summary_metrics`` of the ensemble's vote,
           "oob" (optional): ``metrics.oob_scores`` output (reads acc, n_rows_scored, n_rows_without_oob),
           "size_curve" (optional): ``metrics.size_curve`` output (reads k, accuracy),
-          "calibration" (optional): ``metrics.calibration_scores`` output (reads fitted_on, n_rows,
-              temperature, val_before, val_after),
-          "selection" (optional): ``metrics.selection_scores`` output (reads fitted_on, n_rows,
+          "calibration" (optional): ``scoring.calibration_scores`` output (reads fitted_on, n_rows,
+              temperature, val_before, val_after, folds),
+          "selection" (optional): ``scoring.selection_scores`` output (reads fitted_on, n_rows,
               weights, val),
           "vote" (optional): "soft" | "hard", default "soft",
           "bagging" (optional): "bootstrap" | "full", default "bootstrap"
@@ -135,6 +135,10 @@ def _fitted_on(part: Mapping[str, Any]) -> str:
     n = part.get("n_rows", "–")
     if part.get("fitted_on") == "oob":
         return f"{n} out-of-bag training rows (each scored only by members that never drew it)"
+    if part.get("fitted_on") == "val" and _is_number(part.get("folds")) and part["folds"] > 1:
+        return (f"the vote of all members on the {n} validation rows; its validation scores are cross-fitted "
+                f"({part['folds']} folds, each scaled by a T fitted on the others), so no row is scored by a T "
+                f"that saw it")
     if part.get("fitted_on") == "val":
         return (f"the {n} validation rows it is also scored on (no out-of-bag rows: full bagging), so its "
                 f"validation scores are optimistic")

@@ -5,19 +5,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from ensemble.calibration import calibration_report, fit_temperature
+from ensemble.calibration import calibration_report, fit_temperature, scale_probs
 from ensemble.metrics import oob_scores, oob_vote, size_curve, summary_metrics
 from ensemble.selection import greedy_selection, weighted_vote
 from ensemble.vote import check_member_probs, ensemble_labels, ensemble_probs
 
 
 def score_run(val_member_probs, val_labels, *, rule: str, seed: int, train_member_probs=None, train_labels=None,
-              counts=None) -> dict:
+              counts=None, calibrate_on: str = "val") -> dict:
     """Members vs ensemble on val (accuracy under ``rule``, NLL, ECE, Brier), the size curve,
     temperature scaling and greedy ensemble selection and, with the members' probabilities on the
-    training rows and their bootstrap ``counts`` (members, n_train), out-of-bag scores. With counts,
-    the temperature and the selection are fitted on out-of-bag rows, so val stays unseen by both;
-    without (full bagging) they are fitted on val. Data only: report.py lays it out.
+    training rows and their bootstrap ``counts`` (members, n_train), out-of-bag scores. The
+    temperature is fitted where ``calibrate_on`` says (``calibration_scores``); with counts the
+    selection is fitted on out-of-bag rows, so val stays unseen by it; without (full bagging) on
+    val. Data only: report.py lays it out.
 
     val_member_probs: (members, n_val, classes); val_labels: (n_val,). Returns
       "ensemble": val_acc, metrics (on the vote's probabilities), size_curve, calibration
@@ -33,7 +34,8 @@ def score_run(val_member_probs, val_labels, *, rule: str, seed: int, train_membe
     ensemble = {"val_acc": float((labels == np.asarray(val_labels)).mean()),
                 "metrics": summary_metrics(probs, val_labels),
                 "size_curve": size_curve(val_member_probs, val_labels, seed=seed),
-                "calibration": calibration_scores(val_member_probs, val_labels, **held_out),
+                "calibration": calibration_scores(val_member_probs, val_labels, fit_on=calibrate_on, seed=seed,
+                                                  **held_out),
                 "selection": selection_scores(val_member_probs, val_labels, **held_out)}
     members = [{"metrics": summary_metrics(p, val_labels)} for p in val_member_probs]
     if counts is not None:
@@ -43,31 +45,68 @@ def score_run(val_member_probs, val_labels, *, rule: str, seed: int, train_membe
     return {"ensemble": ensemble, "members": members}
 
 
-def calibration_scores(val_member_probs, val_labels, *, train_member_probs=None, train_labels=None,
-                       counts=None) -> dict:
+CROSS_FIT_FOLDS = 5  # val rows are split this many ways to score a temperature fitted on val
+
+
+def calibration_scores(val_member_probs, val_labels, *, fit_on: str = "val", seed: int = 0, train_member_probs=None,
+                       train_labels=None, counts=None) -> dict:
     """One temperature for the ensemble's soft vote (``calibration``), scored on val.
 
-    With bootstrap ``counts`` (members, n_train) the temperature is fitted on the training rows'
-    out-of-bag votes (``oob_vote``; rows with at least one out-of-bag member). Without counts (full
-    bagging: every member trained on every row), or when no row is out of bag, it is fitted on val
-    itself, and "val_after" is then optimistic. Scaling keeps each row's argmax, so accuracy is
-    the same before and after. Returns
+    ``fit_on="val"`` (the default): T is fitted on the vote of all members over every val row:
+    the vote it will scale. Its val scores are cross-fitted, so they are not scored on rows their
+    T saw: val is split into ``CROSS_FIT_FOLDS`` seeded folds, each scaled by a T fitted on the
+    others.
+    ``fit_on="oob"``: T is fitted on the training rows' out-of-bag votes (``oob_vote``; rows with
+    at least one out-of-bag member) and scored on val as is. Such a row votes with only the
+    members that never drew it (about 37% of them), and a vote of fewer members is less
+    under-confident, so this T sharpens the full vote too little. Without counts (full bagging),
+    or when no row is out of bag, it falls back to val.
+    Scaling keeps each row's argmax, so accuracy is the same before and after. Returns
       "fitted_on"                "oob" | "val"
       "n_rows"                   rows the temperature was fitted on
       "temperature"              T: T < 1 sharpens an under-confident vote, T > 1 softens
       "val_before", "val_after"  ``summary_metrics`` of the val soft vote before and after scaling
+      "folds"                    (fitted on val) how many folds "val_after" was cross-fitted over;
+                                 1 = a single val row, scored in-sample
     """
+    if fit_on not in ("val", "oob"):
+        raise ValueError(f"fit_on must be 'val' or 'oob', got {fit_on!r}")
     val_probs = ensemble_probs(val_member_probs)  # (n_val, classes)
-    fit_probs, fit_labels, fitted_on = val_probs, val_labels, "val"
-    if counts is not None:
+    val_labels = np.asarray(val_labels)
+    if fit_on == "oob" and counts is not None:
         oob_probs, n_oob = oob_vote(train_member_probs, counts)
         scored = n_oob > 0  # rows every member drew have NaN votes
         if scored.any():
-            fit_probs, fit_labels, fitted_on = oob_probs[scored], np.asarray(train_labels)[scored], "oob"
-    temperature = fit_temperature(fit_probs, fit_labels)
-    report = calibration_report(val_probs, val_labels, temperature)
-    return {"fitted_on": fitted_on, "n_rows": int(len(fit_probs)), "temperature": report["temperature"],
-            "val_before": report["before"], "val_after": report["after"]}
+            fit_probs, fit_labels = oob_probs[scored], np.asarray(train_labels)[scored]
+            temperature = fit_temperature(fit_probs, fit_labels)
+            report = calibration_report(val_probs, val_labels, temperature)
+            return {"fitted_on": "oob", "n_rows": int(len(fit_probs)), "temperature": report["temperature"],
+                    "val_before": report["before"], "val_after": report["after"]}
+    temperature = fit_temperature(val_probs, val_labels)
+    scaled, folds = cross_fitted_scaling(val_probs, val_labels, seed=seed)
+    return {"fitted_on": "val", "n_rows": int(len(val_probs)), "temperature": temperature,
+            "val_before": summary_metrics(val_probs, val_labels), "val_after": summary_metrics(scaled, val_labels),
+            "folds": folds}
+
+
+def cross_fitted_scaling(probs, labels, *, seed: int, folds: int = CROSS_FIT_FOLDS) -> tuple[np.ndarray, int]:
+    """Each row of ``probs`` (n, classes) scaled by a temperature fitted on the other folds' rows.
+
+    Rows are dealt to min(folds, n) folds in a permutation seeded by ``seed``. Returns
+    (scaled (n, classes), the number of folds); with one row, its own temperature (1 fold).
+    """
+    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels)
+    n = len(probs)
+    k = min(folds, n)
+    if k < 2:
+        return scale_probs(probs, fit_temperature(probs, labels)), 1
+    fold = np.empty(n, dtype=np.int64)
+    fold[np.random.default_rng(seed).permutation(n)] = np.arange(n) % k
+    scaled = np.empty_like(probs)
+    for f in range(k):
+        rest = fold != f
+        scaled[~rest] = scale_probs(probs[~rest], fit_temperature(probs[rest], labels[rest]))
+    return scaled, k
 
 
 def selection_scores(val_member_probs, val_labels, *, train_member_probs=None, train_labels=None,

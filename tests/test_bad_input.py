@@ -96,6 +96,7 @@ def test_test_dir_without_images(capsys, good, tmp_path):
 
 @pytest.mark.parametrize("flags, expect", [
     (["--arch", "resnet9"], "--arch 'resnet9': choose one of"),
+    (["--calibrate-on", "test"], "--calibrate-on 'test': choose one of val, oob"),
     (["--members", "0"], "--members 0: must be >= 1"),
     (["--epochs", "0"], "--epochs 0: must be >= 1"),
     (["--epochs", "-2"], "--epochs -2: must be >= 1"),

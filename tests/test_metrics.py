@@ -361,16 +361,22 @@ def _disagreeing_members(n, seed, good=5, classes=4):
     return np.concatenate([member_probs[:NOISE_AT], noise, member_probs[NOISE_AT:]]), labels
 
 
-def _check_calibration_and_selection(ensemble, val_member_probs, val_labels):
+def _check_calibration_and_selection(ensemble, val_member_probs, val_labels, seed=0):
     """What holds wherever the temperature and the selection were fitted."""
     from ensemble.calibration import scale_probs
+    from ensemble.scoring import cross_fitted_scaling
     from ensemble.selection import weighted_vote
 
     cal, sel = ensemble["calibration"], ensemble["selection"]
     vote = soft_vote(val_member_probs)
     assert isinstance(cal["temperature"], float) and cal["temperature"] < 1.0  # under-confident -> sharpen
     assert cal["val_before"] == ensemble["metrics"] == summary_metrics(vote, val_labels)
-    assert cal["val_after"] == summary_metrics(scale_probs(vote, cal["temperature"]), val_labels)
+    if cal["fitted_on"] == "val":  # scored cross-fitted: no row by a temperature that saw it
+        scaled, folds = cross_fitted_scaling(vote, val_labels, seed=seed)
+        assert cal["folds"] == folds == 5 and cal["val_after"] == summary_metrics(scaled, val_labels)
+    else:
+        assert "folds" not in cal
+        assert cal["val_after"] == summary_metrics(scale_probs(vote, cal["temperature"]), val_labels)
     np.testing.assert_array_equal(scale_probs(vote, cal["temperature"]).argmax(axis=1), vote.argmax(axis=1))
     assert cal["val_after"]["accuracy"] == cal["val_before"]["accuracy"]
     assert cal["val_after"]["ece"] < cal["val_before"]["ece"]
@@ -396,12 +402,29 @@ def test_score_run_without_counts_fits_temperature_and_selection_on_val():
     assert cal["temperature"] == fit_temperature(soft_vote(member_probs), labels)
     assert sel["weights"] == greedy_selection(member_probs, labels)["weights"].tolist()
     _check_calibration_and_selection(ensemble, member_probs, labels)
-    # fitted on the rows it is scored on, the fitted temperature nearly removes the calibration error
+    # even scored cross-fitted, the temperature nearly removes the calibration error
     assert ensemble["calibration"]["val_after"]["ece"] < 0.03 < 0.25 < ensemble["calibration"]["val_before"]["ece"]
     assert "oob" not in ensemble
 
 
-def test_score_run_with_counts_fits_on_out_of_bag_rows():
+def test_score_run_with_counts_fits_the_temperature_on_val_and_the_selection_on_out_of_bag_rows():
+    from ensemble.calibration import fit_temperature
+    from ensemble.scoring import score_run
+
+    val_member_probs, val_labels = _disagreeing_members(1500, seed=1)
+    train_member_probs, train_labels = _disagreeing_members(2000, seed=2)
+    counts = np.stack([bootstrap_counts(s, 2000, 2000) for s in member_seeds(3, 6)])  # (6, 2000)
+    ensemble = score_run(val_member_probs, val_labels, rule="soft", seed=3, train_member_probs=train_member_probs,
+                         train_labels=train_labels, counts=counts)["ensemble"]
+    cal, sel = ensemble["calibration"], ensemble["selection"]
+    has_oob = (counts == 0).any(axis=0)
+    assert (cal["fitted_on"], cal["n_rows"]) == ("val", 1500)
+    assert cal["temperature"] == fit_temperature(soft_vote(val_member_probs), val_labels)
+    assert (sel["fitted_on"], sel["n_rows"]) == ("oob", int(has_oob.sum()))
+    _check_calibration_and_selection(ensemble, val_member_probs, val_labels, seed=3)
+
+
+def test_score_run_calibrate_on_oob_fits_on_out_of_bag_rows():
     from ensemble.calibration import fit_temperature
     from ensemble.scoring import score_run
     from ensemble.selection import greedy_selection
@@ -410,7 +433,7 @@ def test_score_run_with_counts_fits_on_out_of_bag_rows():
     train_member_probs, train_labels = _disagreeing_members(2000, seed=2)
     counts = np.stack([bootstrap_counts(s, 2000, 2000) for s in member_seeds(3, 6)])  # (6, 2000)
     out = score_run(val_member_probs, val_labels, rule="hard", seed=0, train_member_probs=train_member_probs,
-                    train_labels=train_labels, counts=counts)
+                    train_labels=train_labels, counts=counts, calibrate_on="oob")
     ensemble = out["ensemble"]
     cal, sel = ensemble["calibration"], ensemble["selection"]
     has_oob = (counts == 0).any(axis=0)
@@ -426,16 +449,62 @@ def test_score_run_with_counts_fits_on_out_of_bag_rows():
     assert ensemble["oob"]["n_rows_scored"] == has_oob.sum()
 
 
-def test_score_run_falls_back_to_val_when_no_row_is_out_of_bag():
+def test_score_run_calibrate_on_oob_falls_back_to_val_when_no_row_is_out_of_bag():
     from ensemble.scoring import score_run
 
     val_member_probs, val_labels = _disagreeing_members(800, seed=4)
     train_member_probs, train_labels = _disagreeing_members(50, seed=5)
     ensemble = score_run(val_member_probs, val_labels, rule="soft", seed=0, train_member_probs=train_member_probs,
-                         train_labels=train_labels, counts=np.ones((6, 50), dtype=np.int64))["ensemble"]
+                         train_labels=train_labels, counts=np.ones((6, 50), dtype=np.int64),
+                         calibrate_on="oob")["ensemble"]
     assert (ensemble["calibration"]["fitted_on"], ensemble["calibration"]["n_rows"]) == ("val", 800)
+    assert ensemble["calibration"]["folds"] == 5
     assert (ensemble["selection"]["fitted_on"], ensemble["selection"]["n_rows"]) == ("val", 800)
     assert ensemble["oob"]["n_rows_scored"] == 0
+
+
+def test_cross_fitted_scaling_scales_each_fold_by_the_temperature_of_the_others():
+    from ensemble.calibration import fit_temperature, scale_probs
+    from ensemble.scoring import cross_fitted_scaling
+
+    member_probs, labels = _disagreeing_members(103, seed=6)
+    vote = soft_vote(member_probs)
+    scaled, folds = cross_fitted_scaling(vote, labels, seed=9)
+    assert folds == 5 and scaled.shape == vote.shape
+    np.testing.assert_allclose(scaled.sum(axis=1), 1.0, atol=1e-12)
+    np.testing.assert_array_equal(scaled.argmax(axis=1), vote.argmax(axis=1))
+    # the folds: a seeded permutation dealt round-robin, sizes 21/21/21/20/20
+    fold = np.empty(103, dtype=np.int64)
+    fold[np.random.default_rng(9).permutation(103)] = np.arange(103) % 5
+    assert sorted(np.bincount(fold)) == [20, 20, 21, 21, 21]
+    for f in range(5):
+        t = fit_temperature(vote[fold != f], labels[fold != f])
+        np.testing.assert_array_equal(scaled[fold == f], scale_probs(vote[fold == f], t))
+    # a row's own label never reaches its scaling: change it, and that row's output stays the same
+    row = 17
+    flipped = labels.copy()
+    flipped[row] = (labels[row] + 1) % 4
+    again, _ = cross_fitted_scaling(vote, flipped, seed=9)
+    np.testing.assert_array_equal(again[row], scaled[row])
+    assert not np.array_equal(again[fold != fold[row]], scaled[fold != fold[row]])
+    # one row: its own temperature, one fold; two rows: two folds of one
+    one, k = cross_fitted_scaling(vote[:1], labels[:1], seed=0)
+    assert k == 1 and np.array_equal(one, scale_probs(vote[:1], fit_temperature(vote[:1], labels[:1])))
+    assert cross_fitted_scaling(vote[:2], labels[:2], seed=0)[1] == 2
+
+
+def test_a_vote_of_fewer_members_is_less_under_confident():
+    """Why the temperature is fitted on val by default: an out-of-bag row votes with only the
+    members that never drew it (about 37% of them), and the fewer members vote, the less the
+    average under-states its accuracy, so a temperature fitted on such votes sharpens the vote of
+    all members too little."""
+    from ensemble.calibration import fit_temperature
+
+    member_probs, labels = _disagreeing_members(4000, seed=7, good=9)
+    member_probs = np.delete(member_probs, NOISE_AT, axis=0)  # nine good members
+    temperatures = [fit_temperature(soft_vote(member_probs[:k]), labels) for k in (1, 3, 9)]
+    assert temperatures[0] > temperatures[1] > temperatures[2]
+    assert temperatures[1] > 1.2 * temperatures[2]
 
 
 def test_score_run_result_is_strict_json():

@@ -62,6 +62,14 @@ def test_markdown_calibration_fitted_on_val_says_it_is_optimistic_and_t_above_on
     assert "the 40 validation rows" in text and "optimistic" in text and "over-confident" in text
 
 
+def test_markdown_calibration_fitted_on_val_with_folds_says_its_scores_are_cross_fitted():
+    md = render_report_md(_report(calibration={**CALIBRATION, "fitted_on": "val", "n_rows": 40, "folds": 5}), {})
+    text = _section(md, "Calibration")[2]
+    assert "the vote of all members on the 40 validation rows" in text
+    assert "cross-fitted (5 folds, each scaled by a T fitted on the others)" in text
+    assert "optimistic" not in text and "under-confident" in text
+
+
 def test_markdown_selection_lists_kept_members_and_compares_with_all_members():
     md = render_report_md(_report(selection=SELECTION), {})
     section = _section(md, "Ensemble selection")
