@@ -214,7 +214,8 @@ def resolve_gpus(requested: Optional[float], capacity: Capacity, what: str, *, a
             grow = " and its autoscaler cannot add any" if capacity.autoscaling else ""
             raise ConfigError(f"--{what} {requested:g} but the cluster has no GPUs{grow}; use --{what} 0")
         if requested > largest:
-            raise ConfigError(f"--{what} {requested:g} but the largest node has {largest:g} GPU(s)")
+            raise ConfigError(f"--{what} {requested:g} but the largest node has {largest:g} GPU(s); "
+                              f"use --{what} {largest:g} or less")
         if sum(n.get("GPU", 0.0) for n in capacity.nodes) == 0:
             log.info("--%s %g: the cluster has no GPU node yet; its autoscaler adds them on demand", what,
                      requested)

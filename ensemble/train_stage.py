@@ -16,6 +16,7 @@ from ensemble.checkpoint import CheckpointError
 from ensemble.cluster import slot_members, slot_name
 from ensemble.config import ConfigError
 from ensemble.member_files import load_finished_member
+from ensemble.watch import fit_advice, free_line
 
 log = logging.getLogger("ensemble.driver")
 
@@ -131,13 +132,12 @@ class StallWatch:
                 log.info("waiting %.0f s for CPUs/GPUs to start any member (stops after --stall-timeout %g s)",
                          waited, self.cfg.stall_timeout)
             return
-        free, total = ray.available_resources(), ray.cluster_resources()
-        need = f"{self.cfg.cpus_per_member:g} CPU" + (f" and {self.gpus:g} GPU" if self.gpus else "")
-        have = f"{free.get('CPU', 0):g} of {total.get('CPU', 0):g} CPU" + (
-            f", {free.get('GPU', 0):g} of {total.get('GPU', 0):g} GPU" if self.gpus else "")
+        need, have = free_line(self.cfg.cpus_per_member, self.gpus)
+        advice = fit_advice([("cpus-per-member", "CPU", self.cfg.cpus_per_member),
+                             ("gpus-per-member", "GPU", self.gpus)])
         raise ConfigError(f"no member could start in {waited:.0f} s: each needs {need}, the cluster has {have} "
-                          f"free (other work holds the rest); free them, or lower --cpus-per-member"
-                          f"{'/--gpus-per-member' if self.gpus else ''}, then rerun the same command to resume")
+                          f"free (other work holds the rest); free them{advice}, then rerun the same command to "
+                          f"resume")
 
 
 def _gather(ref, member: int, output: str) -> dict:

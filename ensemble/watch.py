@@ -3,6 +3,7 @@ when nothing arrives for a while."""
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -62,3 +63,34 @@ def free_line(need_cpu: float, need_gpu: float = 0.0) -> tuple[str, str]:
     have = f"{free.get('CPU', 0):g} of {total.get('CPU', 0):g} CPU" + (
         f", {free.get('GPU', 0):g} of {total.get('GPU', 0):g} GPU" if need_gpu else "")
     return need, have
+
+
+def fit_advice(requests: list[tuple[str, str, float]]) -> str:
+    """What to change so a stage that cannot start would start on what is free now, as the end of
+    a sentence. ``requests``: (flag, resource, amount each), e.g. ("cpus-per-member", "CPU", 2).
+
+    ", or use --cpus-per-member 0.5, which fits what is free now" when some lower values fit (a
+    GPU flag with no GPU free fits at 0: on CPU); "; no CPU is free, so a lower --cpus-per-member
+    would not start either" when a needed CPU amount has nothing free; ", or lower
+    --cpus-per-member" when enough is free in total but not on one node."""
+    import ray
+
+    free = ray.available_resources()
+    fits, none_free = [], []
+    for flag, resource, need in requests:
+        have = free.get(resource, 0.0)
+        if need <= 0 or have >= need:
+            continue
+        value = math.floor(have * 100) / 100  # Ray resources are fractional; keep a readable value below
+        if value > 0:
+            fits.append(f"--{flag} {value:g}")
+        elif resource == "GPU":
+            fits.append(f"--{flag} 0 (on CPU)")
+        else:
+            none_free.append((flag, resource))
+    if none_free:
+        flag, resource = none_free[0]
+        return f"; no {resource} is free, so a lower --{flag} would not start either"
+    if fits:
+        return f", or use {' '.join(fits)}, which fits what is free now"
+    return ", or lower " + "/".join(f"--{flag}" for flag, _, need in requests if need > 0)

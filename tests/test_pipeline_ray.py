@@ -437,7 +437,9 @@ def test_vote_stage_that_cannot_start_is_reported(cluster, tiny_digits, tmp_path
         weights = [ray.put(make_member_model(cfg.arch, 4, None, "none").state_dict())]
         started = time.time()
         with pytest.raises(ConfigError, match=r"^the soft vote made no progress in [23] s: each voter needs 1 CPU, "
-                                              r"the cluster has 0 of 2 CPU free .*--cpus-per-infer-actor"):
+                                              r"the cluster has 0 of 2 CPU free \(other work holds the rest\); "
+                                              r"free them; no CPU is free, so a lower --cpus-per-infer-actor would "
+                                              r"not start either, then rerun"):
             vote_splits(cfg, {"test": scan_layout(tiny_digits).test}, weight_refs=weights, num_classes=4, gpus=0.0)
         assert time.time() - started < 30
 

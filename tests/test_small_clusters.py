@@ -67,6 +67,6 @@ def test_members_that_cannot_start_are_reported_not_waited_on(tiny_digits, tmp_p
     assert code == 2
     assert len(err) == 1 and re.fullmatch(
         r"error: no member could start in \d+ s: each needs 1 CPU and 1 GPU, the cluster has 2 of 2 CPU, 0 of 1 GPU "
-        r"free \(other work holds the rest\); free them, or lower --cpus-per-member/--gpus-per-member, then rerun "
-        r"the same command to resume", err[0]), err
+        r"free \(other work holds the rest\); free them, or use --gpus-per-member 0 \(on CPU\), which fits what is "
+        r"free now, then rerun the same command to resume", err[0]), err
     assert (tmp_path / "out" / "run.json").exists()  # the run is there to resume
