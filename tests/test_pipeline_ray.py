@@ -461,3 +461,28 @@ def test_cache_block_that_cannot_be_fetched_is_an_error_not_a_wait(cluster):
         with pytest.raises(ConfigError, match=r"^image cache block 0 could not be fetched in 1 s \(lost with its "
                                               r"node, and no CPU free to decode it again\)"):
             BlockReader(cache).eval(0, 0)
+
+
+def test_config_error_in_a_ray_data_worker_reaches_the_driver_as_that_error(cluster):
+    """Ray Data wraps a stage function's error in a UserCodeException that keeps only the
+    worker's traceback text; a ConfigError (the one line meant for the user) is read back from it."""
+    from ensemble.config import ConfigError
+    from ensemble.watch import watched
+
+    class Voter:
+        def __call__(self, batch):
+            raise ConfigError("image cache block 3 could not be fetched in 2 s (its node may be gone)")
+
+    def produce():
+        return ray.data.range(4).map_batches(Voter, compute=ray.data.ActorPoolStrategy(size=1)).iter_batches()
+
+    with pytest.raises(ConfigError) as raised:
+        watched(produce, stall_timeout=120, stalled=lambda waited: AssertionError(f"stalled {waited}"))
+    assert str(raised.value) == "image cache block 3 could not be fetched in 2 s (its node may be gone)"
+    assert raised.value.__cause__ is None
+
+    def fails():  # any other error stays as Ray raised it
+        return ray.data.range(4).map_batches(lambda batch: 1 / 0).iter_batches()
+
+    with pytest.raises(ray.exceptions.RayError, match="ZeroDivisionError"):
+        watched(fails, stall_timeout=120, stalled=lambda waited: AssertionError(f"stalled {waited}"))
