@@ -84,6 +84,20 @@ def fit_temperature(probs, labels, *, bounds: tuple[float, float] = DEFAULT_BOUN
     return float(math.exp(0.5 * (lo + hi)))
 
 
+def usable_temperature(probs, labels) -> tuple[float, bool]:
+    """(T, ran to the lower bound): ``fit_temperature``, except that a fit that ran to the lower
+    end of ``DEFAULT_BOUNDS`` gives T = 1 (probabilities left as they are).
+
+    The NLL keeps falling as T -> 0 when the rows are classified without an error a temperature
+    could weigh (a small or easy validation split): the fit then stops at the bound, and scaling
+    by it would make every later prediction, right or wrong, near certain. A fit that runs to
+    the upper bound is kept: it softens the vote towards uniform, which errs on the safe side."""
+    t = fit_temperature(probs, labels)
+    if t <= DEFAULT_BOUNDS[0] * (1 + 1e-6):
+        return 1.0, True
+    return t, False
+
+
 def calibration_report(probs, labels, temperature: float) -> dict:
     """{"temperature": T, "before": summary_metrics(probs), "after": summary_metrics(scaled)}.
 

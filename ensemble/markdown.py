@@ -31,7 +31,7 @@ def render_report_md(report: Mapping[str, Any], figures: Mapping[str, str]) -> s
           "calibration" (optional): ``scoring.calibration_scores`` output (reads fitted_on, n_rows,
               temperature, val_before, val_after, folds),
           "selection" (optional): ``scoring.selection_scores`` output (reads fitted_on, n_rows,
-              weights, val),
+              weights, val, val_after, temperature),
           "vote" (optional): "soft" | "hard", default "soft",
           "bagging" (optional): "bootstrap" | "full", default "bootstrap"
       report["data"] (optional): "classes", "train", "val", "test" row counts
@@ -150,6 +150,10 @@ def _calibration_section(cal: Mapping[str, Any]) -> list[str]:
     t = cal.get("temperature")
     if not _is_number(t):
         meaning = ""
+    elif cal.get("at_bound"):
+        meaning = (" Its fit ran to the lower end of its range: these rows hold no error for a temperature to "
+                   "weigh (too few, or all classified with room to spare), and sharpening without limit would make "
+                   "every later prediction look certain, so the probabilities are left as they are (T = 1).")
     elif t < 0.995:
         meaning = " T < 1 sharpens: the averaged vote was under-confident (right more often than it claimed)."
     elif t > 1.005:
@@ -179,10 +183,20 @@ def _selection_section(sel: Mapping[str, Any], ensemble: Mapping[str, Any], memb
            "", "| member | weight |", "|---|---:|"]
     out += [f"| {names[i]} | {_num(weights[i])} |" for i in kept]
     full = ensemble.get("metrics") or {}
-    chosen = sel.get("val") or {}
-    out += ["", "| validation | members | accuracy | NLL |", "|---|---:|---:|---:|"]
-    for name, n, m in (("selected (weighted soft vote)", n_kept, chosen), ("all members (soft vote)", len(weights), full)):
-        out.append(f"| {name} | {n} | {_num(m.get('accuracy'))} | {_num(m.get('nll'))} |")
+    full_after = (ensemble.get("calibration") or {}).get("val_after") or {}
+    chosen, chosen_after = sel.get("val") or {}, sel.get("val_after") or {}
+    out += ["", "| validation | members | accuracy | NLL | NLL, scaled by its T | ECE, scaled |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for name, n, m, after in (("selected (weighted soft vote)", n_kept, chosen, chosen_after),
+                              ("all members (soft vote)", len(weights), full, full_after)):
+        out.append(f"| {name} | {n} | {_num(m.get('accuracy'))} | {_num(m.get('nll'))} | "
+                   f"{_num(after.get('nll'))} | {_num(after.get('ece'))} |")
+    if _is_number(sel.get("temperature")) and sel.get("at_bound"):
+        out += ["", "`--members selected` leaves the selected members' vote unscaled (T = 1): its fit on val ran "
+                    "to the lower end of its range, as in Calibration."]
+    elif _is_number(sel.get("temperature")):
+        out += ["", f"`--members selected` scales the selected members' vote by their own T = "
+                    f"{_num(sel['temperature'])}, fitted on val (scores cross-fitted, as in Calibration)."]
     return out
 
 

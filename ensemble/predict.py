@@ -43,7 +43,7 @@ class FinishedRun:
     config: EnsembleConfig
     fingerprint: dict
     states: list                     # the used members' state dicts, in ``members`` order
-    temperature: float               # the one its report fitted; 1 when it has none
+    temperature: float               # the one its report fitted for this vote; 1 when it has none
     members: list                    # indices of the members used (loaded)
     weights: Optional[list] = None   # their selection weights (sum 1); None: the run's own vote
 
@@ -80,13 +80,23 @@ def load_run(run: str, members: str = "all") -> FinishedRun:
             raise ConfigError(f"--run {run}: member {i} has not finished; rerun the driver with --output {run} "
                               f"to finish the run first")
         states.append(finished[1])
-    try:
-        temperature = float(report["ensemble"]["calibration"]["temperature"])
-    except (KeyError, TypeError, ValueError):
+    temperature = _temperature(report, "selection" if members == "selected" else "calibration")
+    if temperature is None and members == "selected":  # a report from before selections had their own
+        temperature = _temperature(report, "calibration")
+    if temperature is None:
         log.warning("--run %s: no temperature in its report.json; probabilities are the plain soft vote", run)
         temperature = 1.0
     return FinishedRun(config=cfg, fingerprint=record["fingerprint"], states=states, temperature=temperature,
                        members=used, weights=weights)
+
+
+def _temperature(report: Optional[dict], part: str) -> Optional[float]:
+    """The temperature report.json's ``ensemble.<part>`` fitted (calibration: the vote of all
+    members; selection: the selected members' weighted vote), or None."""
+    try:
+        return float(report["ensemble"][part]["temperature"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _read_report(run: str) -> Optional[dict]:

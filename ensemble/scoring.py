@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ensemble.calibration import calibration_report, fit_temperature, scale_probs
+from ensemble.calibration import calibration_report, scale_probs, usable_temperature
 from ensemble.metrics import oob_scores, oob_vote, size_curve, summary_metrics
 from ensemble.selection import greedy_selection, weighted_vote
 from ensemble.vote import check_member_probs, ensemble_labels, ensemble_probs
@@ -36,7 +36,7 @@ def score_run(val_member_probs, val_labels, *, rule: str, seed: int, train_membe
                 "size_curve": size_curve(val_member_probs, val_labels, seed=seed),
                 "calibration": calibration_scores(val_member_probs, val_labels, fit_on=calibrate_on, seed=seed,
                                                   **held_out),
-                "selection": selection_scores(val_member_probs, val_labels, **held_out)}
+                "selection": selection_scores(val_member_probs, val_labels, seed=seed, **held_out)}
     members = [{"metrics": summary_metrics(p, val_labels)} for p in val_member_probs]
     if counts is not None:
         ensemble["oob"] = oob_scores(train_member_probs, counts, train_labels)
@@ -64,7 +64,9 @@ def calibration_scores(val_member_probs, val_labels, *, fit_on: str = "val", see
     Scaling keeps each row's argmax, so accuracy is the same before and after. Returns
       "fitted_on"                "oob" | "val"
       "n_rows"                   rows the temperature was fitted on
-      "temperature"              T: T < 1 sharpens an under-confident vote, T > 1 softens
+      "temperature"              T: T < 1 sharpens an under-confident vote, T > 1 softens; 1 when
+                                 the fit ran to its lower bound (``calibration.usable_temperature``)
+      "at_bound"                 whether it did
       "val_before", "val_after"  ``summary_metrics`` of the val soft vote before and after scaling
       "folds"                    (fitted on val) how many folds "val_after" was cross-fitted over;
                                  1 = a single val row, scored in-sample
@@ -78,13 +80,13 @@ def calibration_scores(val_member_probs, val_labels, *, fit_on: str = "val", see
         scored = n_oob > 0  # rows every member drew have NaN votes
         if scored.any():
             fit_probs, fit_labels = oob_probs[scored], np.asarray(train_labels)[scored]
-            temperature = fit_temperature(fit_probs, fit_labels)
+            temperature, at_bound = usable_temperature(fit_probs, fit_labels)
             report = calibration_report(val_probs, val_labels, temperature)
             return {"fitted_on": "oob", "n_rows": int(len(fit_probs)), "temperature": report["temperature"],
-                    "val_before": report["before"], "val_after": report["after"]}
-    temperature = fit_temperature(val_probs, val_labels)
+                    "at_bound": at_bound, "val_before": report["before"], "val_after": report["after"]}
+    temperature, at_bound = usable_temperature(val_probs, val_labels)
     scaled, folds = cross_fitted_scaling(val_probs, val_labels, seed=seed)
-    return {"fitted_on": "val", "n_rows": int(len(val_probs)), "temperature": temperature,
+    return {"fitted_on": "val", "n_rows": int(len(val_probs)), "temperature": temperature, "at_bound": at_bound,
             "val_before": summary_metrics(val_probs, val_labels), "val_after": summary_metrics(scaled, val_labels),
             "folds": folds}
 
@@ -92,42 +94,52 @@ def calibration_scores(val_member_probs, val_labels, *, fit_on: str = "val", see
 def cross_fitted_scaling(probs, labels, *, seed: int, folds: int = CROSS_FIT_FOLDS) -> tuple[np.ndarray, int]:
     """Each row of ``probs`` (n, classes) scaled by a temperature fitted on the other folds' rows.
 
-    Rows are dealt to min(folds, n) folds in a permutation seeded by ``seed``. Returns
+    Rows are dealt to min(folds, n) folds in a permutation seeded by ``seed``; each fold's
+    temperature is ``usable_temperature``'s, as the one deployed is. Returns
     (scaled (n, classes), the number of folds); with one row, its own temperature (1 fold).
     """
     probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels)
     n = len(probs)
     k = min(folds, n)
     if k < 2:
-        return scale_probs(probs, fit_temperature(probs, labels)), 1
+        return scale_probs(probs, usable_temperature(probs, labels)[0]), 1
     fold = np.empty(n, dtype=np.int64)
     fold[np.random.default_rng(seed).permutation(n)] = np.arange(n) % k
     scaled = np.empty_like(probs)
     for f in range(k):
         rest = fold != f
-        scaled[~rest] = scale_probs(probs[~rest], fit_temperature(probs[rest], labels[rest]))
+        scaled[~rest] = scale_probs(probs[~rest], usable_temperature(probs[rest], labels[rest])[0])
     return scaled, k
 
 
-def selection_scores(val_member_probs, val_labels, *, train_member_probs=None, train_labels=None,
+def selection_scores(val_member_probs, val_labels, *, seed: int = 0, train_member_probs=None, train_labels=None,
                      counts=None) -> dict:
-    """Caruana greedy ensemble selection (``selection.greedy_selection``), scored on val.
+    """Caruana greedy ensemble selection (``selection.greedy_selection``), scored on val, with a
+    temperature of its own for its weighted vote (what ``--members selected`` predicts with).
 
     With bootstrap ``counts`` (members, n_train) members are chosen on out-of-bag rows (mask
     ``counts == 0``); without counts, or when no row is out of bag, on val itself (then "val" is
-    optimistic). Returns
-      "fitted_on"  "oob" | "val"
-      "n_rows"     rows the selection was scored on
-      "weights"    list (members,), sums to 1; 0 for members left out
-      "selected"   sorted member indices with weight > 0;  "n_members": how many
-      "order"      member indices in the order the greedy rounds added them (repeats allowed)
-      "val"        ``summary_metrics`` of the weighted soft vote on val
+    optimistic). Its temperature is fitted on val like the full vote's (``calibration_scores``),
+    its "val_after" cross-fitted the same way. Returns
+      "fitted_on"    "oob" | "val"
+      "n_rows"       rows the selection was scored on
+      "weights"      list (members,), sums to 1; 0 for members left out
+      "selected"     sorted member indices with weight > 0;  "n_members": how many
+      "order"        member indices in the order the greedy rounds added them (repeats allowed)
+      "val"          ``summary_metrics`` of the weighted soft vote on val
+      "temperature"  T for the weighted soft vote, fitted on val (``usable_temperature``);
+                     "at_bound": whether that fit ran to its lower bound (then T = 1)
+      "val_after"    ``summary_metrics`` of the weighted vote scaled, cross-fitted over val
     """
     if counts is not None and (np.asarray(counts) == 0).any():
         chosen, fitted_on = greedy_selection(train_member_probs, train_labels, mask=np.asarray(counts) == 0), "oob"
     else:
         chosen, fitted_on = greedy_selection(val_member_probs, val_labels), "val"
+    vote = weighted_vote(val_member_probs, chosen["weights"])
+    scaled, _ = cross_fitted_scaling(vote, val_labels, seed=seed)
+    temperature, at_bound = usable_temperature(vote, val_labels)
     return {"fitted_on": fitted_on, "n_rows": chosen["n_rows_scored"],
             "weights": chosen["weights"].tolist(), "selected": chosen["selected"],
             "order": list(chosen["order"]), "n_members": len(chosen["selected"]),
-            "val": summary_metrics(weighted_vote(val_member_probs, chosen["weights"]), val_labels)}
+            "val": summary_metrics(vote, val_labels), "temperature": temperature, "at_bound": at_bound,
+            "val_after": summary_metrics(scaled, val_labels)}

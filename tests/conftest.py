@@ -61,11 +61,15 @@ def tiny_digits(tmp_path_factory) -> str:
 
 
 def tiny_run_config(data, output, **overrides):
-    """The small pipeline config of the shared finished run (3 resnet18 members, 2 epochs, 16 px)."""
+    """The small pipeline config of the shared finished run (3 resnet18 members, 2 epochs, 16 px).
+
+    Its temperature is fitted on the out-of-bag rows: on its 20 val rows a fit runs to the lower
+    bound (T = 1 is kept), and the tests that follow the temperature into probabilities.parquet,
+    predict and serve need one that changes the numbers."""
     from ensemble.config import CPU_PRESET, build_config
 
     values = {**CPU_PRESET, "image_size": 16, "epochs": 2, "members": 3, "batch_size": 16, "gpus_per_member": 0,
-              "gpus_per_infer_actor": 0, "infer_batch_size": 16, "seed": 7, **overrides}
+              "gpus_per_infer_actor": 0, "infer_batch_size": 16, "seed": 7, "calibrate_on": "oob", **overrides}
     return build_config(flag_values={"data": data, "output": str(output), **values})
 
 

@@ -149,3 +149,24 @@ def test_bad_temperature_raises(t):
         scale_probs(np.full((2, 2), 0.5), t)
     with pytest.raises(ValueError, match="temperature"):
         calibration_report(np.full((2, 2), 0.5), [0, 1], t)
+
+
+def test_usable_temperature_leaves_a_fit_that_ran_to_the_lower_bound_unscaled():
+    from ensemble.calibration import DEFAULT_BOUNDS, usable_temperature
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, size=60)
+    # every row right with some room: the NLL keeps falling as T -> 0, the fit stops at the bound
+    right = np.full((60, 4), 0.1)
+    right[np.arange(60), labels] = 0.7
+    assert fit_temperature(right, labels) == pytest.approx(DEFAULT_BOUNDS[0], rel=1e-6)
+    assert usable_temperature(right, labels) == (1.0, True)
+    # one confident mistake among them: a finite optimum inside the range, kept as fitted
+    mixed = right.copy()
+    mixed[0] = np.roll(mixed[0], 1)
+    t = fit_temperature(mixed, labels)
+    assert DEFAULT_BOUNDS[0] * 1.01 < t < 1.0 and usable_temperature(mixed, labels) == (t, False)
+    # every row confidently wrong: the fit runs to the upper bound (near uniform), which is kept
+    wrong = np.roll(right, 1, axis=1)
+    assert usable_temperature(wrong, labels) == (fit_temperature(wrong, labels), False)
+    assert fit_temperature(wrong, labels) == pytest.approx(DEFAULT_BOUNDS[1], rel=1e-6)

@@ -363,13 +363,14 @@ def _disagreeing_members(n, seed, good=5, classes=4):
 
 def _check_calibration_and_selection(ensemble, val_member_probs, val_labels, seed=0):
     """What holds wherever the temperature and the selection were fitted."""
-    from ensemble.calibration import scale_probs
+    from ensemble.calibration import fit_temperature, scale_probs
     from ensemble.scoring import cross_fitted_scaling
     from ensemble.selection import weighted_vote
 
     cal, sel = ensemble["calibration"], ensemble["selection"]
     vote = soft_vote(val_member_probs)
     assert isinstance(cal["temperature"], float) and cal["temperature"] < 1.0  # under-confident -> sharpen
+    assert cal["at_bound"] is False and sel["at_bound"] is False
     assert cal["val_before"] == ensemble["metrics"] == summary_metrics(vote, val_labels)
     if cal["fitted_on"] == "val":  # scored cross-fitted: no row by a temperature that saw it
         scaled, folds = cross_fitted_scaling(vote, val_labels, seed=seed)
@@ -386,7 +387,12 @@ def _check_calibration_and_selection(ensemble, val_member_probs, val_labels, see
     assert sel["weights"][NOISE_AT] == 0.0 and NOISE_AT not in sel["selected"]
     assert sel["selected"] == [m for m, w in enumerate(sel["weights"]) if w > 0] == sorted(set(sel["order"]))
     assert sel["n_members"] == len(sel["selected"])
-    assert sel["val"] == summary_metrics(weighted_vote(val_member_probs, sel["weights"]), val_labels)
+    chosen = weighted_vote(val_member_probs, sel["weights"])
+    assert sel["val"] == summary_metrics(chosen, val_labels)
+    # the selected vote's own temperature, fitted on val, its scores cross-fitted like the full vote's
+    assert sel["temperature"] == fit_temperature(chosen, val_labels) < 1.0
+    assert sel["val_after"] == summary_metrics(cross_fitted_scaling(chosen, val_labels, seed=seed)[0], val_labels)
+    assert sel["val_after"]["nll"] < sel["val"]["nll"]
 
 
 def test_score_run_without_counts_fits_temperature_and_selection_on_val():
@@ -464,7 +470,7 @@ def test_score_run_calibrate_on_oob_falls_back_to_val_when_no_row_is_out_of_bag(
 
 
 def test_cross_fitted_scaling_scales_each_fold_by_the_temperature_of_the_others():
-    from ensemble.calibration import fit_temperature, scale_probs
+    from ensemble.calibration import fit_temperature, scale_probs, usable_temperature
     from ensemble.scoring import cross_fitted_scaling
 
     member_probs, labels = _disagreeing_members(103, seed=6)
@@ -478,7 +484,8 @@ def test_cross_fitted_scaling_scales_each_fold_by_the_temperature_of_the_others(
     fold[np.random.default_rng(9).permutation(103)] = np.arange(103) % 5
     assert sorted(np.bincount(fold)) == [20, 20, 21, 21, 21]
     for f in range(5):
-        t = fit_temperature(vote[fold != f], labels[fold != f])
+        t, at_bound = usable_temperature(vote[fold != f], labels[fold != f])
+        assert not at_bound and t == fit_temperature(vote[fold != f], labels[fold != f])
         np.testing.assert_array_equal(scaled[fold == f], scale_probs(vote[fold == f], t))
     # a row's own label never reaches its scaling: change it, and that row's output stays the same
     row = 17
@@ -489,7 +496,7 @@ def test_cross_fitted_scaling_scales_each_fold_by_the_temperature_of_the_others(
     assert not np.array_equal(again[fold != fold[row]], scaled[fold != fold[row]])
     # one row: its own temperature, one fold; two rows: two folds of one
     one, k = cross_fitted_scaling(vote[:1], labels[:1], seed=0)
-    assert k == 1 and np.array_equal(one, scale_probs(vote[:1], fit_temperature(vote[:1], labels[:1])))
+    assert k == 1 and np.array_equal(one, scale_probs(vote[:1], usable_temperature(vote[:1], labels[:1])[0]))
     assert cross_fitted_scaling(vote[:2], labels[:2], seed=0)[1] == 2
 
 

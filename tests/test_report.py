@@ -14,7 +14,8 @@ CALIBRATION = {"fitted_on": "oob", "n_rows": 950, "temperature": 0.8125,
                "val_after": {"accuracy": 0.9, "nll": 0.3012, "ece": 0.0215, "brier": 0.1875}}
 SELECTION = {"fitted_on": "oob", "n_rows": 950, "weights": [0.5, 0.0, 0.25, 0.25], "selected": [0, 2, 3],
              "order": [0, 2, 0, 3], "n_members": 3,
-             "val": {"accuracy": 0.91, "nll": 0.33, "ece": 0.05, "brier": 0.19}}
+             "val": {"accuracy": 0.91, "nll": 0.33, "ece": 0.05, "brier": 0.19}, "temperature": 0.75,
+             "val_after": {"accuracy": 0.91, "nll": 0.29, "ece": 0.03, "brier": 0.17}}
 
 
 def _report(**ensemble):
@@ -70,6 +71,16 @@ def test_markdown_calibration_fitted_on_val_with_folds_says_its_scores_are_cross
     assert "optimistic" not in text and "under-confident" in text
 
 
+def test_markdown_calibration_and_selection_say_when_a_fit_ran_to_the_lower_bound():
+    md = render_report_md(_report(calibration={**CALIBRATION, "fitted_on": "val", "folds": 5, "temperature": 1.0,
+                                               "at_bound": True},
+                                  selection={**SELECTION, "temperature": 1.0, "at_bound": True}), {})
+    text = _section(md, "Calibration")[2]
+    assert "**T = 1.0000**" in text and "ran to the lower end of its range" in text
+    assert "left as they are (T = 1)" in text and "already calibrated" not in text
+    assert "leaves the selected members' vote unscaled (T = 1)" in _section(md, "Ensemble selection")[-1]
+
+
 def test_markdown_selection_lists_kept_members_and_compares_with_all_members():
     md = render_report_md(_report(selection=SELECTION), {})
     section = _section(md, "Ensemble selection")
@@ -77,9 +88,13 @@ def test_markdown_selection_lists_kept_members_and_compares_with_all_members():
     assert "950 out-of-bag training rows" in section[2]
     assert section[4:9] == ["| member | weight |", "|---|---:|", "| member 0 | 0.5000 |", "| member 2 | 0.2500 |",
                             "| member 3 | 0.2500 |"]
-    assert "| selected (weighted soft vote) | 3 | 0.9100 | 0.3300 |" in section
-    assert "| all members (soft vote) | 4 | 0.9000 | 0.3500 |" in section
+    assert "| selected (weighted soft vote) | 3 | 0.9100 | 0.3300 | 0.2900 | 0.0300 |" in section
+    assert "| all members (soft vote) | 4 | 0.9000 | 0.3500 | – | – |" in section  # no calibration in this report
+    assert "`--members selected` scales the selected members' vote by their own T = 0.7500" in section[-1]
     assert "## Calibration" not in md
+    # with the full vote's calibration, its scaled scores stand beside the selection's
+    md = render_report_md(_report(selection=SELECTION, calibration=CALIBRATION), {})
+    assert "| all members (soft vote) | 4 | 0.9000 | 0.3500 | 0.3012 | 0.0215 |" in _section(md, "Ensemble selection")
 
 
 def test_markdown_without_the_keys_renders_neither_section():

@@ -369,15 +369,21 @@ def test_bad_requests_get_one_line_and_the_server_keeps_serving(served, run, tin
 
 # ---------------------------------------------------------------- --members selected
 
+SELECTED_T = 0.625  # the selection's own temperature in selected_copy's report
+
+
 @pytest.fixture(scope="module")
 def selected_copy(run, tmp_path_factory):
-    """The run with a known selection in its report (weights 0.75, 0, 0.25) and member 1's weights
-    file altered: loading member 1 would fail its sha256 check, so a success shows it was not loaded."""
+    """The run with a known selection in its report (weights 0.75, 0, 0.25, its own temperature
+    0.625) and member 1's weights file altered: loading member 1 would fail its sha256 check, so a
+    success shows it was not loaded."""
     _, output = run
     copy = tmp_path_factory.mktemp("selected") / "run"
     shutil.copytree(output, copy)
     report = json.load(open(copy / "report.json"))
+    assert report["ensemble"]["calibration"]["temperature"] != SELECTED_T
     report["ensemble"]["selection"]["weights"] = [0.75, 0.0, 0.25]
+    report["ensemble"]["selection"]["temperature"] = SELECTED_T
     (copy / "report.json").write_text(json.dumps(report))
     with open(copy / "members" / "member-1" / "model.pt", "ab") as fh:
         fh.write(b"\0")
@@ -394,13 +400,13 @@ def test_predict_and_serve_with_selected_members(selected_copy, in_process, tiny
     from ensemble.served_run import ServedRun, ServeOptions
 
     copy, _ = selected_copy
-    names, paths, member_probs, classes, temperature = in_process  # all three members, of the original run
+    names, paths, member_probs, classes, _ = in_process  # all three members, of the original run
     summary = predict(copy, os.path.join(tiny_digits, "test"), str(tmp_path / "pred"), infer_actors=1,
                       members="selected")
     assert summary["members_used"] == [0, 2] and summary["member_weights"] == [0.75, 0.25]
     assert summary["member_choice"] == "selected" and summary["vote"] == "weighted soft"
-    assert summary["temperature"] == temperature
-    expected = scale_probs(weighted_vote(member_probs, [0.75, 0.0, 0.25]), temperature)
+    assert summary["temperature"] == SELECTED_T  # the selection's own, not the full vote's
+    expected = scale_probs(weighted_vote(member_probs, [0.75, 0.0, 0.25]), SELECTED_T)
     table = pq.read_table(tmp_path / "pred" / "probabilities.parquet")
     order = [table.column("image_name").to_pylist().index(n) for n in names]
     got = np.stack([table.column(c).to_numpy() for c in classes], axis=1)[order]
