@@ -141,20 +141,30 @@ def size_curve_plot(curve: dict, path: str) -> str:
     return _save(fig, path)
 
 
-def reliability_diagram(probs, labels, path: str, bins: int = 15) -> str:
+def reliability_diagram(probs, labels, path: str, bins: int = 15, scaled=None, temperature=None) -> str:
     """Accuracy against confidence per bin, the diagonal of perfect calibration, ECE in the title.
 
     probs: (n, classes); labels: (n,). Uses ``metrics.calibration_bins`` so the bars match
-    ``metrics.ece`` exactly. A lower panel shows how many rows fall in each bin.
+    ``metrics.ece`` exactly. A lower panel shows how many rows fall in each bin. With ``scaled``
+    (n, classes), the same probabilities after temperature scaling, a second column shows them
+    beside the first (``temperature`` goes in its title).
     """
+    panels = [("soft vote", probs)]
+    if scaled is not None:
+        panels.append((f"scaled by T = {temperature:.3g}" if temperature is not None else "scaled", scaled))
+    fig = Figure(figsize=(5.5 * len(panels), 6.5), layout="constrained")
+    axes = fig.subplots(2, len(panels), sharex=True, height_ratios=[3, 1], squeeze=False)
+    for column, (name, p) in enumerate(panels):
+        _reliability_panel(axes[0, column], axes[1, column], p, labels, bins, name)
+    return _save(fig, path)
+
+
+def _reliability_panel(ax, ax_count, probs, labels, bins: int, name: str) -> None:
     cal = metrics.calibration_bins(probs, labels, bins)
     ece = metrics.ece(probs, labels, bins)
     edges, count = cal["edges"], cal["count"]
     centers, width = (edges[:-1] + edges[1:]) / 2, 1.0 / bins
     used = count > 0
-
-    fig = Figure(figsize=(5.5, 6.5), layout="constrained")
-    ax, ax_count = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     ax.bar(centers[used], cal["accuracy"][used], width=width, color="tab:blue", edgecolor="black",
            linewidth=0.6, label="accuracy")
     # the gap from accuracy to mean confidence, as in Guo et al. (2017), Figure 1; unfilled so an
@@ -166,14 +176,13 @@ def reliability_diagram(probs, labels, path: str, bins: int = 15) -> str:
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")
-    ax.set_title(f"Reliability (ECE = {ece:.4f}, {bins} bins, n = {int(count.sum())})")
+    ax.set_title(f"Reliability, {name}\n(ECE = {ece:.4f}, {bins} bins, n = {int(count.sum())})")
     ax.legend(loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)
     ax_count.bar(centers, count, width=width, color="0.6", edgecolor="black", linewidth=0.6)
     ax_count.set_xlabel("confidence (top probability)")
     ax_count.set_ylabel("rows")
     ax_count.grid(alpha=0.3)
-    return _save(fig, path)
 
 
 def write_figures(output: str, report: dict, summaries: list, val: dict, preds, classes) -> dict:
@@ -191,7 +200,8 @@ def write_figures(output: str, report: dict, summaries: list, val: dict, preds, 
         drawn = {
             "training_curves": training_curves([s["history"] for s in summaries], os.path.join(tmp, "a.png")),
             "size_curve": size_curve_plot(report["ensemble"]["size_curve"], os.path.join(tmp, "b.png")),
-            "reliability": reliability_diagram(val["probs"], val["label"], os.path.join(tmp, "c.png")),
+            "reliability": reliability_diagram(val["probs"], val["label"], os.path.join(tmp, "c.png"),
+                                               **_scaled_val(report, val)),
             "confusion_matrix": confusion_matrix_plot(val["label"], preds, list(classes), os.path.join(tmp, "d.png")),
         }
         for name, path in drawn.items():
@@ -199,3 +209,16 @@ def write_figures(output: str, report: dict, summaries: list, val: dict, preds, 
                 storage.write_bytes(storage.join(output, "figures", f"{name}.png"), fh.read())
             out[name] = f"figures/{name}.png"
     return out
+
+
+def _scaled_val(report: dict, val: dict) -> dict:
+    """The val probabilities the report's "after" scores describe, for the reliability diagram's
+    second column ({} when the report has no calibration)."""
+    from ensemble.scoring import report_scaled_probs
+
+    cal = report.get("ensemble", {}).get("calibration")
+    if not cal:
+        return {}
+    seed = report.get("config", {}).get("seed", 0)
+    return {"scaled": report_scaled_probs(cal, val["probs"], val["label"], seed=seed),
+            "temperature": cal["temperature"]}

@@ -91,6 +91,14 @@ def calibration_scores(val_member_probs, val_labels, *, fit_on: str = "val", see
             "folds": folds}
 
 
+def report_scaled_probs(calibration: dict, probs, labels, *, seed: int) -> np.ndarray:
+    """The val soft vote ``probs`` (n, classes) as ``calibration`` (``calibration_scores``) scored
+    them in "val_after": cross-fitted when it was fitted on val, else scaled by its temperature."""
+    if calibration.get("fitted_on") == "val" and "folds" in calibration:
+        return cross_fitted_scaling(probs, labels, seed=seed)[0]
+    return scale_probs(probs, calibration["temperature"])
+
+
 def cross_fitted_scaling(probs, labels, *, seed: int, folds: int = CROSS_FIT_FOLDS) -> tuple[np.ndarray, int]:
     """Each row of ``probs`` (n, classes) scaled by a temperature fitted on the other folds' rows.
 

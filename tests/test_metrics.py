@@ -275,6 +275,31 @@ def test_figures_write_png_files(tmp_path):
         _check_png(path)
 
 
+def test_reliability_diagram_with_scaled_probabilities_draws_them_beside_the_vote(tmp_path):
+    from ensemble.calibration import scale_probs
+
+    member_probs, labels = _random_members(members=4, n=400, classes=5, seed=9)
+    vote = soft_vote(member_probs)
+    one = _check_png(figures.reliability_diagram(vote, labels, str(tmp_path / "one.png")))
+    two = _check_png(figures.reliability_diagram(vote, labels, str(tmp_path / "two.png"),
+                                                 scaled=scale_probs(vote, 0.5), temperature=0.5))
+    assert two.shape[0] == one.shape[0] and two.shape[1] == 2 * one.shape[1]
+
+
+def test_report_scaled_probs_are_what_val_after_scores():
+    from ensemble.scoring import report_scaled_probs, score_run
+
+    val_member_probs, val_labels = _disagreeing_members(600, seed=1)
+    train_member_probs, train_labels = _disagreeing_members(800, seed=2)
+    counts = np.stack([bootstrap_counts(s, 800, 800) for s in member_seeds(3, 6)])
+    vote = soft_vote(val_member_probs)
+    for calibrate_on in ("val", "oob"):
+        cal = score_run(val_member_probs, val_labels, rule="soft", seed=5, train_member_probs=train_member_probs,
+                        train_labels=train_labels, counts=counts, calibrate_on=calibrate_on)["ensemble"]["calibration"]
+        assert cal["fitted_on"] == calibrate_on
+        assert summary_metrics(report_scaled_probs(cal, vote, val_labels, seed=5), val_labels) == cal["val_after"]
+
+
 def test_confusion_matrix_plot_with_100_classes(tmp_path):
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 100, size=3000)
