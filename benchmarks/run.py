@@ -199,7 +199,7 @@ def report_training(args, values: dict, m: dict, results: dict) -> None:
         f"the rest (scan, image check, report) {a1['wall_s'] - a1['train_s'] - a1['vote_s']:.1f} s")
     say(f"    (a) of its training time: {a1['in_fit_s']:.1f} s inside MemberTrainer.fit (summed over members), "
         f"{a1['in_train_loop_s']:.1f} s inside train_one_epoch; (b) spent all of its time in its loop")
-    say(f"    load average (1/5/15 min) at each start: " + ", ".join(f"{k} {v}" for k, v in m["load"].items()))
+    say("    load average (1/5/15 min) at each start: " + ", ".join(f"{k} {v}" for k, v in m["load"].items()))
     say(f"    best val accuracy per member: (a) {_accs(a1['member_val_acc'])}  (b) {_accs(b1['member_val_acc'])}")
     out = {"a1": a1, "a2_train_s": a2["train_s"], "b1": b1, "b2": b2, "c": c, "window": m["window"],
            "threads": threads, "member_images_per_s": rate, "load": m["load"]}
