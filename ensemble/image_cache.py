@@ -187,7 +187,7 @@ def _wait_all(refs: list, stall_timeout: float) -> list:
     naming the CPUs it waits for."""
     import ray
 
-    from ensemble.watch import free_line, watched
+    from ensemble.watch import stall_error, watched
 
     def finished():
         pending = list(refs)
@@ -198,10 +198,7 @@ def _wait_all(refs: list, stall_timeout: float) -> list:
     def stalled(waited: float) -> Exception:
         for ref in refs:  # queued decode tasks would otherwise still run once CPUs free up
             ray.cancel(ref)
-        need, have = free_line(1)
-        return ConfigError(f"image decoding made no progress in {stall_timeout:g} s: its tasks need {need} each, "
-                           f"the cluster has {have} free (other work holds the rest); free CPUs or add a node, "
-                           f"then rerun the same command")
+        return stall_error(f"image decoding made no progress in {stall_timeout:g} s", "its tasks need {need} each", 1)
 
     watched(finished, stall_timeout=stall_timeout, stalled=stalled, name="ensemble-image-cache")
     return ray.get(refs)

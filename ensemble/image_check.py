@@ -59,7 +59,7 @@ def check_files(splits: dict, *, flag: str, root: str, strict: bool,
     """``check_images`` for any named file tables: (tables without unreadable files, skipped).
     A split left with no readable file, or any bad file under ``strict``, is a ConfigError
     naming ``flag`` and ``root``; so is a check that makes no progress for ``stall_timeout`` s."""
-    from ensemble.watch import free_line, watched
+    from ensemble.watch import stall_error, watched
 
     tables = [t.select(["id", "path"]).append_column("split", pa.array([name] * t.num_rows, pa.string()))
               for name, t in splits.items()]
@@ -70,10 +70,7 @@ def check_files(splits: dict, *, flag: str, root: str, strict: bool,
                 batch_size=None, batch_format="numpy")
 
     def stalled(waited: float) -> Exception:
-        need, have = free_line(1)
-        return ConfigError(f"the image check made no progress in {waited:.0f} s: its tasks need {need} each, the "
-                           f"cluster has {have} free (other work holds the rest); free CPUs or add a node, then "
-                           f"rerun the same command")
+        return stall_error(f"the image check made no progress in {waited:.0f} s", "its tasks need {need} each", 1)
 
     bad: dict[str, dict[int, str]] = {name: {} for name in splits}
     for batch in watched(batches, stall_timeout=stall_timeout, stalled=stalled, name="ensemble-image-check"):

@@ -84,10 +84,16 @@ def calibration_scores(val_member_probs, val_labels, *, fit_on: str = "val", see
             report = calibration_report(val_probs, val_labels, temperature)
             return {"fitted_on": "oob", "n_rows": int(len(fit_probs)), "temperature": report["temperature"],
                     "at_bound": at_bound, "val_before": report["before"], "val_after": report["after"]}
-    temperature, at_bound = usable_temperature(val_probs, val_labels)
-    scaled, folds = cross_fitted_scaling(val_probs, val_labels, seed=seed)
-    return {"fitted_on": "val", "n_rows": int(len(val_probs)), "temperature": temperature, "at_bound": at_bound,
-            "val_before": summary_metrics(val_probs, val_labels), "val_after": summary_metrics(scaled, val_labels),
+    return {"fitted_on": "val", "n_rows": int(len(val_probs)), "val_before": summary_metrics(val_probs, val_labels),
+            **_fit_on_val(val_probs, val_labels, seed=seed)}
+
+
+def _fit_on_val(vote, labels, *, seed: int) -> dict:
+    """A vote's temperature fitted on val and its cross-fitted scores: "temperature", "at_bound"
+    (``usable_temperature``), "val_after" (``summary_metrics``), "folds" (``cross_fitted_scaling``)."""
+    temperature, at_bound = usable_temperature(vote, labels)
+    scaled, folds = cross_fitted_scaling(vote, labels, seed=seed)
+    return {"temperature": temperature, "at_bound": at_bound, "val_after": summary_metrics(scaled, labels),
             "folds": folds}
 
 
@@ -144,10 +150,9 @@ def selection_scores(val_member_probs, val_labels, *, seed: int = 0, train_membe
     else:
         chosen, fitted_on = greedy_selection(val_member_probs, val_labels), "val"
     vote = weighted_vote(val_member_probs, chosen["weights"])
-    scaled, _ = cross_fitted_scaling(vote, val_labels, seed=seed)
-    temperature, at_bound = usable_temperature(vote, val_labels)
+    scaled = _fit_on_val(vote, val_labels, seed=seed)
     return {"fitted_on": fitted_on, "n_rows": chosen["n_rows_scored"],
             "weights": chosen["weights"].tolist(), "selected": chosen["selected"],
             "order": list(chosen["order"]), "n_members": len(chosen["selected"]),
-            "val": summary_metrics(vote, val_labels), "temperature": temperature, "at_bound": at_bound,
-            "val_after": summary_metrics(scaled, val_labels)}
+            "val": summary_metrics(vote, val_labels), "temperature": scaled["temperature"],
+            "at_bound": scaled["at_bound"], "val_after": scaled["val_after"]}

@@ -16,7 +16,7 @@ from ensemble.checkpoint import CheckpointError
 from ensemble.cluster import slot_members, slot_name
 from ensemble.config import ConfigError
 from ensemble.member_files import load_finished_member
-from ensemble.watch import fit_advice, free_line
+from ensemble.watch import stall_error
 
 log = logging.getLogger("ensemble.driver")
 
@@ -132,12 +132,10 @@ class StallWatch:
                 log.info("waiting %.0f s for CPUs/GPUs to start any member (stops after --stall-timeout %g s)",
                          waited, self.cfg.stall_timeout)
             return
-        need, have = free_line(self.cfg.cpus_per_member, self.gpus)
-        advice = fit_advice([("cpus-per-member", "CPU", self.cfg.cpus_per_member),
-                             ("gpus-per-member", "GPU", self.gpus)])
-        raise ConfigError(f"no member could start in {waited:.0f} s: each needs {need}, the cluster has {have} "
-                          f"free (other work holds the rest); free them{advice}, then rerun the same command to "
-                          f"resume")
+        raise stall_error(f"no member could start in {waited:.0f} s", "each needs {need}", self.cfg.cpus_per_member,
+                          self.gpus, flags=[("cpus-per-member", "CPU", self.cfg.cpus_per_member),
+                                            ("gpus-per-member", "GPU", self.gpus)],
+                          then="then rerun the same command to resume")
 
 
 def _gather(ref, member: int, output: str) -> dict:

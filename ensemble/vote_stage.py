@@ -62,16 +62,14 @@ def soft_vote_stage(cfg: EnsembleConfig, table, *, weight_refs: list, num_classe
 
 
 def _stalled(cfg: EnsembleConfig, gpus: float):
-    from ensemble.config import ConfigError
-    from ensemble.watch import fit_advice, free_line
+    from ensemble.watch import stall_error
 
     def error(waited: float) -> Exception:
-        need, have = free_line(cfg.cpus_per_infer_actor, gpus)
-        advice = fit_advice([("cpus-per-infer-actor", "CPU", cfg.cpus_per_infer_actor),
-                             ("gpus-per-infer-actor", "GPU", gpus)])
-        return ConfigError(f"the soft vote made no progress in {waited:.0f} s: each voter needs {need}, the cluster "
-                           f"has {have} free (other work holds the rest); free them{advice}, then rerun the same "
-                           f"command (finished members are kept and not trained again)")
+        return stall_error(f"the soft vote made no progress in {waited:.0f} s", "each voter needs {need}",
+                           cfg.cpus_per_infer_actor, gpus,
+                           flags=[("cpus-per-infer-actor", "CPU", cfg.cpus_per_infer_actor),
+                                  ("gpus-per-infer-actor", "GPU", gpus)],
+                           then="then rerun the same command (finished members are kept and not trained again)")
     return error
 
 

@@ -67,6 +67,20 @@ def free_line(need_cpu: float, need_gpu: float = 0.0) -> tuple[str, str]:
     return need, have
 
 
+def stall_error(head: str, needs: str, need_cpu: float, need_gpu: float = 0.0, *, flags=(),
+                then: str = "then rerun the same command"):
+    """The one line a stage that made no progress stops with, as a ConfigError: ``head`` (what
+    made no progress, for how long), ``needs`` with ``{need}`` for what one task or actor needs,
+    what is free, and the fix: with ``flags`` ((flag, resource, amount) as ``fit_advice`` takes
+    them) "free them" and the values that fit, without "free CPUs or add a node"; then ``then``."""
+    from ensemble.config import ConfigError
+
+    need, have = free_line(need_cpu, need_gpu)
+    fix = f"free them{fit_advice(list(flags))}" if flags else "free CPUs or add a node"
+    return ConfigError(f"{head}: {needs.format(need=need)}, the cluster has {have} free (other work holds the rest); "
+                       f"{fix}, {then}")
+
+
 def fit_advice(requests: list[tuple[str, str, float]]) -> str:
     """What to change so a stage that cannot start would start on what is free now, as the end of
     a sentence. ``requests``: (flag, resource, amount each), e.g. ("cpus-per-member", "CPU", 2).
