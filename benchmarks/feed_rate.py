@@ -97,7 +97,7 @@ def run_pipeline(data: str, rows: list, *, image_size: int, batch_size: int, cpu
 
             def feed(self, table, cache, epochs: list) -> int:
                 from ensemble.batches import batches
-                from ensemble.image_cache import SplitImages
+                from ensemble.batches import SplitImages
 
                 images = SplitImages(table, cache, image_size=image_size, resize="squash", side=cache.side)
                 seen = 0

@@ -60,13 +60,14 @@ def time_member(*, mode: str, arch: str = "resnext101_64x4d", batch: int = 64, s
 
 
 class _InMemoryImages:
-    """What ``image_cache.SplitImages`` gives a member, from images decoded once into this process."""
+    """What ``batches.SplitImages`` gives a member, from images decoded once into this process."""
 
     def __init__(self, paths: list, *, size: int, num_classes: int):
+        from ensemble.config import resize_side
         from ensemble.data import read_image
-        from ensemble.pixels import cache_side, eval_pixels, shrink
+        from ensemble.pixels import eval_pixels, shrink
 
-        side = cache_side(size)
+        side = resize_side(size)
         decoded = [read_image(p, min_size=side) for p in paths]
         self.sources = [shrink(img, side) for img in decoded]
         self.evals = [eval_pixels(img, image_size=size) for img in decoded]

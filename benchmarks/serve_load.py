@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     import ray
     from ray import serve
 
-    from ensemble.predict import load_run
+    from ensemble.run_folder import load_run
     from ensemble.serve import APP_NAME, ServeOptions, build_app
 
     run = args.run or train_small_run(args.workdir)

@@ -25,13 +25,15 @@ from ensemble.checkpoint import rng_state, set_rng_state
 from ensemble.config import EnsembleConfig
 from ensemble.batches import batches as image_batches
 from ensemble.data import decode_batch, quiet_ray_data
-from ensemble.image_cache import BlockReader, ImageCache, SplitImages, train_side
+from ensemble.batches import SplitImages
+from ensemble.config import cache_side
+from ensemble.image_cache import BlockReader, ImageCache
 from ensemble.engine import (cpu_copy, eval_models, evaluate, make_optimizer, pick_device, prepare_for_device,
                              resolve_precision, seed_everything, set_threads, train_one_epoch,
                              vote_member_probabilities)
 from ensemble.member_files import BackgroundWriter, MemberFiles
 from ensemble.models import make_member_model
-from ensemble.vote import soft_vote
+from ensemble.scores.vote import soft_vote
 
 log = logging.getLogger("ensemble.member")
 
@@ -92,7 +94,7 @@ class MemberPlan:
     def images(self, table: pa.Table) -> SplitImages:
         """A split's images in this process: from the cache, or decoded from its files."""
         cfg = self.config
-        return SplitImages(table, self.cache, image_size=cfg.image_size, resize=cfg.eval_resize, side=train_side(cfg))
+        return SplitImages(table, self.cache, image_size=cfg.image_size, resize=cfg.eval_resize, side=cache_side(cfg))
 
 
 @ray.remote

@@ -39,3 +39,10 @@ def epoch_rows(counts: np.ndarray, seed: int) -> np.ndarray:
     """
     rows = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
     return np.random.default_rng(seed).permutation(rows)
+
+
+def member_counts(bagging: str, seed: int, n_train: int, n_samples: int) -> np.ndarray:
+    """How often the member draws each training row: its bootstrap counts, or all ones for ``full``."""
+    if bagging == "full":
+        return np.ones(n_train, dtype=np.int64)
+    return bootstrap_counts(seed, n_train, n_samples)

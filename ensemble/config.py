@@ -27,10 +27,17 @@ CALIBRATE_ON = ("val", "oob")
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
-def eval_resize(image_size: int) -> int:
+def resize_side(image_size: int) -> int:
     """R, the size eval resizes to before its centre crop S: the study resizes to 256 before a 224
-    crop; keep that ratio at other sizes."""
+    crop; keep that ratio at other sizes. Also the default cache side (``cache_side``)."""
     return round(image_size * 256 / 224)
+
+
+def cache_side(cfg: "EnsembleConfig") -> int:
+    """The short side the run's cached train images keep, the source of every epoch's crops:
+    ``--cache-side``, else R = ``resize_side(S)``, so a RandomResizedCrop of the whole image still
+    downsamples to S."""
+    return cfg.cache_side or resize_side(cfg.image_size)
 
 
 class ConfigError(ValueError):
@@ -78,42 +85,38 @@ class EnsembleConfig:
     stall_timeout: float = 600.0        # seconds with no member able to start before the run stops, saying why
 
     def __post_init__(self) -> None:
-        _check_int(self, "members", low=1)
-        _check_int(self, "epochs", low=1)
-        _check_int(self, "batch_size", low=1)
-        _check_int(self, "image_size", low=16)
-        _check_int(self, "infer_actors", low=1)
-        _check_int(self, "infer_batch_size", low=1)
-        _check_int(self, "seed", low=0)
+        check_int(self, "members", low=1)
+        check_int(self, "epochs", low=1)
+        check_int(self, "batch_size", low=1)
+        check_int(self, "image_size", low=16)
+        check_int(self, "infer_actors", low=1)
+        check_int(self, "infer_batch_size", low=1)
+        check_int(self, "seed", low=0)
         if self.bootstrap_size is not None:
-            _check_int(self, "bootstrap_size", low=1)
+            check_int(self, "bootstrap_size", low=1)
         if self.num_classes is not None:
-            _check_int(self, "num_classes", low=2)
-        _check_number(self, "lr", positive=True)
+            check_int(self, "num_classes", low=2)
+        check_number(self, "lr", positive=True)
         if self.cpus_per_member is not None:
-            _check_number(self, "cpus_per_member", positive=True)
-        _check_number(self, "cpus_per_infer_actor", positive=True)
-        _check_number(self, "stall_timeout", positive=True)
-        _check_number(self, "cache_share", positive=False)
+            check_number(self, "cpus_per_member", positive=True)
+        check_number(self, "cpus_per_infer_actor", positive=True)
+        check_number(self, "stall_timeout", positive=True)
+        check_number(self, "cache_share", positive=False)
         if self.cache_share > 1:
             raise ConfigError(f"--cache-share {self.cache_share:g}: a share of the object store, from 0 (no cache) to 1")
         if self.cache_side is not None:
-            _check_int(self, "cache_side", low=self.image_size)
+            check_int(self, "cache_side", low=self.image_size)
         for name in ("gpus_per_member", "gpus_per_infer_actor"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            _check_number(self, name, positive=False)
-            check_one_gpu(name, value)
-        _check_choice(self, "arch", ARCHS)
-        _check_choice(self, "freeze", FREEZE_STAGES)
-        _check_choice(self, "augment", AUGMENTS)
-        _check_choice(self, "eval_resize", EVAL_RESIZES)
-        _check_choice(self, "vote", VOTES)
-        _check_choice(self, "precision", PRECISIONS)
-        _check_choice(self, "tta", TTAS)
-        _check_choice(self, "bagging", BAGGINGS)
-        _check_choice(self, "calibrate_on", CALIBRATE_ON)
+            check_gpus(self, name)
+        check_choice(self, "arch", ARCHS)
+        check_choice(self, "freeze", FREEZE_STAGES)
+        check_choice(self, "augment", AUGMENTS)
+        check_choice(self, "eval_resize", EVAL_RESIZES)
+        check_choice(self, "vote", VOTES)
+        check_choice(self, "precision", PRECISIONS)
+        check_choice(self, "tta", TTAS)
+        check_choice(self, "bagging", BAGGINGS)
+        check_choice(self, "calibrate_on", CALIBRATE_ON)
         for name in ("freeze_stem", "strict"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"--{flag(name)} {getattr(self, name)!r}: must be true or false")
@@ -221,16 +224,19 @@ def flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-def _check_int(cfg: EnsembleConfig, name: str, *, low: int) -> None:
-    value = getattr(cfg, name)
+def check_int(obj, name: str, *, low: int) -> None:
+    """``obj.<name>`` is a whole number >= ``low``, or ConfigError naming the flag (any settings
+    dataclass: the run's config, the server's options, a search's settings)."""
+    value = getattr(obj, name)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"--{flag(name)} {value!r}: must be a whole number >= {low}")
     if value < low:
         raise ConfigError(f"--{flag(name)} {value}: must be >= {low}")
 
 
-def _check_number(cfg: EnsembleConfig, name: str, *, positive: bool) -> None:
-    value = getattr(cfg, name)
+def check_number(obj, name: str, *, positive: bool) -> None:
+    """``obj.<name>`` is a finite number, > 0 when ``positive``, else >= 0; or ConfigError."""
+    value = getattr(obj, name)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"--{flag(name)} {value!r}: must be a number")
     if positive and value <= 0:
@@ -239,7 +245,15 @@ def _check_number(cfg: EnsembleConfig, name: str, *, positive: bool) -> None:
         raise ConfigError(f"--{flag(name)} {value}: must be >= 0")
 
 
-def _check_choice(cfg: EnsembleConfig, name: str, allowed: tuple) -> None:
-    value = getattr(cfg, name)
+def check_choice(obj, name: str, allowed: tuple) -> None:
+    value = getattr(obj, name)
     if value not in allowed:
         raise ConfigError(f"--{flag(name)} {value!r}: choose one of {', '.join(allowed)}")
+
+
+def check_gpus(obj, name: str) -> None:
+    """``obj.<name>``: None (decided from the cluster), or 0, a fraction or 1 GPU (``check_one_gpu``)."""
+    value = getattr(obj, name)
+    if value is not None:
+        check_number(obj, name, positive=False)
+        check_one_gpu(name, value)

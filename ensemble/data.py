@@ -220,7 +220,7 @@ def open_image(data: bytes, *, min_size: Optional[int] = None, max_pixels: Optio
 def decode_batch(batch: dict, *, image_size: int, resize: str = "squash", side: Optional[int] = None) -> dict:
     """Read and decode a batch of file rows -> the eval transform's uint8 ``image`` (B, S, S, 3).
 
-    ``side``: the run's cache side (``image_cache.train_side``), the least a huge JPEG is decoded
+    ``side``: the run's cache side (``config.cache_side``), the least a huge JPEG is decoded
     at: the same pixels the run's image cache holds for these files.
     """
     from ensemble.pixels import eval_pixels

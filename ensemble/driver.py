@@ -18,10 +18,10 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from ensemble.bootstrap import member_seeds
+from ensemble.bootstrap import member_counts, member_seeds
 from ensemble.checkpoint import CheckpointError
 from ensemble.cli import config_from_argv
-from ensemble.config import ConfigError, EnsembleConfig
+from ensemble.config import ConfigError, EnsembleConfig, cache_side
 from ensemble.run_folder import check_output, open_output, save_run_config, training_fingerprint, versions
 
 log = logging.getLogger("ensemble.driver")
@@ -38,16 +38,16 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False) -> dict:
     from ensemble.actors import MemberPlan, show_progress
     from ensemble.cluster import cluster_capacity, connect, member_window, resolve_resources
     from ensemble.data import quiet_ray_data, scan_layout
-    from ensemble.image_cache import cache_images, train_side
+    from ensemble.image_cache import cache_images
     from ensemble.digits import ensure_digits
-    from ensemble.scoring import score_run
+    from ensemble.scores.scoring import score_run
     from ensemble.models import count_parameters, make_member_model, resolve_weights
     from ensemble.report import build_report, format_table, plan_lines, write_report
-    from ensemble.train_stage import member_counts, train_members
+    from ensemble.train_stage import train_members
     from ensemble.vote_stage import vote_splits
 
     started = time.time()
-    cfg = cfg.replace(cache_side=train_side(cfg))  # resolved: part of what a finished member depends on
+    cfg = cfg.replace(cache_side=cache_side(cfg))  # resolved: part of what a finished member depends on
     # inputs: the data index (names only), the initial weights, the output folder (nothing written yet)
     index = scan_layout(cfg.data or ensure_digits())
     num_classes = len(index.classes)

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ensemble.metrics import nll
-from ensemble.vote import accuracy
+from ensemble.scores.metrics import nll
+from ensemble.scores.vote import accuracy
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # images uint8 (B, S, S, 3) or float32 (B, 3, S, S), labels (B,) int64
 

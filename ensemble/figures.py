@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 
-from ensemble import metrics
+from ensemble.scores import metrics
 
 DPI = 120
 
@@ -214,7 +214,7 @@ def write_figures(output: str, report: dict, summaries: list, val: dict, preds, 
 def _scaled_val(report: dict, val: dict) -> dict:
     """The val probabilities the report's "after" scores describe, for the reliability diagram's
     second column ({} when the report has no calibration)."""
-    from ensemble.scoring import report_scaled_probs
+    from ensemble.scores.scoring import report_scaled_probs
 
     cal = report.get("ensemble", {}).get("calibration")
     if not cal:

@@ -22,12 +22,11 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 
-from ensemble.config import ConfigError, EnsembleConfig
+from ensemble.config import ConfigError, EnsembleConfig, cache_side
 
 log = logging.getLogger("ensemble.data")
 
@@ -49,17 +48,10 @@ class ImageCache:
     fetch_timeout: float = 600.0  # --stall-timeout: a block that cannot be fetched in this long is an error
 
 
-def train_side(cfg: EnsembleConfig) -> int:
-    """The short side cached train images keep: ``--cache-side``, else round(S*256/224)."""
-    from ensemble.pixels import cache_side
-
-    return cfg.cache_side or cache_side(cfg.image_size)
-
-
 def estimate_bytes(index, cfg: EnsembleConfig) -> int:
     """The cache's size before decoding: exact for the eval pixels, train images assumed 4:3 at the
     cache side (their short side is at most that)."""
-    s, side = cfg.image_size, train_side(cfg)
+    s, side = cfg.image_size, cache_side(cfg)
     n_all = index.train.num_rows + index.val.num_rows + index.test.num_rows
     return n_all * s * s * 3 + index.train.num_rows * side * math.ceil(side * ASSUMED_ASPECT) * 3
 
@@ -71,6 +63,7 @@ def decode_chunk(paths: list, *, image_size: int, resize: str, side: int, keep_t
     A file that fails gets zero pixels and ok=False; the driver drops its row.
     """
     from ensemble.data import read_image
+    from ensemble.image_check import unreadable_reason
     from ensemble.pixels import eval_pixels, shrink
 
     n = len(paths)
@@ -84,7 +77,7 @@ def decode_chunk(paths: list, *, image_size: int, resize: str, side: int, keep_t
             if keep_train:
                 train = shrink(img, side)
         except Exception as exc:  # PIL raises many types for bad files; all mean "skip this one"
-            reason = _reason(path, exc)
+            reason = unreadable_reason(path, exc)
         ok[k] = not reason
         reasons.append(reason)
         trains.append(train)
@@ -99,17 +92,6 @@ def decode_chunk(paths: list, *, image_size: int, resize: str, side: int, keep_t
     return check, evals, {"pixels": pixels, "offsets": offsets, "shapes": shapes}
 
 
-def _reason(path: str, exc: Exception) -> str:
-    from ensemble import storage
-
-    try:
-        if not storage.read_bytes(path):
-            return "empty file (0 bytes)"
-    except Exception:  # the same failure again; report the first one
-        pass
-    return f"{exc.__class__.__name__}: {exc}"[:200]
-
-
 def cache_images(index, cfg: EnsembleConfig, *, max_bytes: float):
     """The image check, and the cache when it fits in ``max_bytes``.
 
@@ -118,7 +100,7 @@ def cache_images(index, cfg: EnsembleConfig, *, max_bytes: float):
     ``--strict``), as ``image_check.check_images`` does.
     """
     from ensemble.data import DatasetIndex
-    from ensemble.image_check import check_images
+    from ensemble.image_check import check_classes_readable, check_images, clean_splits
 
     need = estimate_bytes(index, cfg)
     if need > max_bytes:
@@ -129,14 +111,12 @@ def cache_images(index, cfg: EnsembleConfig, *, max_bytes: float):
         return index, skipped, None
     started = time.time()
     splits = {"train": index.train, "val": index.val, "test": index.test}
-    side = train_side(cfg)
+    side = cache_side(cfg)
     chunks, checks, evals, trains = _run_chunks(splits, cfg, side)
     bad = {name: {} for name in splits}
     for (name, lo, _), check in zip(chunks, checks):
         for k in np.flatnonzero(~check["ok"]):
             bad[name][lo + int(k)] = check["reason"][k]
-    from ensemble.image_check import clean_splits
-
     cleaned, skipped = clean_splits(splits, bad, flag="--data", root=index.root, strict=cfg.strict)
     located = {}
     for name, table in splits.items():
@@ -154,10 +134,7 @@ def cache_images(index, cfg: EnsembleConfig, *, max_bytes: float):
     n = sum(t.num_rows for t in splits.values())
     log.info("image cache: %d images decoded once in %.1f s, %s in the object store (eval %d px, train short side "
              "%d px)", n, time.time() - started, _size(nbytes), cfg.image_size, side)
-    labels = set(located["train"].column("label").to_pylist())
-    empty = [c for k, c in enumerate(index.classes) if k not in labels]
-    if empty:
-        raise ConfigError(f"--data {index.root}: train/{empty[0]}/ has no readable images")
+    check_classes_readable(index, located["train"])
     return DatasetIndex(root=index.root, classes=index.classes, **located), skipped, cache
 
 
@@ -246,42 +223,3 @@ class BlockReader:
             with self._lock:
                 self._blocks.setdefault(key, value)
         return self._blocks[key]
-
-
-class SplitImages:
-    """One split's images in a member's or voter's process: uint8 pixels by the table's row, from
-    the run's cache when the table has ``block``/``row`` columns and a cache is given, else decoded
-    from the file (the streaming path; the same pixels either way)."""
-
-    def __init__(self, table: pa.Table, cache: Optional[ImageCache], *, image_size: int, resize: str, side: int):
-        self.image_size, self.resize, self.side = image_size, resize, side
-        self.reader = BlockReader(cache) if cache is not None and "block" in table.column_names else None
-        if self.reader is not None:
-            self.blocks, self.rows = table.column("block").to_numpy(), table.column("row").to_numpy()
-        else:
-            self.paths = table.column("path").to_pylist()
-        self.ids, self.labels = table.column("id").to_numpy(), table.column("label").to_numpy()
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def eval(self, i: int) -> np.ndarray:
-        """(S, S, 3) uint8: the eval transform's pixels of row ``i``."""
-        if self.reader is not None:
-            return self.reader.eval(int(self.blocks[i]), int(self.rows[i]))
-        from ensemble.pixels import eval_pixels
-
-        return eval_pixels(self._decode(i), image_size=self.image_size, resize=self.resize)
-
-    def train(self, i: int) -> np.ndarray:
-        """(H, W, 3) uint8, short side at most the cache side: row ``i``'s augmentation source."""
-        if self.reader is not None:
-            return self.reader.train(int(self.blocks[i]), int(self.rows[i]))
-        from ensemble.pixels import shrink
-
-        return shrink(self._decode(i), self.side)
-
-    def _decode(self, i: int):
-        from ensemble.data import read_image
-
-        return read_image(self.paths[i], min_size=self.side)

@@ -19,23 +19,30 @@ from ensemble.data import DatasetIndex, to_dataset
 log = logging.getLogger("ensemble.data")
 
 
+def unreadable_reason(path: str, exc: Exception) -> str:
+    """Why ``path`` could not be decoded, in a few words: an empty file, or the decoder's own error
+    (truncated, not an image despite its extension). The one wording of both image checks."""
+    try:
+        if not storage.read_bytes(path):
+            return "empty file (0 bytes)"
+    except Exception:  # the same failure again; report the first one
+        pass
+    return f"{exc.__class__.__name__}: {exc}"[:200]
+
+
 def check_batch(batch: dict) -> dict:
-    """Try to decode each file: ``ok`` and, when not, a short ``reason`` (empty, truncated, not an image)."""
+    """Try to decode each file: ``ok`` and, when not, a short ``reason`` (``unreadable_reason``)."""
     from PIL import Image
 
     ok, reasons = [], []
     for path in batch["path"]:
         reason = ""
         try:
-            data = storage.read_bytes(path)
-            if not data:
-                reason = "empty file (0 bytes)"
-            else:
-                with Image.open(io.BytesIO(data)) as img:
-                    img.draft("RGB", (64, 64))  # JPEG: decode at a reduced scale; still reads every byte
-                    img.load()
+            with Image.open(io.BytesIO(storage.read_bytes(path))) as img:
+                img.draft("RGB", (64, 64))  # JPEG: decode at a reduced scale; still reads every byte
+                img.load()
         except Exception as exc:  # PIL raises many types for bad files; all mean "skip this one"
-            reason = f"{exc.__class__.__name__}: {exc}"[:200]
+            reason = unreadable_reason(path, exc)
         ok.append(not reason)
         reasons.append(reason)
     return {"split": batch["split"], "id": batch["id"], "ok": np.array(ok), "reason": np.array(reasons, dtype=object)}
@@ -47,11 +54,17 @@ def check_images(index: DatasetIndex, *, strict: bool, stall_timeout: float = 60
     and the list of skipped files with reasons."""
     cleaned, skipped = check_files({"train": index.train, "val": index.val, "test": index.test},
                                    flag="--data", root=index.root, strict=strict, stall_timeout=stall_timeout)
-    labels = set(cleaned["train"].column("label").to_pylist())
+    check_classes_readable(index, cleaned["train"])
+    return DatasetIndex(root=index.root, classes=index.classes, **cleaned), skipped
+
+
+def check_classes_readable(index: DatasetIndex, train) -> None:
+    """ConfigError when a class folder of ``index`` kept no readable image in ``train`` (the train
+    table without its unreadable files)."""
+    labels = set(train.column("label").to_pylist())
     empty = [c for k, c in enumerate(index.classes) if k not in labels]
     if empty:
         raise ConfigError(f"--data {index.root}: train/{empty[0]}/ has no readable images")
-    return DatasetIndex(root=index.root, classes=index.classes, **cleaned), skipped
 
 
 def check_files(splits: dict, *, flag: str, root: str, strict: bool,

@@ -19,16 +19,10 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
-from ensemble.config import eval_resize
+from ensemble.config import resize_side
 
 CROP_RATIO = (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop aspect ratio range
 CROP_SCALES = {"seed": (0.08, 1.0), "light": (0.6, 1.0)}  # its area range per --augment
-
-
-def cache_side(image_size: int) -> int:
-    """The short side cached train images keep by default: the eval resize R = round(S*256/224),
-    so a RandomResizedCrop of the whole image still downsamples to S."""
-    return eval_resize(image_size)
 
 
 def _resize_short(img: Image.Image, side: int) -> Image.Image:
@@ -49,7 +43,7 @@ def eval_pixels(img: Image.Image, *, image_size: int, resize: str = "squash") ->
     """The eval transform's geometry on a decoded image -> (S, S, 3) uint8: exactly the pixels
     ``transforms.eval_transform`` normalises (its PIL steps, reproduced without torch, so the
     image cache's decode tasks start without importing it; tests compare the two)."""
-    s, r = image_size, eval_resize(image_size)
+    s, r = image_size, resize_side(image_size)
     if resize == "squash":
         img = img.resize((s, s), Image.BILINEAR).resize((r, r), Image.BILINEAR)
     elif resize == "short-side":

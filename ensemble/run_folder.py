@@ -1,4 +1,5 @@
-"""The --output folder: checked before anything is written, fingerprinted, opened or resumed.
+"""The --output folder: checked before anything is written, fingerprinted, opened or resumed,
+and, once finished, loaded as a ``FinishedRun`` (what predict, serve and later tools use).
 
 A run's folder holds run.json (config, member seeds, the fingerprint a rerun must match,
 package versions) and config.yaml, written before training; the results (report.py) and the
@@ -9,11 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import os
 import platform
+from dataclasses import dataclass
+from typing import Optional
 
 from ensemble import storage
-from ensemble.config import ConfigError, EnsembleConfig
+from ensemble.config import ConfigError, EnsembleConfig, build_config
+
+log = logging.getLogger("ensemble.run_folder")
 
 # What a finished run wrote at its top level; --fresh removes them with the members.
 RESULT_FILES = ("predictions.csv", "probabilities.parquet", "report.json", "report.md", "config.yaml", "run.json")
@@ -103,3 +110,93 @@ def versions() -> dict:
         except md.PackageNotFoundError:
             out[name] = None
     return out
+
+
+# ---------------------------------------------------------------- a finished run
+
+MEMBER_CHOICES = ("all", "selected")
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """What predicting (or serving) with a finished run needs, its member files checked."""
+
+    config: EnsembleConfig
+    fingerprint: dict
+    states: list                     # the used members' state dicts, in ``members`` order
+    temperature: float               # the one its report fitted for this vote; 1 when it has none
+    members: list                    # indices of the members used (loaded)
+    weights: Optional[list] = None   # their selection weights (sum 1); None: the run's own vote
+
+    @property
+    def classes(self) -> list:
+        return list(self.fingerprint["classes"])
+
+
+def load_run(run: str, members: str = "all") -> FinishedRun:
+    """The finished run in ``run``, or one line (ConfigError, CheckpointError) if it is not one.
+
+    ``members``: ``all``, or ``selected``: the Caruana selection its report.json recorded
+    (``ensemble.selection.weights``); members of weight 0 are not even loaded. Every loaded
+    member's files are checked against the sha256 recorded when it finished (weights_only load).
+    """
+    from ensemble.member_files import load_finished_member
+
+    if members not in MEMBER_CHOICES:
+        raise ConfigError(f"--members {members}: choose {' or '.join(MEMBER_CHOICES)}")
+    try:
+        record = json.loads(storage.read_bytes(storage.join(run, "run.json")))
+    except (OSError, ValueError):
+        raise ConfigError(f"--run {run}: no readable run.json; pass the --output folder of a finished "
+                          f"'python -m ensemble.driver' run") from None
+    cfg = build_config(flag_values=record["config"])
+    report = _read_report(run)
+    used, weights = list(range(cfg.members)), None
+    if members == "selected":
+        used, weights = selected_members(report, cfg.members, run)
+    states = []
+    for i in used:
+        finished = load_finished_member(run, i, record["fingerprint"])  # sha256 checked; CheckpointError if not
+        if finished is None:
+            raise ConfigError(f"--run {run}: member {i} has not finished; rerun the driver with --output {run} "
+                              f"to finish the run first")
+        states.append(finished[1])
+    temperature = _temperature(report, "selection" if members == "selected" else "calibration")
+    if temperature is None and members == "selected":  # a report from before selections had their own
+        temperature = _temperature(report, "calibration")
+    if temperature is None:
+        log.warning("--run %s: no temperature in its report.json; probabilities are the plain soft vote", run)
+        temperature = 1.0
+    return FinishedRun(config=cfg, fingerprint=record["fingerprint"], states=states, temperature=temperature,
+                       members=used, weights=weights)
+
+
+def _temperature(report: Optional[dict], part: str) -> Optional[float]:
+    """The temperature report.json's ``ensemble.<part>`` fitted (calibration: the vote of all
+    members; selection: the selected members' weighted vote), or None."""
+    try:
+        return float(report["ensemble"][part]["temperature"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _read_report(run: str) -> Optional[dict]:
+    try:
+        return json.loads(storage.read_bytes(storage.join(run, "report.json")))
+    except (OSError, ValueError):
+        return None
+
+
+def selected_members(report: Optional[dict], n_members: int, run: str) -> tuple[list, list]:
+    """(member indices, their weights) of the selection in report.json's ``ensemble.selection``:
+    the members of weight > 0, in index order. One line (ConfigError) if there is none."""
+    try:
+        weights = [float(w) for w in report["ensemble"]["selection"]["weights"]]
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError(f"--members selected: {run}/report.json records no member selection "
+                          f"(ensemble.selection.weights); use --members all") from None
+    if len(weights) != n_members or not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(f"--members selected: {run}/report.json's selection weights {weights} do not fit "
+                          f"the run's {n_members} members; use --members all")
+    used = [i for i, w in enumerate(weights) if w > 0]
+    return used, [weights[i] for i in used]

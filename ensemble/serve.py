@@ -35,7 +35,7 @@ from ray import serve
 
 from ensemble.checkpoint import CheckpointError
 from ensemble.config import ConfigError
-from ensemble.predict import MEMBER_CHOICES, FinishedRun, load_run
+from ensemble.run_folder import MEMBER_CHOICES, FinishedRun, load_run
 from ensemble.served_run import (ServedRun, ServeOptions, UploadTooLarge, bad_image_reason, one_line, parse_k,
                                   read_upload)
 

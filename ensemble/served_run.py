@@ -5,14 +5,13 @@ wraps ``ServedRun`` in a Ray Serve deployment; tests and the load benchmark use 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, fields
 from typing import Optional, Sequence
 
 import numpy as np
 
-from ensemble.config import ConfigError
-from ensemble.predict import MEMBER_CHOICES, FinishedRun, load_run
+from ensemble.config import ConfigError, check_choice, check_int, check_number
+from ensemble.run_folder import MEMBER_CHOICES, FinishedRun, load_run
 
 MAX_K = 1000  # ceiling on the k query parameter (k is also capped at the number of classes)
 
@@ -32,19 +31,17 @@ class ServeOptions:
     cpus: Optional[float] = None          # CPUs (= torch threads); None: the run's cpus_per_infer_actor
 
     def __post_init__(self) -> None:
-        if self.members not in MEMBER_CHOICES:
-            raise ConfigError(f"--members {self.members}: choose {' or '.join(MEMBER_CHOICES)}")
-        for name in ("max_upload_mb", "max_megapixels", "batch_wait_s", "gpus", "cpus"):
-            value = getattr(self, name)
-            low_ok = value is None or (math.isfinite(value) and (value >= 0 if name in ("batch_wait_s", "gpus")
-                                                                 else value > 0))
-            if not low_ok:
-                raise ConfigError(f"--{name.replace('_', '-')} {value}: must be a finite number "
-                                  f"{'>= 0' if name in ('batch_wait_s', 'gpus') else '> 0'}")
-        if self.max_batch_size < 1:
-            raise ConfigError(f"--max-batch-size {self.max_batch_size}: must be >= 1")
-        if self.gpus is not None and self.gpus > 1:
-            raise ConfigError(f"--gpus {self.gpus:g}: the deployment runs its members on one device; use 1 or less")
+        check_choice(self, "members", MEMBER_CHOICES)
+        for name in ("max_upload_mb", "max_megapixels"):
+            check_number(self, name, positive=True)
+        check_number(self, "batch_wait_s", positive=False)
+        check_int(self, "max_batch_size", low=1)
+        if self.gpus is not None:
+            check_number(self, "gpus", positive=False)
+            if self.gpus > 1:
+                raise ConfigError(f"--gpus {self.gpus:g}: the deployment runs its members on one device; use 1 or less")
+        if self.cpus is not None:
+            check_number(self, "cpus", positive=True)
 
     @property
     def max_bytes(self) -> int:
@@ -76,9 +73,9 @@ class ServeOptions:
 def answers(member_probs, classes: Sequence[str], *, rule: str, temperature: float, weights=None,
             ks: Sequence[int]) -> list[dict]:
     """One JSON-ready answer per image from the members' probabilities (members, B, classes):
-    the same vote, temperature, entropy and disagreement as predict's files (``report.vote_outputs``).
+    the same vote, temperature, entropy and disagreement as predict's files (``scores.vote.vote_outputs``).
     ``ks`` (B,): how many top classes each request asked for."""
-    from ensemble.report import vote_outputs
+    from ensemble.scores.vote import vote_outputs
 
     member_probs = np.asarray(member_probs, dtype=np.float64)
     out = vote_outputs(member_probs, rule, temperature, weights)
@@ -165,12 +162,12 @@ class ServedRun:
         """Image bytes -> uint8 (S, S, 3): the run's eval transform, as predict decodes a file.
         ImageTooLarge past the pixel limit (before decoding); PIL's errors for anything unreadable."""
         from ensemble.data import decode_image
-        from ensemble.image_cache import train_side
+        from ensemble.config import cache_side
 
         cfg = self.finished.config
         if not data:
             raise ValueError("empty body; POST the image file's bytes")
-        return decode_image(data, image_size=cfg.image_size, resize=cfg.eval_resize, side=train_side(cfg),
+        return decode_image(data, image_size=cfg.image_size, resize=cfg.eval_resize, side=cache_side(cfg),
                             max_pixels=self.options.max_pixels)
 
     def member_probs(self, images: np.ndarray) -> np.ndarray:

@@ -9,9 +9,8 @@ from __future__ import annotations
 import logging
 import uuid
 
-import numpy as np
 
-from ensemble.bootstrap import bootstrap_counts
+from ensemble.bootstrap import member_counts
 from ensemble.checkpoint import CheckpointError
 from ensemble.cluster import slot_members, slot_name
 from ensemble.config import ConfigError
@@ -26,13 +25,6 @@ WATCH_S = 5.0        # how often the driver looks at a run whose members are all
 
 class MemberFailed(RuntimeError):
     """A member died more often than Ray may restart it."""
-
-
-def member_counts(bagging: str, seed: int, n_train: int, n_samples: int) -> np.ndarray:
-    """How often the member draws each training row: its bootstrap counts, or all ones for ``full``."""
-    if bagging == "full":
-        return np.ones(n_train, dtype=np.int64)
-    return bootstrap_counts(seed, n_train, n_samples)
 
 
 def train_members(plan, *, seeds: list[int], train_table, val_table, gpus: float, window: int, resuming: bool):

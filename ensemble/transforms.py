@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import v2
 
-from ensemble.config import EVAL_RESIZES, eval_resize  # noqa: F401 (eval_resize: re-exported)
+from ensemble.config import EVAL_RESIZES, resize_side
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -29,7 +29,7 @@ def eval_transform(*, image_size: int, resize: str = "squash") -> v2.Compose:
     """``squash``: Resize((S, S)) -> Resize((R, R)) -> CenterCrop(S) -> tensor -> Normalize.
     ``short-side``: Resize(R) on the short side -> CenterCrop(S) -> tensor -> Normalize.
 
-    R = ``eval_resize(S)``. ``squash`` is the study's evaluation at any S; its two resamplings are
+    R = ``resize_side(S)``. ``squash`` is the study's evaluation at any S; its two resamplings are
     kept on purpose (one Resize((R, R)) gives different pixels).
     """
     return v2.Compose([*eval_steps(image_size=image_size, resize=resize), *_to_normalized_tensor()])
@@ -38,7 +38,7 @@ def eval_transform(*, image_size: int, resize: str = "squash") -> v2.Compose:
 def eval_steps(*, image_size: int, resize: str = "squash") -> list:
     """The eval transform's geometry (PIL in, PIL out): what ``pixels.eval_pixels`` applies."""
     _check_resize(resize)
-    r = eval_resize(image_size)
+    r = resize_side(image_size)
     if resize == "squash":
         steps = [v2.Resize((image_size, image_size)), v2.Resize((r, r))]
     else:

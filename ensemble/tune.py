@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import re
 import sys
@@ -32,8 +31,8 @@ import numpy as np
 
 from ensemble import storage
 from ensemble.cluster import cluster_capacity, connect, fit_cpus, resolve_gpus
-from ensemble.config import (AUGMENTS, ARCHS, PRECISIONS, ConfigError, EnsembleConfig, check_one_gpu,
-                             config_with_preset, flag, load_yaml)
+from ensemble.config import (AUGMENTS, ARCHS, PRECISIONS, ConfigError, EnsembleConfig, check_gpus, check_int,
+                             check_number, config_with_preset, load_yaml)
 from ensemble.trials import SearchFailed, best_config_values, format_table, pick_best, summarize_trial, trials_csv
 from ensemble.run_folder import check_output
 
@@ -58,20 +57,12 @@ class SearchSettings:
 
     def __post_init__(self) -> None:
         for name in ("trials", "max_epochs"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"--{flag(name)} {value!r}: must be a whole number >= 1")
+            check_int(self, name, low=1)
         for name in ("lr_min", "lr_max", "cpus_per_trial"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ConfigError(f"--{flag(name)} {value!r}: must be a number > 0")
+            check_number(self, name, positive=True)
         if self.lr_min >= self.lr_max:
             raise ConfigError(f"--lr-min {self.lr_min:g} --lr-max {self.lr_max:g}: lr-min must be below lr-max")
-        gpus = self.gpus_per_trial
-        if gpus is not None:
-            if not math.isfinite(gpus) or gpus < 0:
-                raise ConfigError(f"--gpus-per-trial {gpus!r}: must be a number >= 0")
-            check_one_gpu("gpus_per_trial", gpus)
+        check_gpus(self, "gpus_per_trial")
 
 
 # ---------------------------------------------------------------- command line
@@ -143,7 +134,8 @@ def train_trial(config: dict, *, base: EnsembleConfig, train_table, val_table, n
 
     from ensemble.bootstrap import epoch_seed
     from ensemble.batches import batches
-    from ensemble.image_cache import SplitImages, train_side
+    from ensemble.batches import SplitImages
+    from ensemble.config import cache_side
     from ensemble.engine import (evaluate, make_optimizer, pick_device, prepare_for_device, resolve_precision,
                                  seed_everything, set_threads, train_one_epoch)
     from ensemble.models import make_member_model
@@ -157,7 +149,7 @@ def train_trial(config: dict, *, base: EnsembleConfig, train_table, val_table, n
     amp = resolve_precision(base.precision, device)  # as the members will train: bf16 autocast on GPUs
     optimizer = make_optimizer(model, config["lr"])
     train_images, val_images = (SplitImages(t, None, image_size=base.image_size, resize=base.eval_resize,
-                                            side=train_side(base)) for t in (train_table, val_table))
+                                            side=cache_side(base)) for t in (train_table, val_table))
     for epoch in range(1, max_epochs + 1):
         seed = epoch_seed(base.seed, epoch)
         rows = np.random.default_rng(seed).permutation(train_table.num_rows)

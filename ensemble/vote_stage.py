@@ -30,7 +30,7 @@ def soft_vote_stage(cfg: EnsembleConfig, table, *, weight_refs: list, num_classe
 
     from ensemble.actors import SoftVoter, show_progress
     from ensemble.data import to_dataset
-    from ensemble.image_cache import train_side
+    from ensemble.config import cache_side
     from ensemble.watch import watched
 
     context = ray.data.DataContext.get_current()
@@ -47,7 +47,7 @@ def soft_vote_stage(cfg: EnsembleConfig, table, *, weight_refs: list, num_classe
                 fn_constructor_kwargs={"arch": cfg.arch, "num_classes": num_classes, "weight_refs": weight_refs,
                                        "image_size": cfg.image_size, "threads": cfg.cpus_per_infer_actor,
                                        "tta": cfg.tta, "precision": cfg.precision, "resize": cfg.eval_resize,
-                                       "side": train_side(cfg), "cache": cache})
+                                       "side": cache_side(cfg), "cache": cache})
         return ds.iter_batches(batch_size=None, batch_format="numpy")
 
     try:

@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from ensemble.calibration import calibration_report, fit_temperature, scale_probs
-from ensemble.metrics import ece, nll, summary_metrics
-from ensemble.vote import soft_vote
+from ensemble.scores.calibration import calibration_report, fit_temperature, scale_probs
+from ensemble.scores.metrics import ece, nll, summary_metrics
+from ensemble.scores.vote import soft_vote
 
 
 def _softmax(z):
@@ -152,7 +152,7 @@ def test_bad_temperature_raises(t):
 
 
 def test_usable_temperature_leaves_a_fit_that_ran_to_the_lower_bound_unscaled():
-    from ensemble.calibration import DEFAULT_BOUNDS, usable_temperature
+    from ensemble.scores.calibration import DEFAULT_BOUNDS, usable_temperature
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 4, size=60)

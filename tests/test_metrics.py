@@ -8,9 +8,9 @@ import pytest
 from ensemble import figures
 from ensemble.markdown import render_report_md
 from ensemble.bootstrap import bootstrap_counts, member_seeds
-from ensemble.metrics import (brier, calibration_bins, disagreement, ece, nll, oob_scores, oob_vote,
+from ensemble.scores.metrics import (brier, calibration_bins, disagreement, ece, nll, oob_scores, oob_vote,
                               predictive_entropy, size_curve, summary_metrics)
-from ensemble.vote import accuracy, hard_vote, soft_vote
+from ensemble.scores.vote import accuracy, hard_vote, soft_vote
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -276,7 +276,7 @@ def test_figures_write_png_files(tmp_path):
 
 
 def test_reliability_diagram_with_scaled_probabilities_draws_them_beside_the_vote(tmp_path):
-    from ensemble.calibration import scale_probs
+    from ensemble.scores.calibration import scale_probs
 
     member_probs, labels = _random_members(members=4, n=400, classes=5, seed=9)
     vote = soft_vote(member_probs)
@@ -287,7 +287,7 @@ def test_reliability_diagram_with_scaled_probabilities_draws_them_beside_the_vot
 
 
 def test_report_scaled_probs_are_what_val_after_scores():
-    from ensemble.scoring import report_scaled_probs, score_run
+    from ensemble.scores.scoring import report_scaled_probs, score_run
 
     val_member_probs, val_labels = _disagreeing_members(600, seed=1)
     train_member_probs, train_labels = _disagreeing_members(800, seed=2)
@@ -388,9 +388,9 @@ def _disagreeing_members(n, seed, good=5, classes=4):
 
 def _check_calibration_and_selection(ensemble, val_member_probs, val_labels, seed=0):
     """What holds wherever the temperature and the selection were fitted."""
-    from ensemble.calibration import fit_temperature, scale_probs
-    from ensemble.scoring import cross_fitted_scaling
-    from ensemble.selection import weighted_vote
+    from ensemble.scores.calibration import fit_temperature, scale_probs
+    from ensemble.scores.scoring import cross_fitted_scaling
+    from ensemble.scores.selection import weighted_vote
 
     cal, sel = ensemble["calibration"], ensemble["selection"]
     vote = soft_vote(val_member_probs)
@@ -421,9 +421,9 @@ def _check_calibration_and_selection(ensemble, val_member_probs, val_labels, see
 
 
 def test_score_run_without_counts_fits_temperature_and_selection_on_val():
-    from ensemble.calibration import fit_temperature
-    from ensemble.scoring import score_run
-    from ensemble.selection import greedy_selection
+    from ensemble.scores.calibration import fit_temperature
+    from ensemble.scores.scoring import score_run
+    from ensemble.scores.selection import greedy_selection
 
     member_probs, labels = _disagreeing_members(2000, seed=0)
     ensemble = score_run(member_probs, labels, rule="soft", seed=0)["ensemble"]
@@ -439,8 +439,8 @@ def test_score_run_without_counts_fits_temperature_and_selection_on_val():
 
 
 def test_score_run_with_counts_fits_the_temperature_on_val_and_the_selection_on_out_of_bag_rows():
-    from ensemble.calibration import fit_temperature
-    from ensemble.scoring import score_run
+    from ensemble.scores.calibration import fit_temperature
+    from ensemble.scores.scoring import score_run
 
     val_member_probs, val_labels = _disagreeing_members(1500, seed=1)
     train_member_probs, train_labels = _disagreeing_members(2000, seed=2)
@@ -456,9 +456,9 @@ def test_score_run_with_counts_fits_the_temperature_on_val_and_the_selection_on_
 
 
 def test_score_run_calibrate_on_oob_fits_on_out_of_bag_rows():
-    from ensemble.calibration import fit_temperature
-    from ensemble.scoring import score_run
-    from ensemble.selection import greedy_selection
+    from ensemble.scores.calibration import fit_temperature
+    from ensemble.scores.scoring import score_run
+    from ensemble.scores.selection import greedy_selection
 
     val_member_probs, val_labels = _disagreeing_members(1500, seed=1)
     train_member_probs, train_labels = _disagreeing_members(2000, seed=2)
@@ -481,7 +481,7 @@ def test_score_run_calibrate_on_oob_fits_on_out_of_bag_rows():
 
 
 def test_score_run_calibrate_on_oob_falls_back_to_val_when_no_row_is_out_of_bag():
-    from ensemble.scoring import score_run
+    from ensemble.scores.scoring import score_run
 
     val_member_probs, val_labels = _disagreeing_members(800, seed=4)
     train_member_probs, train_labels = _disagreeing_members(50, seed=5)
@@ -495,8 +495,8 @@ def test_score_run_calibrate_on_oob_falls_back_to_val_when_no_row_is_out_of_bag(
 
 
 def test_cross_fitted_scaling_scales_each_fold_by_the_temperature_of_the_others():
-    from ensemble.calibration import fit_temperature, scale_probs, usable_temperature
-    from ensemble.scoring import cross_fitted_scaling
+    from ensemble.scores.calibration import fit_temperature, scale_probs, usable_temperature
+    from ensemble.scores.scoring import cross_fitted_scaling
 
     member_probs, labels = _disagreeing_members(103, seed=6)
     vote = soft_vote(member_probs)
@@ -530,7 +530,7 @@ def test_a_vote_of_fewer_members_is_less_under_confident():
     members that never drew it (about 37% of them), and the fewer members vote, the less the
     average under-states its accuracy, so a temperature fitted on such votes sharpens the vote of
     all members too little."""
-    from ensemble.calibration import fit_temperature
+    from ensemble.scores.calibration import fit_temperature
 
     member_probs, labels = _disagreeing_members(4000, seed=7, good=9)
     member_probs = np.delete(member_probs, NOISE_AT, axis=0)  # nine good members
@@ -542,7 +542,7 @@ def test_a_vote_of_fewer_members_is_less_under_confident():
 def test_score_run_result_is_strict_json():
     import json
 
-    from ensemble.scoring import score_run
+    from ensemble.scores.scoring import score_run
     from ensemble.report import json_safe
 
     member_probs, labels = _disagreeing_members(300, seed=6)
@@ -553,7 +553,7 @@ def test_score_run_result_is_strict_json():
 
 
 def test_check_labels():
-    from ensemble.metrics import check_labels
+    from ensemble.scores.metrics import check_labels
 
     out = check_labels(np.array([0, 2, 1], dtype=np.int32), 3, 3)
     assert out.dtype == np.int64 and out.tolist() == [0, 2, 1]

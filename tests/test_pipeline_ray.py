@@ -22,10 +22,10 @@ ray = pytest.importorskip("ray")
 from ensemble.bootstrap import member_seeds  # noqa: E402
 from ensemble.config import CPU_PRESET, build_config  # noqa: E402
 from ensemble.data import decode_batch, scan_layout  # noqa: E402
-from ensemble.image_cache import train_side  # noqa: E402
+from ensemble.config import cache_side  # noqa: E402
 from ensemble.pixels import model_input  # noqa: E402
 from ensemble.models import make_member_model  # noqa: E402
-from ensemble.vote import accuracy, soft_vote  # noqa: E402
+from ensemble.scores.vote import accuracy, soft_vote  # noqa: E402
 from tests.conftest import finished_tiny_run  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -111,7 +111,7 @@ def test_ensemble_val_acc_equals_sequential_soft_vote(run, tiny_digits):
 def _sequential_test_probs(cfg, index, output, *, hflip=False) -> np.ndarray:
     """The saved members run one after another in this process on the test images: (members, n, classes)."""
     batch = {k: index.test.column(k).to_numpy(zero_copy_only=False) for k in ("id", "path", "label")}
-    images = model_input(torch.from_numpy(decode_batch(batch, image_size=cfg.image_size, side=train_side(cfg))["image"]),
+    images = model_input(torch.from_numpy(decode_batch(batch, image_size=cfg.image_size, side=cache_side(cfg))["image"]),
                          torch.device("cpu"))
     member_probs = []
     for i in range(cfg.members):
@@ -129,7 +129,7 @@ def _sequential_test_probs(cfg, index, output, *, hflip=False) -> np.ndarray:
 def test_test_probabilities_equal_sequential_inference(run, tiny_digits):
     """The Ray Data soft-vote stage == the saved members run one after another in this process,
     scaled by the temperature the report fitted (probabilities.parquet holds calibrated probabilities)."""
-    from ensemble.calibration import scale_probs
+    from ensemble.scores.calibration import scale_probs
 
     cfg, report, output = run
     index = scan_layout(tiny_digits)
@@ -185,7 +185,7 @@ def test_oob_and_size_curve_values(run, tiny_digits):
 
 
 def test_entropy_and_disagreement_columns(run, tiny_digits):
-    from ensemble.metrics import predictive_entropy
+    from ensemble.scores.metrics import predictive_entropy
 
     cfg, _, output = run
     index = scan_layout(tiny_digits)
@@ -220,7 +220,7 @@ def test_hard_vote_hflip_tta_full_bagging_beside_taken_trainer_names(cluster, ti
     """--vote hard --tta hflip --bagging full, checked against the saved members run in this
     process; run while every trainer name it could use is taken in the job's namespace."""
     from ensemble.driver import run as run_pipeline
-    from ensemble.vote import hard_vote
+    from ensemble.scores.vote import hard_vote
 
     cfg = _config(tiny_digits, tmp_path, members=3, epochs=1, vote="hard", tta="hflip", bagging="full")
     with _trainer_names_taken(cfg.members) as names:
@@ -318,7 +318,8 @@ def test_image_cache_holds_every_readable_files_exact_pixels(cluster, tiny_digit
     import shutil
 
     from ensemble.data import read_image
-    from ensemble.image_cache import SplitImages, cache_images
+    from ensemble.batches import SplitImages
+    from ensemble.image_cache import cache_images
     from ensemble.pixels import shrink
 
     data = tmp_path / "data"
@@ -329,7 +330,7 @@ def test_image_cache_holds_every_readable_files_exact_pixels(cluster, tiny_digit
     index, skipped, cache = cache_images(scan_layout(str(data)), cfg, max_bytes=1e9)
     assert [(s["split"], os.path.basename(s["path"])) for s in skipped] == [("train", "broken.png")]
     assert str(bad) not in index.train.column("path").to_pylist()
-    assert cache is not None and cache.side == train_side(cfg) == 27
+    assert cache is not None and cache.side == cache_side(cfg) == 27
     for split in ("train", "val", "test"):
         table = getattr(index, split)
         np.testing.assert_array_equal(table.column("id").to_numpy(), np.arange(table.num_rows))
@@ -352,7 +353,8 @@ def test_streaming_path_gives_the_cached_pixels(cluster, tiny_digits, tmp_path, 
     import logging
 
     from ensemble.batches import batches
-    from ensemble.image_cache import SplitImages, cache_images
+    from ensemble.batches import SplitImages
+    from ensemble.image_cache import cache_images
 
     cfg = _config(tiny_digits, tmp_path, image_size=24)
     cached_index, _, cache = cache_images(scan_layout(tiny_digits), cfg, max_bytes=1e9)
@@ -362,7 +364,7 @@ def test_streaming_path_gives_the_cached_pixels(cluster, tiny_digits, tmp_path, 
     for split in ("train", "val", "test"):
         assert getattr(streamed_index, split).column("path").to_pylist() == \
             getattr(cached_index, split).column("path").to_pylist()
-    side = train_side(cfg)
+    side = cache_side(cfg)
     for split, augment in (("train", "seed"), ("train", "light"), ("val", None)):
         from_cache = SplitImages(getattr(cached_index, split), cache, image_size=24, resize="squash", side=side)
         from_files = SplitImages(getattr(streamed_index, split), None, image_size=24, resize="squash", side=side)

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ensemble.batches import batches
-from ensemble.image_cache import SplitImages
-from ensemble.pixels import (CROP_SCALES, Augmenter, cache_side, crop_box, eval_pixels, image_rng, model_input,
+from ensemble.batches import SplitImages, batches
+from ensemble.config import resize_side
+from ensemble.pixels import (CROP_SCALES, Augmenter, crop_box, eval_pixels, image_rng, model_input,
                              shrink)
 from ensemble.transforms import eval_transform, train_transform
 
@@ -46,7 +46,7 @@ def test_shrink_keeps_the_aspect_and_never_enlarges():
     assert shrink(_photo(500, 375), 256).shape == (256, 341, 3)   # torchvision Resize(256) on the short side
     assert shrink(_photo(300, 640), 256).shape == (546, 256, 3)
     assert shrink(_photo(40, 30), 256).shape == (30, 40, 3)       # smaller than the side: as it is
-    assert cache_side(224) == 256 and cache_side(16) == 18
+    assert resize_side(224) == 256 and resize_side(16) == 18
 
 
 @pytest.mark.parametrize("size", [(500, 375), (375, 500), (300, 641), (257, 256)])
@@ -124,7 +124,7 @@ def _images(tmp_path, n=7):
         paths.append(str(path))
     table = pa.table({"id": pa.array(np.arange(n, dtype=np.int64)), "path": paths,
                       "label": pa.array(np.arange(n, dtype=np.int64) % 3)})
-    return SplitImages(table, None, image_size=32, resize="squash", side=cache_side(32))
+    return SplitImages(table, None, image_size=32, resize="squash", side=resize_side(32))
 
 
 def test_batches_are_the_same_for_any_number_of_threads(tmp_path):

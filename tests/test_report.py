@@ -105,7 +105,7 @@ def test_markdown_without_the_keys_renders_neither_section():
 
 
 def test_markdown_from_score_run_output():
-    from ensemble.scoring import score_run
+    from ensemble.scores.scoring import score_run
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, size=200)

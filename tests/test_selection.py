@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from ensemble.metrics import nll
-from ensemble.selection import greedy_selection, weighted_vote
-from ensemble.vote import soft_vote
+from ensemble.scores.metrics import nll
+from ensemble.scores.selection import greedy_selection, weighted_vote
+from ensemble.scores.vote import soft_vote
 
 
 def _softmax(z):

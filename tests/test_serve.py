@@ -61,13 +61,13 @@ def _member_probs_in_process(output: str, image_paths: list[str], cfg, num_class
 
     from ensemble.data import decode_batch
     from ensemble.engine import eval_models
-    from ensemble.image_cache import train_side
+    from ensemble.config import cache_side
     from ensemble.pixels import model_input
 
     batch = {"id": np.arange(len(image_paths)), "label": np.full(len(image_paths), -1),
              "path": np.array(image_paths, dtype=object)}
     images = model_input(torch.from_numpy(decode_batch(batch, image_size=cfg.image_size, resize=cfg.eval_resize,
-                                                       side=train_side(cfg))["image"]), torch.device("cpu"))
+                                                       side=cache_side(cfg))["image"]), torch.device("cpu"))
     states = [torch.load(os.path.join(output, "members", f"member-{i}", "model.pt"), weights_only=True)
               for i in range(cfg.members)]
     models = eval_models(cfg.arch, num_classes, states, torch.device("cpu"))
@@ -133,7 +133,7 @@ def test_weighted_predictions_files_exact(tmp_path):
 
 
 def test_selected_members_from_report():
-    from ensemble.predict import selected_members
+    from ensemble.run_folder import selected_members
 
     report = {"ensemble": {"selection": {"weights": [0.5, 0.0, 0.25, 0.25]}}}
     assert selected_members(report, 4, "R") == ([0, 2, 3], [0.5, 0.25, 0.25])
@@ -152,9 +152,9 @@ def test_options_from_serve_run_strings():
     assert (o.run, o.members, o.max_bytes, o.max_batch_size, o.gpus) == ("r", "selected", int(2.5 * 2**20), 8, None)
     with pytest.raises(ConfigError, match="unknown argument.*port"):
         ServeOptions.from_args({"run": "r", "port": "1"})
-    with pytest.raises(ConfigError, match="--members some"):
+    with pytest.raises(ConfigError, match="--members 'some': choose one of all, selected"):
         ServeOptions.from_args({"run": "r", "members": "some"})
-    with pytest.raises(ConfigError, match="--max-upload-mb -1.0: must be a finite number > 0"):
+    with pytest.raises(ConfigError, match="--max-upload-mb -1.0: must be > 0"):
         ServeOptions(run="r", max_upload_mb=-1.0)
     assert parse_k(None) == 5 and parse_k("3") == 3
     for bad in ("0", "x", "1001"):
@@ -281,7 +281,7 @@ def post_group(address, bodies: list[bytes], path: str = "/") -> list[tuple[int,
 def in_process(run, tiny_digits):
     """(image names, paths, every member's probabilities on the run's test images computed in this
     process without Ray (members, n, classes), classes, temperature)."""
-    from ensemble.predict import load_run
+    from ensemble.run_folder import load_run
 
     _, output = run
     finished = load_run(output)
@@ -299,8 +299,8 @@ def test_http_answers_equal_predict_in_batches(served, run, in_process):
     members run one after another in this process, soft-voted and scaled by the run's temperature."""
     import pyarrow.parquet as pq
 
-    from ensemble.calibration import scale_probs
-    from ensemble.vote import soft_vote
+    from ensemble.scores.calibration import scale_probs
+    from ensemble.scores.vote import soft_vote
 
     _, output = run
     names, paths, member_probs, classes, temperature = in_process
@@ -394,9 +394,9 @@ def selected_copy(run, tmp_path_factory):
 def test_predict_and_serve_with_selected_members(selected_copy, in_process, tiny_digits, tmp_path):
     import pyarrow.parquet as pq
 
-    from ensemble.calibration import scale_probs
+    from ensemble.scores.calibration import scale_probs
     from ensemble.predict import predict
-    from ensemble.selection import weighted_vote
+    from ensemble.scores.selection import weighted_vote
     from ensemble.served_run import ServedRun, ServeOptions
 
     copy, _ = selected_copy

@@ -8,7 +8,8 @@ from sklearn.datasets import load_sample_image
 from torchvision import transforms as T
 from torchvision.transforms import v2
 
-from ensemble.transforms import (EVAL_RESIZES, IMAGENET_MEAN, IMAGENET_STD, eval_resize, eval_transform,
+from ensemble.config import resize_side
+from ensemble.transforms import (EVAL_RESIZES, IMAGENET_MEAN, IMAGENET_STD, eval_transform,
                                  train_transform)
 
 
@@ -95,8 +96,8 @@ def test_unknown_resize_raises(build, bad):
 
 
 @pytest.mark.parametrize("size,resize", [(224, 256), (32, 37), (64, 73), (16, 18)])
-def test_eval_resize(size, resize):
-    assert eval_resize(size) == resize == round(size * 256 / 224)
+def test_resize_side(size, resize):
+    assert resize_side(size) == resize == round(size * 256 / 224)
 
 
 @pytest.mark.parametrize("size,resize", [(224, 256), (32, 37), (64, 73)])
@@ -181,12 +182,12 @@ def test_eval_transform_center_crops(resize):
 
 
 def _v1_squash(size):
-    return T.Compose([T.Resize((size, size)), T.Resize(eval_resize(size)), T.CenterCrop(size),
+    return T.Compose([T.Resize((size, size)), T.Resize(resize_side(size)), T.CenterCrop(size),
                       T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 def _v1_short_side(size):
-    return T.Compose([T.Resize(eval_resize(size)), T.CenterCrop(size),
+    return T.Compose([T.Resize(resize_side(size)), T.CenterCrop(size),
                       T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 

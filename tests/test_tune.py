@@ -72,7 +72,7 @@ def test_best_config_omits_data_for_the_bundled_digits_and_keeps_config_file_key
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--trials", "0"], "error: --trials 0: must be a whole number >= 1"),
+    (["--trials", "0"], "error: --trials 0: must be >= 1"),
     (["--lr-min", "1e-2", "--lr-max", "1e-3"], "error: --lr-min 0.01 --lr-max 0.001: lr-min must be below lr-max"),
     (["--gpus-per-trial", "1.5"], "error: --gpus-per-trial 1.5: each actor uses one GPU; to use more GPUs, run more "
                                   "of them at 1 GPU each (e.g. --members), or share GPUs with a fraction (0.5)"),

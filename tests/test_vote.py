@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from ensemble.vote import accuracy, soft_vote, vote_labels
+from ensemble.scores.vote import accuracy, soft_vote, vote_labels
 
 # 3 members, 4 rows, 3 classes
 MEMBER_PROBS = np.array([

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ensemble.metrics import PROB_FLOOR, check_labels
-from ensemble.vote import check_member_probs
+from ensemble.scores.metrics import PROB_FLOOR, check_labels
+from ensemble.scores.vote import check_member_probs
 
 _TIE_RTOL = 1e-12  # prefixes whose NLLs differ by less than this (relative) count as equally good
 

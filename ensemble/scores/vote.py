@@ -72,3 +72,28 @@ def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
     if labels.size == 0:
         return float("nan")
     return float((vote_labels(probs) == labels).mean())
+
+
+def vote_outputs(member_probs, rule: str, temperature: float = 1.0, weights=None) -> dict:
+    """What a run says about each image, from its members' probabilities (members, n, classes):
+      "probs"        (n, classes) the vote's probabilities scaled by ``temperature`` (rows sum to 1)
+      "label"        (n,) class index under the vote ``rule`` (scaling never changes a row's top class)
+      "entropy"      (n,) predictive entropy of "probs", in nats
+      "disagreement" (n,) fraction of members whose top-1 class differs from the vote's
+    With ``weights`` (members,) the vote is the weighted soft vote of a member selection
+    (``selection.weighted_vote``; report.json's ``ensemble.selection``), labelled by its argmax
+    whatever ``rule``, and disagreement counts members against that label. predictions.csv,
+    probabilities.parquet (``write_predictions``) and the HTTP server (serve.py) all use this."""
+    # imported here: calibration, metrics and selection import this module
+    from ensemble.scores.calibration import scale_probs
+    from ensemble.scores.metrics import disagreement, predictive_entropy
+    from ensemble.scores.selection import weighted_vote
+
+    if weights is None:
+        vote, label, top = ensemble_probs(member_probs), ensemble_labels(member_probs, rule), None
+    else:
+        vote = weighted_vote(member_probs, weights)
+        label = top = vote_labels(vote)
+    probs = scale_probs(vote, temperature)  # (n, classes)
+    return {"probs": probs, "label": label, "entropy": predictive_entropy(probs),
+            "disagreement": disagreement(member_probs, top)}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ensemble.vote import accuracy, check_member_probs, soft_vote, vote_labels
+from ensemble.scores.vote import accuracy, check_member_probs, soft_vote, vote_labels
 
 PROB_FLOOR = 1e-12  # NLL clips probabilities here so a confident miss costs log(1e12) ~ 27.6, not inf
 

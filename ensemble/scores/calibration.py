@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from ensemble.metrics import PROB_FLOOR, check_labels, summary_metrics
+from ensemble.scores.metrics import PROB_FLOOR, check_labels, summary_metrics
 
 DEFAULT_BOUNDS = (0.05, 20.0)  # search range for T; real ensembles land well inside it
 _LOG_T_TOL = 1e-10  # bisection stops when the log-T bracket is this narrow (~1e-10 relative in T)

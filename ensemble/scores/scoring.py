@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ensemble.calibration import calibration_report, scale_probs, usable_temperature
-from ensemble.metrics import oob_scores, oob_vote, size_curve, summary_metrics
-from ensemble.selection import greedy_selection, weighted_vote
-from ensemble.vote import check_member_probs, ensemble_labels, ensemble_probs
+from ensemble.scores.calibration import calibration_report, scale_probs, usable_temperature
+from ensemble.scores.metrics import oob_scores, oob_vote, size_curve, summary_metrics
+from ensemble.scores.selection import greedy_selection, weighted_vote
+from ensemble.scores.vote import check_member_probs, ensemble_labels, ensemble_probs
 
 
 def score_run(val_member_probs, val_labels, *, rule: str, seed: int, train_member_probs=None, train_labels=None,
