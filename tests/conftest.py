@@ -1,43 +1,10 @@
-"""Shared helpers: small real-image data sets (scikit-learn digits written as PNG/JPEG files)."""
+"""Fixtures and collection hooks; the helpers they use live in tests/helpers.py."""
 
 from __future__ import annotations
 
-import os
-import sys
-
-import numpy as np
 import pytest
 
-# The CPU preset's recipe as flags: a run with --data gets no preset, so tests that run the
-# driver on their own small data pass these to stay quick and offline (no pretrained weights).
-RECIPE_FLAGS = ["--arch", "resnet18", "--weights", "none", "--freeze", "none", "--augment", "light", "--lr", "2e-3"]
-
-
-def write_digits_tree(root, *, per_class_train: int, per_class_val: int, n_test: int,
-                      classes: int = 10, fmt: str = "png") -> str:
-    """A study-layout folder of real digit scans: train/<c>/, val/<c>/, flat test/."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
-    root = str(root)
-    used = set()
-    for c in range(classes):
-        idx = np.flatnonzero(digits.target == c)
-        for split, part in (("train", idx[:per_class_train]),
-                            ("val", idx[per_class_train:per_class_train + per_class_val])):
-            folder = os.path.join(root, split, f"class_{c}")
-            os.makedirs(folder, exist_ok=True)
-            for i in part:
-                Image.fromarray(images[i], mode="L").resize((16, 16)).convert("RGB").save(
-                    os.path.join(folder, f"img{i:04d}.{fmt}"))
-                used.add(int(i))
-    os.makedirs(os.path.join(root, "test"), exist_ok=True)
-    rest = [i for i in range(len(images)) if i not in used and digits.target[i] < classes][:n_test]
-    for i in rest:
-        Image.fromarray(images[i], mode="L").save(os.path.join(root, "test", f"t{i:04d}.png"))
-    return root
+from tests.helpers import write_digits_tree
 
 
 def pytest_collection_modifyitems(config, items):
@@ -60,52 +27,9 @@ def tiny_digits(tmp_path_factory) -> str:
                              per_class_val=5, n_test=25, classes=4)
 
 
-def tiny_run_config(data, output, **overrides):
-    """The small pipeline config of the shared finished run (3 resnet18 members, 2 epochs, 16 px).
-
-    Its temperature is fitted on the out-of-bag rows: on its 20 val rows a fit runs to the lower
-    bound (T = 1 is kept), and the tests that follow the temperature into probabilities.parquet,
-    predict and serve need one that changes the numbers."""
-    from ensemble.config import CPU_PRESET, build_config
-
-    values = {**CPU_PRESET, "image_size": 16, "epochs": 2, "members": 3, "batch_size": 16, "gpus_per_member": 0,
-              "gpus_per_infer_actor": 0, "infer_batch_size": 16, "seed": 7, "calibrate_on": "oob", **overrides}
-    return build_config(flag_values={"data": data, "output": str(output), **values})
-
-
 @pytest.fixture(scope="session")
 def tiny_run_cache() -> dict:
     return {}
-
-
-def finished_tiny_run(cache: dict, data: str, tmp_path_factory):
-    """(config, report, output) of one finished run of ``tiny_run_config`` on ``data``, made once per
-    session on the Ray cluster of the first module that asks (each such module starts its own and
-    calls this from a fixture that depends on it). Readers copy it before they change anything."""
-    if "run" not in cache:
-        from ensemble.driver import run
-
-        output = tmp_path_factory.mktemp("tiny_run")
-        cfg = tiny_run_config(data, output)
-        cache["run"] = (cfg, run(cfg), str(output))
-    return cache["run"]
-
-
-RAY_CLI = os.path.join(os.path.dirname(sys.executable), "ray")
-
-
-def ray_env(home: str, **extra) -> dict:
-    """A HOME of the test's own with a fresh token (`ray get-auth-token --generate`, as the README says)."""
-    import subprocess
-
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "CI")}
-    # Job entrypoints run `python`: this venv's, as on a node where the project is installed.
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    env = {**env, "HOME": home, "RAY_AUTH_MODE": "token", **extra}
-    os.makedirs(home, exist_ok=True)
-    subprocess.run([RAY_CLI, "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60)
-    assert os.path.isfile(os.path.join(home, ".ray", "auth_token"))
-    return env
 
 
 @pytest.fixture
@@ -115,99 +39,3 @@ def short_tmp():
 
     with tempfile.TemporaryDirectory(prefix="ens-", dir="/tmp") as path:
         yield path
-
-
-def process_alive(pid: int) -> bool:
-    """Whether process ``pid`` runs: it exists and is not a zombie (a dead child not yet reaped)."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RayHead:
-    """A `ray start --head --block` cluster of the test's own, and its end.
-
-    Everything it starts lives in its own process session and under its own temp dir, so the
-    test stops exactly those processes (never `ray stop`, which would stop every cluster here).
-    """
-
-    def __init__(self, args: list, env: dict, *, temp_dir: str, log_path: str):
-        import subprocess
-        import sys
-
-        self.temp_dir, self.log_path = temp_dir, log_path
-        self.mark = f"ENSEMBLE_TEST_CLUSTER={temp_dir}".encode()
-        # Every process of the cluster inherits this mark, also workers whose process title no
-        # longer names the temp dir (a fake autoscaler node's voters): stop() finds them by it.
-        env = {**env, "ENSEMBLE_TEST_CLUSTER": temp_dir}
-        ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
-        # The dashboard agent's HTTP port (where `ray job submit` lands) is a free one, not the fixed
-        # default 52365 that another cluster on this machine may already hold.
-        with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen([ray_cli, "start", "--head", "--block", f"--temp-dir={temp_dir}",
-                                          "--disable-usage-stats", f"--dashboard-agent-listen-port={free_port()}",
-                                          *args],
-                                         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-    def log(self) -> str:
-        with open(self.log_path) as fh:
-            return fh.read()
-
-    def wait_ready(self, timeout_s: float = 120) -> None:
-        import time
-
-        deadline = time.time() + timeout_s
-        while "Ray runtime started" not in self.log():
-            assert self.proc.poll() is None, f"ray start exited:\n{self.log()[-3000:]}"
-            assert time.time() < deadline, "ray start did not come up"
-            time.sleep(0.5)
-        time.sleep(2)  # `ray start --block` reports a process that died right after the start (the autoscaler)
-        log = self.log()
-        assert self.proc.poll() is None and "exited unexpectedly" not in log, log[-3000:]
-
-    def _leftovers(self) -> list[int]:
-        """Processes of this cluster still alive: any whose command line names its temp dir, or
-        whose environment carries this cluster's mark."""
-        pids = []
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                    ours = self.temp_dir.encode() in fh.read()
-                if not ours:
-                    with open(f"/proc/{pid}/environ", "rb") as fh:
-                        ours = self.mark in fh.read().split(b"\0")
-            except OSError:
-                continue
-            if ours and process_alive(int(pid)):
-                pids.append(int(pid))
-        return pids
-
-    def stop(self) -> None:
-        import signal
-        import time
-
-        for sig, wait_s in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
-            for pid in self._leftovers():
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.time() + wait_s
-            while (self.proc.poll() is None or self._leftovers()) and time.time() < deadline:
-                time.sleep(0.2)
-            if self.proc.poll() is not None and not self._leftovers():
-                return

@@ -19,7 +19,7 @@ from PIL import Image
 ray = pytest.importorskip("ray")
 
 from ensemble.driver import main  # noqa: E402
-from tests.conftest import RECIPE_FLAGS, write_digits_tree  # noqa: E402
+from tests.helpers import RECIPE_FLAGS, write_digits_tree  # noqa: E402
 
 pytestmark = [pytest.mark.ray]
 

@@ -19,7 +19,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from tests.conftest import RECIPE_FLAGS, RayHead, free_port, ray_env as _env  # noqa: E402
+from tests.helpers import RECIPE_FLAGS, RayHead, free_port, ray_env as _env  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

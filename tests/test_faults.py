@@ -10,7 +10,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from tests.conftest import finished_tiny_run, tiny_run_config  # noqa: E402
+from tests.helpers import finished_tiny_run, tiny_run_config  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -29,7 +29,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def clean_run(cluster, data, tiny_run_cache, tmp_path_factory):
-    """(report, output) of the session's finished run (conftest.finished_tiny_run): tests copy it."""
+    """(report, output) of the session's finished run (helpers.finished_tiny_run): tests copy it."""
     _, report, output = finished_tiny_run(tiny_run_cache, data, tmp_path_factory)
     return report, output
 

@@ -26,7 +26,7 @@ from ensemble.config import cache_side  # noqa: E402
 from ensemble.pixels import model_input  # noqa: E402
 from ensemble.models import make_member_model  # noqa: E402
 from ensemble.scores.vote import accuracy, soft_vote  # noqa: E402
-from tests.conftest import finished_tiny_run  # noqa: E402
+from tests.helpers import finished_tiny_run  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

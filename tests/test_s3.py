@@ -26,7 +26,7 @@ from ensemble import storage  # noqa: E402
 from ensemble.config import CPU_PRESET, ConfigError, build_config  # noqa: E402
 from ensemble.data import scan_layout  # noqa: E402
 
-from tests.conftest import write_digits_tree  # noqa: E402
+from tests.helpers import write_digits_tree  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

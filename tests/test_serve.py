@@ -234,8 +234,8 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def run(cluster, tiny_digits, tiny_run_cache, tmp_path_factory):
-    """(report, output) of the session's finished 3-member run (conftest.finished_tiny_run)."""
-    from tests.conftest import finished_tiny_run
+    """(report, output) of the session's finished 3-member run (helpers.finished_tiny_run)."""
+    from tests.helpers import finished_tiny_run
 
     _, report, output = finished_tiny_run(tiny_run_cache, tiny_digits, tmp_path_factory)
     return report, output
@@ -248,7 +248,7 @@ def served(run):
     from ray import serve
 
     from ensemble.serve import APP_NAME, ServeOptions, build_app
-    from tests.conftest import free_port
+    from tests.helpers import free_port
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

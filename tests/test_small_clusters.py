@@ -13,7 +13,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from ensemble.driver import main  # noqa: E402
-from tests.conftest import RECIPE_FLAGS  # noqa: E402
+from tests.helpers import RECIPE_FLAGS  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]  # a deadlock fails here instead of hanging CI
 

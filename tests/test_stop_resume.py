@@ -25,7 +25,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from tests.conftest import (RAY_CLI, RECIPE_FLAGS, RayHead, free_port, process_alive, ray_env,  # noqa: E402
+from tests.helpers import (RAY_CLI, RECIPE_FLAGS, RayHead, free_port, process_alive, ray_env,  # noqa: E402
                             write_digits_tree)
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

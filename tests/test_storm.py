@@ -26,7 +26,7 @@ ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from ensemble.config import CPU_PRESET, build_config  # noqa: E402
-from tests.conftest import process_alive, write_digits_tree  # noqa: E402
+from tests.helpers import process_alive, write_digits_tree  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

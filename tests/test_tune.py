@@ -17,7 +17,7 @@ import yaml
 from ensemble.config import CPU_PRESET, build_config
 from ensemble.trials import best_config_values, pick_best, summarize_trial, trials_csv
 from ensemble.tune import FREEZE_CHOICES, LR_RANGE, main, settings_from_argv
-from tests.conftest import write_digits_tree
+from tests.helpers import write_digits_tree
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
