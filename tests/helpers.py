@@ -179,3 +179,25 @@ class RayHead:
                 time.sleep(0.2)
             if self.proc.poll() is not None and not self._leftovers():
                 return
+
+
+def random_members(members=5, n=300, classes=4, seed=0):
+    """(members, n, classes) Dirichlet probabilities and (n,) uniform labels, seeded."""
+    rng = np.random.default_rng(seed)
+    return rng.dirichlet(np.ones(classes), size=(members, n)), rng.integers(0, classes, size=n)
+
+
+NOISE_AT = 2  # index of the pure-noise member in disagreeing_members
+
+
+def disagreeing_members(n, seed, good=5, classes=4):
+    """Five members, each 90% confident and right 80% of the time (independently), and one pure-noise
+    member at NOISE_AT. Their average is right more often than it says: under-confident."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, size=n)
+    right = rng.random((good, n)) < 0.8
+    wrong = (labels + rng.integers(1, classes, size=(good, n))) % classes
+    member_probs = np.full((good, n, classes), 0.1 / (classes - 1))
+    np.put_along_axis(member_probs, np.where(right, labels, wrong)[:, :, None], 0.9, axis=2)
+    noise = rng.dirichlet(np.ones(classes), size=n)[None]
+    return np.concatenate([member_probs[:NOISE_AT], noise, member_probs[NOISE_AT:]]), labels

@@ -8,6 +8,7 @@ import pytest
 from ensemble.scores.calibration import calibration_report, fit_temperature, scale_probs
 from ensemble.scores.metrics import ece, nll, summary_metrics
 from ensemble.scores.vote import soft_vote
+from tests.helpers import NOISE_AT, disagreeing_members
 
 
 def _softmax(z):
@@ -120,6 +121,18 @@ def test_underconfident_average_of_disagreeing_members_gets_t_below_one():
     assert report["after"]["ece"] < report["before"]["ece"]
     assert report["after"]["nll"] < report["before"]["nll"]
     assert report["after"]["ece"] == pytest.approx(ece(scale_probs(avg[test_rows], t), labels[test_rows]))
+
+
+def test_a_vote_of_fewer_members_is_less_under_confident():
+    """Why the temperature is fitted on val by default: an out-of-bag row votes with only the
+    members that never drew it (about 37% of them), and the fewer members vote, the less the
+    average under-states its accuracy, so a temperature fitted on such votes sharpens the vote of
+    all members too little."""
+    member_probs, labels = disagreeing_members(4000, seed=7, good=9)
+    member_probs = np.delete(member_probs, NOISE_AT, axis=0)  # nine good members
+    temperatures = [fit_temperature(soft_vote(member_probs[:k]), labels) for k in (1, 3, 9)]
+    assert temperatures[0] > temperatures[1] > temperatures[2]
+    assert temperatures[1] > 1.2 * temperatures[2]
 
 
 # --- errors -----------------------------------------------------------------------------------

@@ -1,11 +1,12 @@
-"""Soft voting maths."""
+"""Soft and hard voting maths."""
 
 import math
 
 import numpy as np
 import pytest
 
-from ensemble.scores.vote import accuracy, soft_vote, vote_labels
+from ensemble.scores.vote import accuracy, hard_vote, soft_vote, vote_labels
+from tests.helpers import random_members
 
 # 3 members, 4 rows, 3 classes
 MEMBER_PROBS = np.array([
@@ -92,3 +93,26 @@ def test_accuracy_empty_is_nan():
 def test_soft_vote_wrong_shape_raises(shape):
     with pytest.raises(ValueError, match="members, n, classes"):
         soft_vote(np.zeros(shape))
+
+
+# --- hard vote -----------------------------------------------------------------------------------
+
+def test_hard_vote_majority_then_summed_probability_then_lowest_index():
+    member_probs = np.array([  # 4 members, 4 rows, 3 classes
+        [[0.4, 0.35, 0.25], [0.6, 0.3, 0.1], [0.0, 0.75, 0.25], [0.2, 0.2, 0.6]],
+        [[0.4, 0.3, 0.3], [0.5, 0.4, 0.1], [0.0, 0.25, 0.75], [0.2, 0.2, 0.6]],
+        [[0.0, 1.0, 0.0], [0.1, 0.9, 0.0], [0.0, 0.625, 0.375], [0.2, 0.2, 0.6]],
+        [[0.1, 0.2, 0.7], [0.0, 0.8, 0.2], [0.0, 0.375, 0.625], [0.2, 0.2, 0.6]],
+    ])
+    # row 0: votes 2-1-1 -> class 0, although the soft vote picks class 1
+    # row 1: votes 2-2 between 0 and 1; summed probabilities 1.2 vs 2.4 -> class 1
+    # row 2: votes 2-2 between 1 and 2; summed probabilities 2.0 == 2.0 -> lowest index, class 1
+    # row 3: unanimous -> class 2
+    np.testing.assert_array_equal(hard_vote(member_probs), [0, 1, 1, 2])
+    assert soft_vote(member_probs)[0].argmax() == 1
+
+
+def test_hard_vote_is_plain_majority_without_ties():
+    member_probs, _ = random_members(members=5, n=200, classes=2, seed=1)
+    tops = member_probs.argmax(axis=2)
+    np.testing.assert_array_equal(hard_vote(member_probs), (tops.sum(axis=0) >= 3).astype(int))
