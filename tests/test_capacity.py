@@ -122,28 +122,3 @@ def test_smallest_store_is_the_smallest_node_that_can_train():
     assert cluster.smallest_store() == 3e9
     assert Capacity(nodes=({"CPU": 0.0, "object_store_memory": 2e9},)).smallest_store() == 2e9
     assert Capacity(nodes=()).smallest_store() == 0.0
-
-
-@pytest.mark.parametrize("free, requests, advice", [
-    ({"CPU": 0.5}, [("cpus-per-member", "CPU", 2.0), ("gpus-per-member", "GPU", 0.0)],
-     ", or use --cpus-per-member 0.5, which fits what is free now"),
-    ({"CPU": 3.0}, [("cpus-per-member", "CPU", 2.0), ("gpus-per-member", "GPU", 1.0)],
-     ", or use --gpus-per-member 0 (on CPU), which fits what is free now"),
-    ({"CPU": 1.0, "GPU": 0.25}, [("cpus-per-infer-actor", "CPU", 2.0), ("gpus-per-infer-actor", "GPU", 0.5)],
-     ", or use --cpus-per-infer-actor 1 --gpus-per-infer-actor 0.25, which fits what is free now"),
-    ({"CPU": 0.3333333}, [("cpus-per-member", "CPU", 1.0)], ", or use --cpus-per-member 0.33, which fits what is free now"),
-    ({"GPU": 1.0}, [("cpus-per-member", "CPU", 1.0), ("gpus-per-member", "GPU", 1.0)],
-     "; no CPU is free, so a lower --cpus-per-member would not start either"),
-    ({"CPU": 0.004}, [("cpus-per-member", "CPU", 1.0)],
-     "; no CPU is free, so a lower --cpus-per-member would not start either"),
-    # enough free in all, but not on any one node: nothing to compute, only the flags to lower
-    ({"CPU": 4.0, "GPU": 1.0}, [("cpus-per-member", "CPU", 2.0), ("gpus-per-member", "GPU", 1.0)],
-     ", or lower --cpus-per-member/--gpus-per-member"),
-])
-def test_fit_advice_names_values_that_fit_what_is_free(monkeypatch, free, requests, advice):
-    import ray
-
-    from ensemble.watch import fit_advice
-
-    monkeypatch.setattr(ray, "available_resources", lambda: dict(free))
-    assert fit_advice(requests) == advice
