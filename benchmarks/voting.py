@@ -72,7 +72,8 @@ def compute_bound(cfg, states: list[dict], paths: list[str], num_classes: int) -
 
 
 def _vote_probs(voted) -> np.ndarray:
-    """(n, classes) soft vote from soft_vote_stage: a dict (now) or (ids, names, labels, probs) (before)."""
+    """(n, classes) soft vote from soft_vote_stage's result: its dict, or the (ids, names, labels, probs)
+    tuple an older checkout of the package returns, so the benchmark also runs against one."""
     return voted["probs"] if isinstance(voted, dict) else voted[3]
 
 

@@ -58,10 +58,11 @@ def head(tmp_path_factory):
 
 
 EPOCHS = 20  # room for four stops, each after one more committed epoch: an epoch of 160 images takes
-             # under a second now, and a stop can land two or three epochs after the commit it saw
-             # (10 epochs ran out once: member 2 resumed after epoch 7 of 10 and finished before the stop)
+             # under a second, and a stop can land two or three epochs after the commit it saw (with 10
+             # epochs a member can resume after epoch 7 and finish before the stop meant for it)
 LEFT = 3     # a stop lands while the member it waited for has at least this many epochs to go: members
-             # keep training for the second or so a stop takes to reach them (it ran out once at 8/1)
+             # keep training for the second or so a stop takes to reach them (with fewer to go, one can
+             # finish before its stop lands)
 
 
 def _driver_args(data, output, address):

@@ -17,8 +17,8 @@ say about it. Why:
   * no row is ever predicted by a member that trained on it;
   * the selection is used on new images with all its members, so rows its members cannot
     score must count against it, not for it. (Scoring such rows with the full ensemble's
-    out-of-bag vote, as a first version did, let one member plus that strong fallback beat
-    every larger selection: on the demo it kept 1 of 9 members and lost 5 points of val
+    out-of-bag vote instead lets one member plus that strong fallback beat every larger
+    selection: on the demo that rule keeps 1 of 9 members and loses 5 points of val
     accuracy.) Dropping the rows instead would compare candidates on different rows;
   * with ``mask=None`` it is exactly Caruana's rule on a validation split.
 Rows that no member may use are dropped and counted (``n_rows_dropped``).
