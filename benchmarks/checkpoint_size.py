@@ -5,7 +5,7 @@ copy (an epoch that is not the best so far) vs the same tensors as the best stat
     python benchmarks/checkpoint_size.py --arch resnext101_64x4d --classes 100
 
 Builds the member model and fused Adam, takes one optimizer step (so Adam's moments exist), and
-serializes the snapshot dict exactly as ``MemberTrainer.fit`` builds it (torch.save into memory).
+serializes the snapshot the epoch loop commits (``epochs.snapshot``; torch.save into memory).
 """
 
 from __future__ import annotations
@@ -25,24 +25,22 @@ def main(argv=None) -> int:
     p.add_argument("--classes", type=int, default=10)
     args = p.parse_args(argv)
 
+    import numpy as np
     import torch
 
     from ensemble.checkpoint import torch_bytes
-    from ensemble.engine import cpu_copy, make_optimizer
-    from ensemble.models import make_member_model
+    from ensemble.config import build_config
+    from ensemble.engine import cpu_copy
+    from ensemble.epochs import Best, build_trainee, snapshot
 
-    model = make_member_model(args.arch, args.classes, None, "none", False)
-    optimizer = make_optimizer(model, 1e-3)
-    model(torch.randn(2, 3, 32, 32)).sum().backward()
-    optimizer.step()
-    best = {"epoch": 1, "val_acc": 0.5, "state": cpu_copy(model.state_dict())}
-
-    def snapshot_bytes(weights) -> int:
-        return len(torch_bytes({"epoch": 1, "model": weights, "optimizer": cpu_copy(optimizer.state_dict()),
-                                "best": best, "history": [], "resumed": []}))
-
-    separate = snapshot_bytes(cpu_copy(model.state_dict()))
-    shared = snapshot_bytes(best["state"])
+    cfg = build_config(flag_values={"arch": args.arch, "weights": "none", "freeze": "none", "lr": 1e-3})
+    trainee = build_trainee(cfg, args.classes, None, torch.device("cpu"))
+    trainee.model(torch.randn(2, 3, 32, 32)).sum().backward()
+    trainee.optimizer.step()
+    best = Best(epoch=1, val_acc=0.5, val_loss=1.0, val_ids=np.arange(2), val_probs=np.zeros((2, args.classes)),
+                state=cpu_copy(trainee.model.state_dict()))
+    separate = len(torch_bytes(snapshot(2, trainee, [], best, [])))  # epoch 2, not the best: its own copy
+    shared = len(torch_bytes(snapshot(1, trainee, [], best, [])))    # epoch 1 is the best: the same tensors
     mib = 2 ** 20
     print(f"{args.arch}, {args.classes} classes, fused Adam")
     print(f"checkpoint, weights copied apart from the best state  {separate / mib:9.1f} MiB")

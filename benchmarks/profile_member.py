@@ -38,17 +38,17 @@ def phase(frames: list[str]) -> str:
         return "imports during fit (first use of a module)"
     if any(k in s for k in COMPUTE):
         return "evaluate: model forward" if in_eval else "train: model forward/backward/step"
-    if "(ray/data/" in s or "(ray/air/" in s:
-        return "evaluate: waiting for batches (Ray Data)" if in_eval else "train: waiting for batches (Ray Data)"
-    if "_save_checkpoint" in s or "_save_final" in s:
+    if "batches (ensemble/batches.py" in s:
+        return "evaluate: waiting for batches (input threads)" if in_eval else "train: waiting for batches (input threads)"
+    if "save_checkpoint" in s or "save_final" in s:
         return "checkpoint / final save"
-    if "make_member_model" in s:
+    if "build_trainee" in s:
         return "model build"
     if "train_one_epoch" in s:
         return "train: other (loss sync, accuracy)"
     if in_eval:
         return "evaluate: other"
-    return "fit: other (dataset plans, logging)"
+    return "fit: other (logging, gauges)"
 
 
 def descendants(root: int) -> list[int]:

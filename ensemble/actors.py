@@ -1,4 +1,4 @@
-"""Ray actors: thin wiring around the plain torch loop in engine.py.
+"""Ray actors: thin wiring around the plain torch epoch loop (epochs.py) and engine.py.
 
 ``MemberTrainer`` trains one bagged member on its bootstrap shard; ``SoftVoter`` is the callable
 class of the soft-vote inference stage (Ray Data ``map_batches`` on an actor pool).
@@ -20,22 +20,18 @@ import pyarrow as pa
 import ray
 import torch
 
-from ensemble.bootstrap import epoch_rows, epoch_seed
-from ensemble.checkpoint import rng_state, set_rng_state
-from ensemble.config import EnsembleConfig
-from ensemble.batches import batches as image_batches
-from ensemble.data import decode_batch, quiet_ray_data
 from ensemble.batches import SplitImages
-from ensemble.config import cache_side
-from ensemble.image_cache import BlockReader, ImageCache
-from ensemble.engine import (cpu_copy, eval_models, evaluate, make_optimizer, pick_device, prepare_for_device,
-                             resolve_precision, seed_everything, set_threads, train_one_epoch,
+from ensemble.config import EnsembleConfig, cache_side
+from ensemble.data import decode_batch, quiet_ray_data
+from ensemble.engine import (eval_models, pick_device, resolve_precision, seed_everything, set_threads,
                              vote_member_probabilities)
-from ensemble.member_files import BackgroundWriter, MemberFiles
-from ensemble.models import make_member_model
+from ensemble.epochs import Best, EpochStats, build_trainee, eval_batches, fit, train_batches
+from ensemble.image_cache import BlockReader, ImageCache
+from ensemble.member_files import BackgroundWriter, MemberFiles, MemberSummary
 from ensemble.scores.vote import soft_vote
 
 log = logging.getLogger("ensemble.member")
+
 
 class MemberMetrics:
     """Per-member gauges on Ray's metrics endpoint (charted by Prometheus/Grafana, tagged by member)."""
@@ -120,8 +116,9 @@ class MemberTrainer:
 
     @ray.method(num_returns=2)
     def fit(self, member: int, member_seed: int, plan: MemberPlan, train_table: pa.Table, val_table: pa.Table,
-            counts_box: list):
-        """Train member ``member``; returns (summary dict, best state dict on CPU).
+            counts_box: list) -> tuple[MemberSummary, dict]:
+        """Train member ``member`` with the epoch loop (``epochs.fit``); returns its summary and its
+        best state dict (on CPU).
 
         ``train_table`` / ``val_table``: the splits' rows (id, path, label, and block/row into the
         run's image cache when there is one); ``counts_box`` = [ObjectRef of bootstrap counts].
@@ -131,85 +128,52 @@ class MemberTrainer:
         cfg, start = plan.config, time.time()
         files = MemberFiles(plan.output, member, plan.fingerprint)
         node = ray.get_runtime_context().get_node_id()
-        seed_everything(member_seed)
         metrics = self.metrics.setdefault(member, MemberMetrics(member))
+        seed_everything(member_seed)  # the head's (or, from scratch, every layer's) initial weights
         initial_state = ray.get(plan.initial_state) if plan.initial_state is not None else None
-        model = make_member_model(cfg.arch, plan.num_classes, initial_state, cfg.freeze, cfg.freeze_stem)
-        model = prepare_for_device(model, self.device)
-        amp = resolve_precision(cfg.precision, self.device)
-        optimizer = make_optimizer(model, cfg.lr)
-        history, best, resumed = [], None, []
+        trainee = build_trainee(cfg, plan.num_classes, initial_state, self.device)
         saved = files.load_checkpoint()
         if saved is not None:
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            set_rng_state(saved["rng"])
-            history, best = saved["history"], saved["best"]
-            resumed = saved["resumed"] + [saved["epoch"]]
             log.info("member %d resumes after epoch %d/%d", member, saved["epoch"], cfg.epochs)
         counts = ray.get(counts_box[0])
-        pin = self.device.type == "cuda"
         train_images, val_images = plan.images(train_table), plan.images(val_table)
-        threads = max(1, int(cfg.cpus_per_member))
-        writer = BackgroundWriter()
+        threads, pin = max(1, int(cfg.cpus_per_member)), self.device.type == "cuda"
 
+        def train(epoch: int):
+            batches = train_batches(train_images, counts, member_seed, epoch, batch_size=cfg.batch_size,
+                                    augment=cfg.augment, threads=threads, pin=pin)
+            if plan.progress:
+                return _progress(batches, total=-(-int(counts.sum()) // cfg.batch_size),
+                                 desc=f"member {member} epoch {epoch}/{cfg.epochs}")
+            return batches
+
+        def on_epoch(stats: EpochStats, best: Best) -> None:
+            metrics.update(epoch=stats.epoch, train_loss=stats.train_loss, val_acc=stats.val_acc,
+                           best_val_acc=best.val_acc, images_per_s=stats.images_per_s)
+            log.info("member %d epoch %d/%d train_loss %.4f train_acc %.4f val_loss %.4f val_acc %.4f "
+                     "images/s %.1f", member, stats.epoch, cfg.epochs, stats.train_loss, stats.train_acc,
+                     stats.val_loss, stats.val_acc, stats.images_per_s)
+
+        writer = BackgroundWriter()  # serializing, hashing and writing a checkpoint overlap the next epoch
         try:
-            for epoch in range(len(history) + 1, cfg.epochs + 1):
-                seed = epoch_seed(member_seed, epoch)
-                rows = epoch_rows(counts, seed)  # this epoch's bootstrap rows, shuffled
-                batches = _xy(image_batches(train_images, rows, batch_size=cfg.batch_size, augment=cfg.augment,
-                                            seed=seed, threads=threads), pin)
-                if plan.progress:
-                    batches = _progress(batches, total=-(-len(rows) // cfg.batch_size),
-                                        desc=f"member {member} epoch {epoch}/{cfg.epochs}")
-                train = train_one_epoch(model, batches, optimizer, self.device, amp)
-                ev = evaluate(model, _ixy(image_batches(val_images, batch_size=cfg.batch_size, threads=threads), pin),
-                              self.device, amp)
-                history.append({"epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"],
-                                "val_loss": ev["loss"], "val_acc": ev["acc"],
-                                "images": train["images"], "images_per_s": train["images_per_s"],
-                                "seconds": train["seconds"]})
-                if best is None or ev["acc"] > best["val_acc"]:
-                    best = {"epoch": epoch, "val_acc": ev["acc"], "val_loss": ev["loss"],
-                            "ids": torch.from_numpy(ev["ids"]), "probs": torch.from_numpy(ev["probs"]),
-                            "state": cpu_copy(model.state_dict())}
-                metrics.update(epoch=epoch, train_loss=train["loss"], val_acc=ev["acc"],
-                               best_val_acc=best["val_acc"], images_per_s=train["images_per_s"])
-                log.info("member %d epoch %d/%d train_loss %.4f train_acc %.4f val_loss %.4f val_acc %.4f "
-                         "images/s %.1f", member, epoch, cfg.epochs, train["loss"], train["acc"],
-                         ev["loss"], ev["acc"], train["images_per_s"])
-                if epoch < cfg.epochs:
-                    # A snapshot now; serializing, hashing and writing overlap the next epoch. When this
-                    # epoch is the best so far, the model's weights are the best state's very tensors:
-                    # torch.save writes shared storages once (a quarter less to write with Adam's state).
-                    weights = best["state"] if best["epoch"] == epoch else cpu_copy(model.state_dict())
-                    snapshot = {"epoch": epoch, "model": weights,
-                                "optimizer": cpu_copy(optimizer.state_dict()), "rng": rng_state(),
-                                "history": list(history), "best": best, "resumed": resumed}
-                    writer.submit(files.save_checkpoint, snapshot, node=node)
+            result = fit(trainee, epochs=cfg.epochs, train=train, saved=saved, on_epoch=on_epoch,
+                         val=lambda: eval_batches(val_images, batch_size=cfg.batch_size, threads=threads, pin=pin),
+                         commit=lambda snapshot: writer.submit(files.save_checkpoint, snapshot, node=node))
             writer.wait()
         finally:
             writer.close()
 
-        summary = {"member": member, "seed": member_seed, "best_epoch": best["epoch"],
-                   "val_acc": best["val_acc"], "val_loss": best["val_loss"], "history": history,
-                   "resumed_after_epochs": resumed, "node": node, "device": str(self.device),
-                   "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-                   "seconds": time.time() - start, "started": start, "finished": time.time(),
-                   "val_ids": best["ids"].numpy(), "val_probs": best["probs"].numpy()}
-        summary["files"] = files.save_final(summary, best["state"], cfg.to_dict())
-        del model, optimizer
+        best = result.best
+        summary = MemberSummary(
+            member=member, seed=member_seed, best_epoch=best.epoch, val_acc=best.val_acc, val_loss=best.val_loss,
+            history=[h.to_dict() for h in result.history], resumed_after_epochs=result.resumed, node=node,
+            device=str(self.device), gpu_ids=[str(g) for g in ray.get_gpu_ids()], seconds=time.time() - start,
+            started=start, finished=time.time())
+        summary = files.save_final(summary, best.state, best.val_ids, best.val_probs, cfg.to_dict())
+        del trainee
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # the slot's next member starts from an empty cache
-        return summary, best["state"]
-
-
-def _tensors(batches, pin: bool):
-    """Numpy batches with their images as tensors, without a copy (pinned on GPU members, for
-    asynchronous copies)."""
-    for b in batches:
-        image = torch.from_numpy(b["image"])
-        yield b, (image.pin_memory() if pin else image)
+        return summary, best.state
 
 
 def _progress(batches, *, total: int, desc: str):
@@ -223,18 +187,6 @@ def _progress(batches, *, total: int, desc: str):
             bar.update(1)
     finally:
         bar.close()
-
-
-def _xy(batches, pin: bool = False):
-    """(images, labels) batches."""
-    for b, image in _tensors(batches, pin):
-        yield image, torch.from_numpy(b["label"])
-
-
-def _ixy(batches, pin: bool = False):
-    """(ids, images, labels) batches; ids and labels as numpy."""
-    for b, image in _tensors(batches, pin):
-        yield b["id"], image, b["label"]
 
 
 class SoftVoter:

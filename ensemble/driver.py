@@ -112,7 +112,7 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False) -> dict:
     report = build_report(resolved, summaries=summaries, scores=scores, params=params, index=index,
                           skipped=skipped, seeds=seeds, fingerprint=fingerprint, versions=versions(),
                           seconds={"train": t_vote - t_train, "vote": t_report - t_vote})
-    write_report(output, report, summaries=summaries, val=voted["val"], test=voted["test"], classes=index.classes,
+    write_report(output, report, val=voted["val"], test=voted["test"], classes=index.classes,
                  started=started)
     print(format_table(report["members"], report["ensemble"]["val_acc"], cfg.vote))
     if skipped:

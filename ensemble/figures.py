@@ -185,9 +185,10 @@ def _reliability_panel(ax, ax_count, probs, labels, bins: int, name: str) -> Non
     ax_count.grid(alpha=0.3)
 
 
-def write_figures(output: str, report: dict, summaries: list, val: dict, preds, classes) -> dict:
+def write_figures(output: str, report: dict, val: dict, preds, classes) -> dict:
     """The report's PNGs under OUTPUT/figures/ (drawn locally, then written through storage).
 
+    ``report``: report.json's content (the members' histories, the size curve, the calibration);
     ``val``: the vote stage's val arrays (``probs`` (n, classes), ``label`` (n,)); ``preds``:
     the ensemble's val labels under the run's vote rule. Returns {figure name: path relative to OUTPUT}.
     """
@@ -198,7 +199,7 @@ def write_figures(output: str, report: dict, summaries: list, val: dict, preds, 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         drawn = {
-            "training_curves": training_curves([s["history"] for s in summaries], os.path.join(tmp, "a.png")),
+            "training_curves": training_curves([m["history"] for m in report["members"]], os.path.join(tmp, "a.png")),
             "size_curve": size_curve_plot(report["ensemble"]["size_curve"], os.path.join(tmp, "b.png")),
             "reliability": reliability_diagram(val["probs"], val["label"], os.path.join(tmp, "c.png"),
                                                **_scaled_val(report, val)),

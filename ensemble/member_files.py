@@ -10,10 +10,12 @@ and ``save_final``; the driver calls ``load_finished_member`` when it resumes a 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -21,8 +23,27 @@ import numpy as np
 from ensemble import storage
 from ensemble.checkpoint import CheckpointError, load_torch_bytes, read_json, read_verified, torch_bytes, write_file
 
-# member.json keys that are bookkeeping, not the member's summary
-_RECORD_ONLY = ("status", "config", "fingerprint", "sha256")
+@dataclass(frozen=True)
+class MemberSummary:
+    """What member.json (and each member's entry of report.json) records of a finished member."""
+
+    member: int
+    seed: int
+    best_epoch: int
+    val_acc: float                 # at its best epoch, whose weights it keeps
+    val_loss: float
+    history: list                  # one dict per epoch: the fields of epochs.EpochStats
+    resumed_after_epochs: list     # epochs after which an earlier process stopped and it resumed
+    node: str
+    device: str
+    gpu_ids: list
+    seconds: float                 # the last process's time on it (epochs trained before a resume excluded)
+    started: float
+    finished: float
+    files: dict = field(default_factory=dict)  # file name -> sha256 of model.pt and val_probs.npz
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 def member_dir(output: str, member: int) -> str:
@@ -58,23 +79,22 @@ class MemberFiles:
              "pid": os.getpid(), "node": node}))
         self._remove_old_checkpoints(keep=name)
 
-    def save_final(self, summary: dict, state: dict, config: dict) -> dict:
-        """model.pt and val_probs.npz, then member.json (status done) as the commit point.
-
-        ``summary`` holds ``val_ids`` and ``val_probs`` (saved to val_probs.npz) and the rest of
-        the member's summary (saved in member.json). Returns {file name: sha256}.
-        """
+    def save_final(self, summary: MemberSummary, state: dict, val_ids: np.ndarray, val_probs: np.ndarray,
+                   config: dict) -> MemberSummary:
+        """model.pt (``state``) and val_probs.npz (the best epoch's ``val_ids`` (n,) and
+        ``val_probs`` (n, classes)), then member.json (status done) as the commit point.
+        Returns the summary with the files' sha256."""
         buf = io.BytesIO()
-        np.savez(buf, ids=summary["val_ids"], probs=summary["val_probs"])
+        np.savez(buf, ids=val_ids, probs=val_probs)
         files = {"model.pt": write_file(storage.join(self.folder, "model.pt"), torch_bytes(state)),
                  "val_probs.npz": write_file(storage.join(self.folder, "val_probs.npz"), buf.getvalue())}
-        record = {k: v for k, v in summary.items() if k not in ("val_ids", "val_probs")}
+        record = {k: v for k, v in summary.to_dict().items() if k != "files"}
         record.update(status="done", sha256=files, config=config, fingerprint=self.fingerprint)
         storage.write_text(storage.join(self.folder, "member.json"), json.dumps(record, indent=2))
         if storage.exists(storage.join(self.folder, "checkpoint.json")):
             storage.remove(storage.join(self.folder, "checkpoint.json"))
         self._remove_old_checkpoints()
-        return files
+        return dataclasses.replace(summary, files=files)
 
     def _remove_old_checkpoints(self, keep: str = "") -> None:
         for name, is_dir in storage.list_dir(self.folder):
@@ -82,7 +102,7 @@ class MemberFiles:
                 storage.remove(storage.join(self.folder, name))
 
 
-def load_finished_member(output: str, member: int, fingerprint: dict):
+def load_finished_member(output: str, member: int, fingerprint: dict) -> Optional[tuple[MemberSummary, dict]]:
     """(summary, best state) of a member a previous run finished, or None; hashes verified."""
     folder = member_dir(output, member)
     record = read_json(storage.join(folder, "member.json"))
@@ -92,11 +112,9 @@ def load_finished_member(output: str, member: int, fingerprint: dict):
         raise CheckpointError(f"{folder}: trained with another config; rerun with --fresh to start over")
     what = storage.join(folder, "member.json")
     state = load_torch_bytes(read_verified(storage.join(folder, "model.pt"), record["sha256"]["model.pt"], what=what))
-    saved = np.load(io.BytesIO(read_verified(storage.join(folder, "val_probs.npz"),
-                                             record["sha256"]["val_probs.npz"], what=what)))
-    summary = {k: v for k, v in record.items() if k not in _RECORD_ONLY}
-    summary.update(val_ids=saved["ids"], val_probs=saved["probs"], files=record["sha256"])
-    return summary, state
+    read_verified(storage.join(folder, "val_probs.npz"), record["sha256"]["val_probs.npz"], what=what)
+    names = {f.name for f in dataclasses.fields(MemberSummary)} - {"files"}
+    return MemberSummary(**{k: v for k, v in record.items() if k in names}, files=record["sha256"]), state
 
 
 class BackgroundWriter:

@@ -88,18 +88,16 @@ def write_json(path: str, value) -> None:
 def build_report(cfg: EnsembleConfig, *, summaries: list, scores: dict, params: dict, index, skipped: list,
                  seeds: list, fingerprint: dict, versions: dict, seconds: dict) -> dict:
     """report.json's content: each member's summary with its scores, the ensemble's scores, the run."""
-    members = []
-    for summary, scored in zip(summaries, scores["members"]):
-        members.append({**{k: v for k, v in summary.items() if k not in ("val_ids", "val_probs")}, **scored})
+    members = [{**summary.to_dict(), **scored} for summary, scored in zip(summaries, scores["members"])]
     ensemble = {**scores["ensemble"], "vote": cfg.vote, "tta": cfg.tta, "bagging": cfg.bagging,
-                "mean_member_val_acc": float(np.mean([s["val_acc"] for s in summaries]))}
+                "mean_member_val_acc": float(np.mean([s.val_acc for s in summaries]))}
     return {"members": members, "ensemble": ensemble, "params": params,
             "data": {"root": index.root, **index.sizes(), "class_names": list(index.classes)},
             "skipped_files": skipped, "config": cfg.to_dict(), "seeds": seeds, "fingerprint": fingerprint,
             "versions": versions, "seconds": dict(seconds)}
 
 
-def write_report(output: str, report: dict, *, summaries: list, val: dict, test: dict, classes,
+def write_report(output: str, report: dict, *, val: dict, test: dict, classes,
                  started: float) -> None:
     """figures/, then predictions.csv, probabilities.parquet, report.json and report.md.
 
@@ -113,7 +111,7 @@ def write_report(output: str, report: dict, *, summaries: list, val: dict, test:
 
     t_report = time.time()
     rule = report["ensemble"]["vote"]
-    figures = write_figures(output, report, summaries, val, ensemble_labels(val["member_probs"], rule), classes)
+    figures = write_figures(output, report, val, ensemble_labels(val["member_probs"], rule), classes)
     report["seconds"].update(report=time.time() - t_report, total=time.time() - started)
     write_predictions(output, test, classes, rule, report["ensemble"]["calibration"]["temperature"])
     write_json(storage.join(output, "report.json"), report)

@@ -36,7 +36,7 @@ def train_members(plan, *, seeds: list[int], train_table, val_table, gpus: float
     Members an earlier run finished are loaded (hashes checked), not retrained. A slot whose
     process dies is restarted by Ray; its member resumes from its last epoch checkpoint, and
     its later members follow.
-    Returns (summaries sorted by member, weight ObjectRefs in member order).
+    Returns ([member_files.MemberSummary] sorted by member, weight ObjectRefs in member order).
     """
     import ray
 
@@ -52,7 +52,7 @@ def train_members(plan, *, seeds: list[int], train_table, val_table, gpus: float
             queue.append(i)
         else:
             summaries[i], weights[i] = finished[0], ray.put(finished[1])
-            log.info("member %d: finished earlier (val acc %.4f), loaded from %s", i, finished[0]["val_acc"], output)
+            log.info("member %d: finished earlier (val acc %.4f), loaded from %s", i, finished[0].val_acc, output)
     plan_ref, train_ref, val_ref = ray.put(plan), ray.put(train_table), ray.put(val_table)
     running: dict = {}   # summary ref -> (member, slot, weights ref)
     actors, left, up = [], [], []  # per slot: the actor, its unfinished members, its started() ref
@@ -88,8 +88,8 @@ def train_members(plan, *, seeds: list[int], train_table, val_table, gpus: float
                 left[slot] -= 1
                 if left[slot] == 0:
                     ray.kill(actors[slot])  # frees its resources; returned weights stay in the object store
-                log.info("member %d done: best val acc %.4f at epoch %d (%.0f s) [%d/%d]", i, summaries[i]["val_acc"],
-                         summaries[i]["best_epoch"], summaries[i]["seconds"], len(summaries), cfg.members)
+                log.info("member %d done: best val acc %.4f at epoch %d (%.0f s) [%d/%d]", i, summaries[i].val_acc,
+                         summaries[i].best_epoch, summaries[i].seconds, len(summaries), cfg.members)
     finally:
         for slot, actor in enumerate(actors):  # on Ctrl-C or a failure: stop the others now
             if left[slot]:

@@ -127,43 +127,36 @@ def settings_from_argv(argv: Optional[Sequence[str]]) -> tuple[EnsembleConfig, S
 
 def train_trial(config: dict, *, base: EnsembleConfig, train_table, val_table, num_classes: int,
                 initial_state, max_epochs: int, threads: float) -> None:
-    """Tune function trainable: train ``max_epochs`` (unless ASHA stops it), report val_acc each epoch."""
+    """Tune function trainable: the members' epoch loop (``epochs.fit``) on every train row, with
+    the trial's lr and frozen stages, reporting each epoch's val accuracy (ASHA may stop it)."""
     import ray
-    import torch
     from ray import tune
 
-    from ensemble.bootstrap import epoch_seed
-    from ensemble.batches import batches
     from ensemble.batches import SplitImages
     from ensemble.config import cache_side
-    from ensemble.engine import (evaluate, make_optimizer, pick_device, prepare_for_device, resolve_precision,
-                                 seed_everything, set_threads, train_one_epoch)
-    from ensemble.models import make_member_model
+    from ensemble.engine import pick_device, seed_everything, set_threads
+    from ensemble.epochs import build_trainee, eval_batches, fit, train_batches
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     set_threads(threads)
     seed_everything(base.seed)
-    device = pick_device(ray.get_gpu_ids())
-    model = prepare_for_device(
-        make_member_model(base.arch, num_classes, initial_state, config["freeze"], base.freeze_stem), device)
-    amp = resolve_precision(base.precision, device)  # as the members will train: bf16 autocast on GPUs
-    optimizer = make_optimizer(model, config["lr"])
-    train_images, val_images = (SplitImages(t, None, image_size=base.image_size, resize=base.eval_resize,
-                                            side=cache_side(base)) for t in (train_table, val_table))
-    for epoch in range(1, max_epochs + 1):
-        seed = epoch_seed(base.seed, epoch)
-        rows = np.random.default_rng(seed).permutation(train_table.num_rows)
-        train = train_one_epoch(
-            model, ((torch.from_numpy(b["image"]), torch.from_numpy(b["label"])) for b in batches(
-                train_images, rows, batch_size=base.batch_size, augment=base.augment, seed=seed,
-                threads=threads)), optimizer, device, amp)
-        ev = evaluate(model, ((b["id"], torch.from_numpy(b["image"]), b["label"]) for b in batches(
-            val_images, batch_size=base.batch_size, threads=threads)), device, amp)
-        log.info("trial %s lr %.3g freeze %s epoch %d/%d train_loss %.4f train_acc %.4f val_loss %.4f val_acc %.4f",
-                 tune.get_context().get_trial_id(), config["lr"], config["freeze"], epoch, max_epochs,
-                 train["loss"], train["acc"], ev["loss"], ev["acc"])
-        tune.report({"epoch": epoch, "val_acc": ev["acc"], "val_loss": ev["loss"],
-                     "train_loss": train["loss"], "train_acc": train["acc"]})
+    cfg = base.replace(lr=config["lr"], freeze=config["freeze"])
+    trainee = build_trainee(cfg, num_classes, initial_state, pick_device(ray.get_gpu_ids()))
+    train_images, val_images = (SplitImages(t, None, image_size=cfg.image_size, resize=cfg.eval_resize,
+                                            side=cache_side(cfg)) for t in (train_table, val_table))
+    every_row = np.ones(train_table.num_rows, dtype=np.int64)  # no bootstrap: each row once per epoch
+
+    def report(stats, best) -> None:
+        log.info("trial %s lr %.3g freeze %s epoch %d/%d train_loss %.4f train_acc %.4f val_loss %.4f "
+                 "val_acc %.4f", tune.get_context().get_trial_id(), cfg.lr, cfg.freeze, stats.epoch, max_epochs,
+                 stats.train_loss, stats.train_acc, stats.val_loss, stats.val_acc)
+        tune.report({"epoch": stats.epoch, "val_acc": stats.val_acc, "val_loss": stats.val_loss,
+                     "train_loss": stats.train_loss, "train_acc": stats.train_acc})
+
+    fit(trainee, epochs=max_epochs, on_epoch=report,
+        train=lambda epoch: train_batches(train_images, every_row, cfg.seed, epoch, batch_size=cfg.batch_size,
+                                          augment=cfg.augment, threads=threads),
+        val=lambda: eval_batches(val_images, batch_size=cfg.batch_size, threads=threads))
 
 
 # ---------------------------------------------------------------- cluster
