@@ -201,3 +201,13 @@ def disagreeing_members(n, seed, good=5, classes=4):
     np.put_along_axis(member_probs, np.where(right, labels, wrong)[:, :, None], 0.9, axis=2)
     noise = rng.dirichlet(np.ones(classes), size=n)[None]
     return np.concatenate([member_probs[:NOISE_AT], noise, member_probs[NOISE_AT:]]), labels
+
+
+# A report's calibration and selection sections as score_run writes them (fitted on out-of-bag rows).
+CALIBRATION = {"fitted_on": "oob", "n_rows": 950, "temperature": 0.8125,
+               "val_before": {"accuracy": 0.9, "nll": 0.35, "ece": 0.08, "brier": 0.2},
+               "val_after": {"accuracy": 0.9, "nll": 0.3012, "ece": 0.0215, "brier": 0.1875}}
+SELECTION = {"fitted_on": "oob", "n_rows": 950, "weights": [0.5, 0.0, 0.25, 0.25], "selected": [0, 2, 3],
+             "order": [0, 2, 0, 3], "n_members": 3,
+             "val": {"accuracy": 0.91, "nll": 0.33, "ece": 0.05, "brier": 0.19}, "temperature": 0.75,
+             "val_after": {"accuracy": 0.91, "nll": 0.29, "ece": 0.03, "brier": 0.17}}
