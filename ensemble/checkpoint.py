@@ -18,10 +18,11 @@ import numpy as np
 import torch
 
 from ensemble import storage
+from ensemble.errors import RunError
 
 
-class CheckpointError(RuntimeError):
-    """A saved file that cannot be used (hash mismatch, other config); the message says what to do."""
+class CheckpointError(RunError):
+    """A saved file that cannot be used (hash mismatch, other config): a damaged run; the message says what to do."""
 
 
 def sha256(data: bytes) -> str:

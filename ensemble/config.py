@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional
 
+from ensemble.errors import ConfigError  # raised by the checks below; many modules import it from here
+
 ARCHS = (
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
     "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
@@ -38,10 +40,6 @@ def cache_side(cfg: "EnsembleConfig") -> int:
     ``--cache-side``, else R = ``resize_side(S)``, so a RandomResizedCrop of the whole image still
     downsamples to S."""
     return cfg.cache_side or resize_side(cfg.image_size)
-
-
-class ConfigError(ValueError):
-    """A setting the user can fix; the driver prints it as one line and exits 2."""
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,6 +19,7 @@ import pyarrow as pa
 
 from ensemble import storage
 from ensemble.config import ConfigError
+from ensemble.errors import UserError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -157,7 +159,11 @@ def quiet_ray_data() -> None:
 
     Blocks reach consumers in a fixed order, so the same seed gives the same batches (repeatable
     runs, and a resumed member continues exactly). No per-dataset progress bars or start banners:
-    members log one line per epoch instead.
+    members log one line per epoch instead. A stage function's error reaches the driver as its
+    own class (``raise_original_map_exception``; by default Ray Data wraps it in a
+    UserCodeException that keeps only its traceback text), so a UserError raised in a worker is
+    its one line (``errors.worker_error``), without Ray Data's console lines about it (its
+    traceback, logged before it is raised; ray-data.log keeps them).
     """
     import logging
 
@@ -169,7 +175,18 @@ def quiet_ray_data() -> None:
     ctx.enable_operator_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.enable_auto_log_stats = False
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    ctx.raise_original_map_exception = True
+    ray_data_log = logging.getLogger("ray.data")
+    ray_data_log.setLevel(logging.ERROR)
+    for handler in ray_data_log.handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.addFilter(_not_about_a_user_error)  # the console; added once however often this runs
+
+
+def _not_about_a_user_error(record) -> bool:
+    """False for a log record about a UserError: logged with it, or while it is being handled."""
+    exc = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+    return not isinstance(exc, UserError)
 
 
 def to_dataset(table: pa.Table, *, rows_per_block: int = 256):

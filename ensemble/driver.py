@@ -19,9 +19,9 @@ import time
 from typing import Optional, Sequence
 
 from ensemble.bootstrap import member_counts, member_seeds
-from ensemble.checkpoint import CheckpointError
 from ensemble.cli import config_from_argv
 from ensemble.config import ConfigError, EnsembleConfig, cache_side
+from ensemble.errors import run_cli
 from ensemble.run_folder import check_output, open_output, save_run_config, training_fingerprint, versions
 
 log = logging.getLogger("ensemble.driver")
@@ -29,7 +29,7 @@ log = logging.getLogger("ensemble.driver")
 def run(cfg: EnsembleConfig, *, fresh: bool = False) -> dict:
     """The whole pipeline; returns the report.
 
-    Raises ConfigError / CheckpointError for what the user can fix, before anything is written
+    Raises a UserError (errors.py) for what the user can fix, before anything is written
     to the output folder. ``fresh`` discards an earlier run in that folder instead of resuming it.
     """
     import numpy as np
@@ -156,32 +156,25 @@ class _Stop:
             raise KeyboardInterrupt
 
 
+def _run_argv(argv: list[str]) -> int:
+    cfg, is_dry_run, fresh = config_from_argv(argv)
+    if is_dry_run:
+        return dry_run(cfg)
+    run(cfg, fresh=fresh)
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import signal
-
-    from ensemble.train_stage import MemberFailed
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, `kill`, `ray job stop`: the same clean stop
         signal.signal(sig, _Stop.on_signal)      # (cluster.connect puts them back after ray.init)
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg, is_dry_run, fresh = config_from_argv(argv)
-        if is_dry_run:
-            return dry_run(cfg)
-        run(cfg, fresh=fresh)
-        return 0
-    except (ConfigError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except MemberFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        again = " ".join(["python -m ensemble.driver", *[a for a in argv if a != "--fresh"]])
-        print(f"interrupted: members stopped; finished members and epoch checkpoints are kept. "
-              f"To resume, run the same command with the same --output: {again}", file=sys.stderr)
-        return 130
+    again = " ".join(["python -m ensemble.driver", *[a for a in argv if a != "--fresh"]])
+    return run_cli(lambda: _run_argv(argv), interrupted=(
+        f"interrupted: members stopped; finished members and epoch checkpoints are kept. "
+        f"To resume, run the same command with the same --output: {again}"))
 
 
 if __name__ == "__main__":

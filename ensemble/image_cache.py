@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from ensemble.config import ConfigError, EnsembleConfig, cache_side
+from ensemble.config import EnsembleConfig, cache_side
+from ensemble.errors import StallError
 
 log = logging.getLogger("ensemble.data")
 
@@ -217,9 +218,9 @@ class BlockReader:
             except ray.exceptions.GetTimeoutError:
                 # A block lost with its node is decoded again by Ray (lineage), on a free CPU: on a
                 # cluster whose CPUs the members hold, that never comes. Say so instead of waiting.
-                raise ConfigError(f"image cache block {block} could not be fetched in {self.cache.fetch_timeout:g} s "
-                                  f"(lost with its node, and no CPU free to decode it again); finished members and "
-                                  f"epochs are kept: rerun the same command to resume") from None
+                raise StallError(f"image cache block {block} could not be fetched in {self.cache.fetch_timeout:g} s "
+                                 f"(lost with its node, and no CPU free to decode it again); finished members and "
+                                 f"epochs are kept: rerun the same command to resume") from None
             with self._lock:
                 self._blocks.setdefault(key, value)
         return self._blocks[key]

@@ -23,8 +23,8 @@ import time
 from typing import Optional, Sequence
 
 from ensemble import storage
-from ensemble.checkpoint import CheckpointError
 from ensemble.config import ConfigError
+from ensemble.errors import run_cli
 from ensemble.run_folder import MEMBER_CHOICES, check_output, load_run, versions
 
 
@@ -98,18 +98,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = _parser().parse_args(argv)
     output = args.output or os.path.join("runs", time.strftime("predict-%Y%m%d-%H%M%S"))
-    try:
+
+    def label() -> int:
         if args.infer_actors is not None and args.infer_actors < 1:
             raise ConfigError(f"--infer-actors {args.infer_actors}: must be >= 1")
         predict(args.run, args.images, output, address=args.address, infer_actors=args.infer_actors,
                 strict=args.strict, members=args.members)
         return 0
-    except (ConfigError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written that a rerun would not write again", file=sys.stderr)
-        return 130
+
+    return run_cli(label, interrupted="interrupted: nothing was written that a rerun would not write again")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from typing import Optional
 
 from ensemble import storage
 from ensemble.config import ConfigError, EnsembleConfig, build_config
+from ensemble.errors import RunError
 
 log = logging.getLogger("ensemble.run_folder")
 
@@ -134,7 +135,7 @@ class FinishedRun:
 
 
 def load_run(run: str, members: str = "all") -> FinishedRun:
-    """The finished run in ``run``, or one line (ConfigError, CheckpointError) if it is not one.
+    """The finished run in ``run``, or one line (ConfigError, RunError) if it is not one.
 
     ``members``: ``all``, or ``selected``: the Caruana selection its report.json recorded
     (``ensemble.selection.weights``); members of weight 0 are not even loaded. Every loaded
@@ -158,8 +159,8 @@ def load_run(run: str, members: str = "all") -> FinishedRun:
     for i in used:
         finished = load_finished_member(run, i, record["fingerprint"])  # sha256 checked; CheckpointError if not
         if finished is None:
-            raise ConfigError(f"--run {run}: member {i} has not finished; rerun the driver with --output {run} "
-                              f"to finish the run first")
+            raise RunError(f"--run {run}: member {i} has not finished; rerun the driver with --output {run} "
+                           f"to finish the run first")
         states.append(finished[1])
     temperature = _temperature(report, "selection" if members == "selected" else "calibration")
     if temperature is None and members == "selected":  # a report from before selections had their own

@@ -33,8 +33,8 @@ from typing import Optional, Sequence
 import numpy as np
 from ray import serve
 
-from ensemble.checkpoint import CheckpointError
 from ensemble.config import ConfigError
+from ensemble.errors import run_cli
 from ensemble.run_folder import MEMBER_CHOICES, FinishedRun, load_run
 from ensemble.served_run import (ServedRun, ServeOptions, UploadTooLarge, bad_image_reason, one_line, parse_k,
                                   read_upload)
@@ -154,13 +154,10 @@ def app(args: dict):
     anything), a run or argument we cannot use is one ``error:`` line and exit code 2, as in
     ``python -m ensemble.serve``, not the CLI's traceback. Elsewhere (``serve deploy`` builds in
     Serve's controller) the error is raised as it is."""
-    try:
+    def build():
         return build_app(ServeOptions.from_args(args))
-    except (ConfigError, CheckpointError) as exc:
-        if os.path.basename(sys.argv[0]) != "serve":
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+
+    return run_cli(build, system_exit=True) if os.path.basename(sys.argv[0]) == "serve" else build()
 
 
 # ---------------------------------------------------------------- python -m ensemble.serve
@@ -200,38 +197,40 @@ def _check_port_free(host: str, port: int) -> None:
                               f"pass another --port") from None
 
 
+def _start(args: argparse.Namespace) -> int:
+    """Check the run and the port, join or start Ray, run the app (returns 0 once it is up)."""
+    from ensemble.cluster import connect
+
+    options = ServeOptions(run=args.run, members=args.members, max_upload_mb=args.max_upload_mb,
+                           max_megapixels=args.max_megapixels, max_batch_size=args.max_batch_size,
+                           batch_wait_s=args.batch_wait_s, gpus=args.gpus, cpus=args.cpus)
+    load_run(options.run, options.members)  # one line now, before a cluster starts, if it is not a finished run
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port {args.port}: choose 1-65535")
+    if args.address in (None, "local") and not os.environ.get("RAY_ADDRESS"):
+        _check_port_free(args.host, args.port)  # a cluster on this machine: its proxy binds here
+    connect(args.address)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build_app(options), name=APP_NAME, route_prefix="/", blocking=False)
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Start the app and block until Ctrl-C or SIGTERM; then take it down and exit 0.
 
     Stopping is the normal end of a server, so it exits 0 (not the driver's 130) after printing
     one line. Errors a user can make: one line, exit 2."""
-    from ensemble.cluster import connect
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = _parser().parse_args(argv)
-    try:
-        options = ServeOptions(run=args.run, members=args.members, max_upload_mb=args.max_upload_mb,
-                               max_megapixels=args.max_megapixels, max_batch_size=args.max_batch_size,
-                               batch_wait_s=args.batch_wait_s, gpus=args.gpus, cpus=args.cpus)
-        load_run(options.run, options.members)  # one line now, before a cluster starts, if it is not a finished run
-        if not 0 < args.port < 65536:
-            raise ConfigError(f"--port {args.port}: choose 1-65535")
-        if args.address in (None, "local") and not os.environ.get("RAY_ADDRESS"):
-            _check_port_free(args.host, args.port)  # a cluster on this machine: its proxy binds here
-        connect(args.address)
-        serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(build_app(options), name=APP_NAME, route_prefix="/", blocking=False)
-    except (ConfigError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted before the server was up", file=sys.stderr)
-        _stop()
-        return 130
+    code = run_cli(lambda: _start(args), interrupted="interrupted before the server was up")
+    if code == 130:
+        _stop()  # what had started before Ctrl-C
+    if code:
+        return code
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init and serve.run, so these are the ones that hold
         signal.signal(sig, lambda signum, frame: stop.set())
-    print(f"serving {options.run} at http://{args.host}:{args.port}/ (POST an image; GET / for the run); "
+    print(f"serving {args.run} at http://{args.host}:{args.port}/ (POST an image; GET / for the run); "
           f"Ctrl-C or SIGTERM stops it", flush=True)
     while not stop.wait(1.0):
         pass

@@ -11,9 +11,8 @@ import uuid
 
 
 from ensemble.bootstrap import member_counts
-from ensemble.checkpoint import CheckpointError
 from ensemble.cluster import slot_members, slot_name
-from ensemble.config import ConfigError
+from ensemble.errors import EnsembleError, UserError, worker_error
 from ensemble.member_files import load_finished_member
 from ensemble.watch import stall_error
 
@@ -23,8 +22,8 @@ MEMBER_RESTARTS = 3  # a member's process may die this often (preemption, OOM) b
 WATCH_S = 5.0        # how often the driver looks at a run whose members are all still waiting to start
 
 
-class MemberFailed(RuntimeError):
-    """A member died more often than Ray may restart it."""
+class MemberFailed(EnsembleError, RuntimeError):
+    """A member died more often than Ray may restart it (a failure: exit 1)."""
 
 
 def train_members(plan, *, seeds: list[int], train_table, val_table, gpus: float, window: int, resuming: bool):
@@ -137,9 +136,8 @@ def _gather(ref, member: int, output: str) -> dict:
     try:
         return ray.get(ref)
     except ray.exceptions.RayError as exc:
-        cause = getattr(exc, "cause", None)
-        if isinstance(cause, (CheckpointError, ConfigError)):
-            raise cause from None
+        if isinstance(exc, UserError):  # raised in the member, kept as its class by ray.get
+            raise worker_error(exc) from None
         raise MemberFailed(f"member {member} failed after {MEMBER_RESTARTS} restarts "
                            f"({exc.__class__.__name__}); finished members are saved in {output}: "
                            f"rerun the same command to resume") from exc

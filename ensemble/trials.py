@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ensemble.config import EnsembleConfig, build_config
+from ensemble.errors import EnsembleError
 from ensemble.report import columns
 
 # Keys of the searched model that best_config.yaml carries; run-shape keys (members, resources,
@@ -69,5 +70,5 @@ def format_table(rows: list[dict], best: dict) -> str:
     return columns(table, (5, 9, 6, 6, 10, 7, None))
 
 
-class SearchFailed(RuntimeError):
-    """No trial produced a result."""
+class SearchFailed(EnsembleError, RuntimeError):
+    """No trial produced a result (a failure: exit 1)."""

@@ -33,7 +33,8 @@ from ensemble import storage
 from ensemble.cluster import cluster_capacity, connect, fit_cpus, resolve_gpus
 from ensemble.config import (AUGMENTS, ARCHS, PRECISIONS, ConfigError, EnsembleConfig, check_gpus, check_int,
                              check_number, config_with_preset, load_yaml)
-from ensemble.trials import SearchFailed, best_config_values, format_table, pick_best, summarize_trial, trials_csv
+from ensemble.errors import run_cli
+from ensemble.trials import best_config_values, format_table, pick_best, summarize_trial, trials_csv
 from ensemble.run_folder import check_output
 
 log = logging.getLogger("ensemble.tune")
@@ -173,7 +174,8 @@ def trial_resources(search: SearchSettings) -> dict:
 def run_search(base: EnsembleConfig, search: SearchSettings) -> dict:
     """The whole search; returns the summary written to tune_report.json.
 
-    Raises ConfigError for what the user can fix, before anything is written to --output.
+    Raises a UserError (errors.py) for what the user can fix, before anything is written to
+    --output; SearchFailed when no trial reported a result.
     """
     import yaml
     from ray import tune
@@ -268,16 +270,13 @@ def _trial_id(result) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    try:
-        base, search = settings_from_argv(list(sys.argv[1:] if argv is None else argv))
-        run_search(base, search)
+    argv = list(sys.argv[1:] if argv is None else argv)
+
+    def search() -> int:
+        run_search(*settings_from_argv(argv))
         return 0
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except SearchFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+
+    return run_cli(search)
 
 
 if __name__ == "__main__":

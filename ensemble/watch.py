@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import math
 import queue
-import re
 import threading
 import time
 from typing import Callable, Iterable
+
+from ensemble.errors import StallError, worker_error
 
 
 def watched(produce: Callable[[], Iterable], *, stall_timeout: float, stalled: Callable[[float], Exception],
@@ -16,8 +17,8 @@ def watched(produce: Callable[[], Iterable], *, stall_timeout: float, stalled: C
     """Everything ``produce()`` yields, in order. ``produce`` runs on a helper thread (building a
     Ray Dataset may itself wait for a CPU); when nothing arrives for ``stall_timeout`` seconds,
     ``stalled(seconds waited)`` is raised here. This thread waits in short steps, so Ctrl-C and
-    SIGTERM still stop the run; errors of ``produce`` are raised here as they are, except that a
-    ConfigError raised in a Ray Data worker is raised as that ConfigError (``remote_config_error``). A stage given
+    SIGTERM still stop the run; errors of ``produce`` are raised here as they are, a UserError
+    raised in a Ray Data worker as that error (``errors.worker_error``). A stage given
     up on (stalled, interrupted) is dropped by the helper at its next result; a helper blocked in
     Ray until then stays a daemon thread (the driver exits right after such an error)."""
     arrived: queue.Queue = queue.Queue()
@@ -33,7 +34,7 @@ def watched(produce: Callable[[], Iterable], *, stall_timeout: float, stalled: C
                 arrived.put(("item", item))
             arrived.put(("done", None))
         except BaseException as exc:  # handed to the waiting thread, raised there
-            arrived.put(("error", remote_config_error(exc) or exc))
+            arrived.put(("error", worker_error(exc)))
 
     threading.Thread(target=pull, name=name, daemon=True).start()
     items, last = [], time.time()
@@ -69,16 +70,14 @@ def free_line(need_cpu: float, need_gpu: float = 0.0) -> tuple[str, str]:
 
 def stall_error(head: str, needs: str, need_cpu: float, need_gpu: float = 0.0, *, flags=(),
                 then: str = "then rerun the same command"):
-    """The one line a stage that made no progress stops with, as a ConfigError: ``head`` (what
+    """The one line a stage that made no progress stops with, as a StallError: ``head`` (what
     made no progress, for how long), ``needs`` with ``{need}`` for what one task or actor needs,
     what is free, and the fix: with ``flags`` ((flag, resource, amount) as ``fit_advice`` takes
     them) "free them" and the values that fit, without "free CPUs or add a node"; then ``then``."""
-    from ensemble.config import ConfigError
-
     need, have = free_line(need_cpu, need_gpu)
     fix = f"free them{fit_advice(list(flags))}" if flags else "free CPUs or add a node"
-    return ConfigError(f"{head}: {needs.format(need=need)}, the cluster has {have} free (other work holds the rest); "
-                       f"{fix}, {then}")
+    return StallError(f"{head}: {needs.format(need=need)}, the cluster has {have} free (other work holds the rest); "
+                      f"{fix}, {then}")
 
 
 def fit_advice(requests: list[tuple[str, str, float]]) -> str:
@@ -110,20 +109,3 @@ def fit_advice(requests: list[tuple[str, str, float]]) -> str:
     if fits:
         return f", or use {' '.join(fits)}, which fits what is free now"
     return ", or lower " + "/".join(f"--{flag}" for flag, _, need in requests if need > 0)
-
-
-_REMOTE_CONFIG_ERROR = re.compile(r"^ensemble\.config\.ConfigError: (.+)$", re.M)
-
-
-def remote_config_error(exc: BaseException):
-    """The ConfigError a Ray Data worker raised, as a ConfigError here; None for any other error.
-
-    Ray Data wraps an error of a stage's function in a UserCodeException that keeps only the
-    worker's traceback text, so the one line meant for the user (a cache block that could not be
-    fetched, say) would reach them as a traceback; it is read back from that text."""
-    from ensemble.config import ConfigError
-
-    if isinstance(exc, ConfigError) or not type(exc).__module__.startswith("ray"):
-        return None
-    found = _REMOTE_CONFIG_ERROR.findall(str(exc))
-    return ConfigError(found[-1]) if found else None

@@ -411,17 +411,17 @@ def test_image_cache_stage_that_cannot_start_is_reported(cluster, tiny_digits, t
     line naming the CPUs after --stall-timeout instead of waiting."""
     import time
 
-    from ensemble.config import ConfigError
+    from ensemble.errors import StallError
     from ensemble.image_cache import cache_images
 
     with _every_cpu_held():
         started = time.time()
-        with pytest.raises(ConfigError, match=r"^image decoding made no progress in 2 s: its tasks need 1 CPU each, "
-                                              r"the cluster has 0 of 2 CPU free"):
+        with pytest.raises(StallError, match=r"^image decoding made no progress in 2 s: its tasks need 1 CPU each, "
+                                             r"the cluster has 0 of 2 CPU free"):
             cache_images(scan_layout(tiny_digits), _config(tiny_digits, tmp_path, stall_timeout=2.0), max_bytes=1e9)
         # Data too large to cache: the Ray Data check alone, watched the same way.
-        with pytest.raises(ConfigError, match=r"^the image check made no progress in [23] s: its tasks need 1 CPU "
-                                              r"each, the cluster has 0 of 2 CPU free"):
+        with pytest.raises(StallError, match=r"^the image check made no progress in [23] s: its tasks need 1 CPU "
+                                             r"each, the cluster has 0 of 2 CPU free"):
             cache_images(scan_layout(tiny_digits), _config(tiny_digits, tmp_path, stall_timeout=2.0), max_bytes=0)
         assert time.time() - started < 40
 
@@ -431,17 +431,17 @@ def test_vote_stage_that_cannot_start_is_reported(cluster, tiny_digits, tmp_path
     what a voter needs after --stall-timeout instead of waiting."""
     import time
 
-    from ensemble.config import ConfigError
+    from ensemble.errors import StallError
     from ensemble.vote_stage import vote_splits
 
     with _every_cpu_held():
         cfg = _config(tiny_digits, tmp_path, stall_timeout=2.0)
         weights = [ray.put(make_member_model(cfg.arch, 4, None, "none").state_dict())]
         started = time.time()
-        with pytest.raises(ConfigError, match=r"^the soft vote made no progress in [23] s: each voter needs 1 CPU, "
-                                              r"the cluster has 0 of 2 CPU free \(other work holds the rest\); "
-                                              r"free them; no CPU is free, so a lower --cpus-per-infer-actor would "
-                                              r"not start either, then rerun"):
+        with pytest.raises(StallError, match=r"^the soft vote made no progress in [23] s: each voter needs 1 CPU, "
+                                             r"the cluster has 0 of 2 CPU free \(other work holds the rest\); "
+                                             r"free them; no CPU is free, so a lower --cpus-per-infer-actor would "
+                                             r"not start either, then rerun"):
             vote_splits(cfg, {"test": scan_layout(tiny_digits).test}, weight_refs=weights, num_classes=4, gpus=0.0)
         assert time.time() - started < 30
 
@@ -449,7 +449,7 @@ def test_vote_stage_that_cannot_start_is_reported(cluster, tiny_digits, tmp_path
 def test_cache_block_that_cannot_be_fetched_is_an_error_not_a_wait(cluster):
     """A block whose ref never resolves (lost, and no CPU free to decode it again) is one clear
     error after the cache's fetch timeout (--stall-timeout), not a member waiting forever."""
-    from ensemble.config import ConfigError
+    from ensemble.errors import StallError
     from ensemble.image_cache import BlockReader, ImageCache
 
     @ray.remote(num_cpus=1)
@@ -460,31 +460,57 @@ def test_cache_block_that_cannot_be_fetched_is_an_error_not_a_wait(cluster):
         never = block.remote()  # waits for a CPU the holder keeps
         cache = ImageCache(eval_blocks=[never], train_blocks=[None], image_size=16, side=18, resize="squash",
                            fetch_timeout=1.0)
-        with pytest.raises(ConfigError, match=r"^image cache block 0 could not be fetched in 1 s \(lost with its "
-                                              r"node, and no CPU free to decode it again\)"):
+        with pytest.raises(StallError, match=r"^image cache block 0 could not be fetched in 1 s \(lost with its "
+                                             r"node, and no CPU free to decode it again\)"):
             BlockReader(cache).eval(0, 0)
 
 
-def test_config_error_in_a_ray_data_worker_reaches_the_driver_as_that_error(cluster):
-    """Ray Data wraps a stage function's error in a UserCodeException that keeps only the
-    worker's traceback text; a ConfigError (the one line meant for the user) is read back from it."""
-    from ensemble.config import ConfigError
+def test_user_error_in_a_ray_task_reaches_the_driver_as_its_own_class(cluster):
+    """ray.get raises a task's error as a subclass of RayTaskError and of the error's class
+    (RayTaskError.as_instanceof_cause); errors.worker_error gives back the error itself."""
+    from ensemble.errors import RunError, UserError, worker_error
+
+    @ray.remote(num_cpus=0)
+    def unfinished():
+        raise RunError("--run r: member 1 has not finished")
+
+    with pytest.raises(RunError) as raised:
+        ray.get(unfinished.remote())
+    assert isinstance(raised.value, ray.exceptions.RayTaskError)  # its message is the worker's traceback
+    error = worker_error(raised.value)
+    assert type(error) is RunError and str(error) == "--run r: member 1 has not finished"
+    assert isinstance(raised.value, UserError)
+
+
+def test_user_error_in_a_ray_data_worker_reaches_the_driver_as_its_own_class(cluster, capsys):
+    """A voter that cannot fetch a cache block: its StallError reaches the driver as that error,
+    with no Ray Data console lines about it. Ray Data's default wraps a stage function's error in
+    a UserCodeException that keeps only the worker's traceback text; quiet_ray_data sets
+    raise_original_map_exception, so the error keeps its class across the actor pool."""
+    from ensemble.data import quiet_ray_data
+    from ensemble.errors import StallError
     from ensemble.watch import watched
+
+    quiet_ray_data()  # the Ray Data settings the driver, predict and tune run with
 
     class Voter:
         def __call__(self, batch):
-            raise ConfigError("image cache block 3 could not be fetched in 2 s (its node may be gone)")
+            raise StallError("image cache block 3 could not be fetched in 2 s (its node may be gone)")
 
     def produce():
         return ray.data.range(4).map_batches(Voter, compute=ray.data.ActorPoolStrategy(size=1)).iter_batches()
 
-    with pytest.raises(ConfigError) as raised:
+    capsys.readouterr()
+    with pytest.raises(StallError) as raised:
         watched(produce, stall_timeout=120, stalled=lambda waited: AssertionError(f"stalled {waited}"))
+    assert type(raised.value) is StallError  # the worker's error itself, not Ray's subclass of it
     assert str(raised.value) == "image cache block 3 could not be fetched in 2 s (its node may be gone)"
     assert raised.value.__cause__ is None
+    assert "An exception was raised from a task" not in capsys.readouterr().err
 
-    def fails():  # any other error stays as Ray raised it
+    def fails():  # any other error stays as Ray raised it, and Ray Data says so on the console
         return ray.data.range(4).map_batches(lambda batch: 1 / 0).iter_batches()
 
     with pytest.raises(ray.exceptions.RayError, match="ZeroDivisionError"):
         watched(fails, stall_timeout=120, stalled=lambda waited: AssertionError(f"stalled {waited}"))
+    assert "An exception was raised from a task" in capsys.readouterr().err

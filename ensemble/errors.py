@@ -1,0 +1,92 @@
+"""What a command line ends with in one ``error: ...`` line, and the one wrapper that prints it.
+
+Raised where the misuse is seen, printed once by ``run_cli``, the wrapper every ``main()`` runs in:
+
+    EnsembleError          exit 1: the work failed though the settings were fine
+    ├── MemberFailed       (train_stage) a member died more often than Ray may restart it
+    ├── SearchFailed       (trials) no Tune trial produced a result
+    └── UserError          exit 2: what the user can fix; the message names the value and the fix
+        ├── ConfigError    a bad setting: a flag, a YAML key, a path, more than the cluster holds
+        ├── StallError     a stage made no progress; finished work is kept, a rerun resumes
+        └── RunError       a run folder that cannot be used as it is: unfinished, or damaged
+            └── CheckpointError  (checkpoint) a saved file changed, unreadable, or from another config
+
+An error raised in a Ray worker reaches the driver as its own class: ``ray.get`` raises it as a
+subclass of both ``ray.exceptions.RayTaskError`` and the error's class; ``worker_error`` gives
+back the error itself. Ray Data keeps the class only with ``raise_original_map_exception``
+(``data.quiet_ray_data`` sets it). No Ray and no torch here: every layer imports this module.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Optional, TypeVar
+
+T = TypeVar("T")
+
+
+class EnsembleError(Exception):
+    """An error a command line ends with: one ``error: <message>`` line, exit code ``exit_code``."""
+
+    exit_code = 1
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        # The one line, as raised. Ray Data appends its retry hints to an error's ``args`` in the
+        # worker; unpickling restores this attribute after ``args``, so the line arrives unchanged.
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UserError(EnsembleError):
+    """What the user can fix; the message says what to change (exit code 2)."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError, ValueError):
+    """A setting the user can fix (also importable from ``ensemble.config``)."""
+
+
+class StallError(UserError):
+    """A stage that made no progress for ``--stall-timeout`` (what it needs, what is free);
+    finished members and epochs are kept, and rerunning the same command resumes."""
+
+
+class RunError(UserError):
+    """A run folder that cannot be used as it is: a member that has not finished, or a damaged
+    file (``checkpoint.CheckpointError``)."""
+
+
+def worker_error(exc: BaseException) -> BaseException:
+    """The UserError a Ray worker raised, when ``exc`` carries one; else ``exc`` as it is.
+
+    ``ray.get`` raises a task's error as ``RayTaskError.as_instanceof_cause()``: an instance of a
+    subclass of RayTaskError and of the error's own class, whose message is the worker's
+    traceback and whose ``cause`` is the error itself. Its one line is the cause's message. Any
+    other error stays as Ray raised it: its traceback is what it needs."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(exc, UserError) and isinstance(cause, UserError) else exc
+
+
+def run_cli(body: Callable[[], T], *, interrupted: Optional[str] = None, system_exit: bool = False):
+    """``body()`` as a command line runs it: its value, or an EnsembleError as one ``error:`` line
+    on stderr and the error's exit code. With ``interrupted``, Ctrl-C (KeyboardInterrupt) is that
+    line and 130; without, it propagates. The code is returned (for ``main()``), or raised as
+    SystemExit with ``system_exit`` (for a caller whose value is not an exit code, like a Serve
+    application builder)."""
+    try:
+        return body()
+    except EnsembleError as exc:
+        print(f"error: {worker_error(exc)}", file=sys.stderr)
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        if interrupted is None:
+            raise
+        print(interrupted, file=sys.stderr)
+        code = 130
+    if system_exit:
+        raise SystemExit(code)
+    return code
