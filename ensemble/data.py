@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from ensemble import storage
 from ensemble.config import ConfigError
+from ensemble.pixels import ImageTooLarge
 from ensemble.errors import UserError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -195,10 +196,6 @@ def to_dataset(table: pa.Table, *, rows_per_block: int = 256):
 
     blocks = max(1, min(64, -(-table.num_rows // rows_per_block)))
     return ray.data.from_arrow(table, override_num_blocks=blocks)
-
-
-class ImageTooLarge(ValueError):
-    """An image whose header claims more pixels than the caller allows (checked before decoding)."""
 
 
 def read_image(path: str, *, min_size: Optional[int] = None):

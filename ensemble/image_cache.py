@@ -108,7 +108,7 @@ def cache_images(index, cfg: EnsembleConfig, *, max_bytes: float):
         log.info("image cache: off (about %s of pixels, over --cache-share %g of the smallest node's object store "
                  "= %s); members and voters decode the files where they use them", _size(need), cfg.cache_share,
                  _size(max_bytes))
-        index, skipped = check_images(index, strict=cfg.strict, stall_timeout=cfg.stall_timeout)
+        index, skipped = check_images(index, cfg)
         return index, skipped, None
     started = time.time()
     splits = {"train": index.train, "val": index.val, "test": index.test}

@@ -30,15 +30,19 @@ def unreadable_reason(path: str, exc: Exception) -> str:
     return f"{exc.__class__.__name__}: {exc}"[:200]
 
 
-def check_batch(batch: dict) -> dict:
-    """Try to decode each file: ``ok`` and, when not, a short ``reason`` (``unreadable_reason``)."""
+def check_batch(batch: dict, *, image_size: int, resize: str) -> dict:
+    """Try to decode each file: ``ok`` and, when not, a short ``reason`` (``unreadable_reason``):
+    also a file the eval geometry (``image_size``, ``resize``) would resize past its limit."""
     from PIL import Image
+
+    from ensemble.pixels import check_eval_size
 
     ok, reasons = [], []
     for path in batch["path"]:
         reason = ""
         try:
             with Image.open(io.BytesIO(storage.read_bytes(path))) as img:
+                check_eval_size(*img.size, image_size=image_size, resize=resize)
                 img.draft("RGB", (64, 64))  # JPEG: decode at a reduced scale; still reads every byte
                 img.load()
         except Exception as exc:  # PIL raises many types for bad files; all mean "skip this one"
@@ -48,12 +52,13 @@ def check_batch(batch: dict) -> dict:
     return {"split": batch["split"], "id": batch["id"], "ok": np.array(ok), "reason": np.array(reasons, dtype=object)}
 
 
-def check_images(index: DatasetIndex, *, strict: bool, stall_timeout: float = 600.0) -> tuple[DatasetIndex, list[dict]]:
+def check_images(index: DatasetIndex, cfg) -> tuple[DatasetIndex, list[dict]]:
     """Decode every file of the three splits once in Ray Data tasks; drop the unreadable ones (or
-    stop, if ``strict``). Returns the index without bad files (ids renumbered 0..n-1 per split)
+    stop, if ``cfg.strict``). Returns the index without bad files (ids renumbered 0..n-1 per split)
     and the list of skipped files with reasons."""
     cleaned, skipped = check_files({"train": index.train, "val": index.val, "test": index.test},
-                                   flag="--data", root=index.root, strict=strict, stall_timeout=stall_timeout)
+                                   flag="--data", root=index.root, strict=cfg.strict, stall_timeout=cfg.stall_timeout,
+                                   image_size=cfg.image_size, resize=cfg.eval_resize)
     check_classes_readable(index, cleaned["train"])
     return DatasetIndex(root=index.root, classes=index.classes, **cleaned), skipped
 
@@ -67,9 +72,10 @@ def check_classes_readable(index: DatasetIndex, train) -> None:
         raise ConfigError(f"--data {index.root}: train/{empty[0]}/ has no readable images")
 
 
-def check_files(splits: dict, *, flag: str, root: str, strict: bool,
-                stall_timeout: float = 600.0) -> tuple[dict, list[dict]]:
-    """``check_images`` for any named file tables: (tables without unreadable files, skipped).
+def check_files(splits: dict, *, flag: str, root: str, strict: bool, stall_timeout: float, image_size: int,
+                resize: str) -> tuple[dict, list[dict]]:
+    """``check_images`` for any named file tables: (tables without unreadable files, skipped);
+    ``image_size`` and ``resize``: the eval geometry the files will go through.
     A split left with no readable file, or any bad file under ``strict``, is a ConfigError
     naming ``flag`` and ``root``; so is a check that makes no progress for ``stall_timeout`` s."""
     from ensemble.watch import stall_error, watched
@@ -79,7 +85,8 @@ def check_files(splits: dict, *, flag: str, root: str, strict: bool,
 
     def batches():
         return to_dataset(pa.concat_tables(tables), rows_per_block=512).map_batches(
-            check_batch, batch_format="numpy", batch_size=512, num_cpus=1).iter_batches(
+            check_batch, batch_format="numpy", batch_size=512, num_cpus=1,
+            fn_kwargs={"image_size": image_size, "resize": resize}).iter_batches(
                 batch_size=None, batch_format="numpy")
 
     def stalled(waited: float) -> Exception:

@@ -23,6 +23,14 @@ from ensemble.config import resize_side
 
 CROP_RATIO = (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop aspect ratio range
 CROP_SCALES = {"seed": (0.08, 1.0), "light": (0.6, 1.0)}  # its area range per --augment
+# The most pixels the eval geometry may resize an image to before its centre crop. Only
+# --eval-resize short-side can pass it (its size depends on the aspect ratio alone: a 4,000,000 x 10
+# strip would become 102,400,000 x 256): 40 MP allows an aspect ratio of ~600:1 at S = 224.
+MAX_RESIZED_PIXELS = 40_000_000
+
+
+class ImageTooLarge(ValueError):
+    """An image that would decode, or resize, to more pixels than allowed (checked before the work)."""
 
 
 def _resize_short(img: Image.Image, side: int) -> Image.Image:
@@ -39,11 +47,25 @@ def shrink(img: Image.Image, side: int) -> np.ndarray:
     return np.array(_resize_short(img, side) if min(img.size) > side else img)
 
 
+def check_eval_size(width: int, height: int, *, image_size: int, resize: str) -> None:
+    """ImageTooLarge when the eval geometry would resize a ``width`` x ``height`` image to more than
+    MAX_RESIZED_PIXELS (a short-side resize of an extreme aspect ratio), before any pixel is made."""
+    if resize != "short-side" or not width or not height:
+        return
+    r, short, long = resize_side(image_size), min(width, height), max(width, height)
+    if r * int(r * long / short) > MAX_RESIZED_PIXELS:
+        raise ImageTooLarge(f"image is {width} x {height} pixels: --eval-resize short-side would resize it to "
+                            f"{r} x {int(r * long / short)} ({r * int(r * long / short) / 1e6:.1f} megapixels, over "
+                            f"{MAX_RESIZED_PIXELS / 1e6:g}); crop it, or use --eval-resize squash")
+
+
 def eval_pixels(img: Image.Image, *, image_size: int, resize: str = "squash") -> np.ndarray:
     """The eval transform's geometry on a decoded image -> (S, S, 3) uint8: exactly the pixels
     ``transforms.eval_transform`` normalises (its PIL steps, reproduced without torch, so the
-    image cache's decode tasks start without importing it; tests compare the two)."""
+    image cache's decode tasks start without importing it; tests compare the two).
+    ImageTooLarge for an image ``check_eval_size`` refuses."""
     s, r = image_size, resize_side(image_size)
+    check_eval_size(*img.size, image_size=image_size, resize=resize)
     if resize == "squash":
         img = img.resize((s, s), Image.BILINEAR).resize((r, r), Image.BILINEAR)
     elif resize == "short-side":

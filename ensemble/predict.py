@@ -53,7 +53,7 @@ def predict(run: str, images: str, output: str, *, address: Optional[str] = None
     sized = resolve_resources(cfg.replace(cpus_per_member=None, gpus_per_member=0.0, gpus_per_infer_actor=None,
                                           infer_actors=infer_actors or cfg.infer_actors), cluster_capacity())
     checked, skipped = check_files({"images": table}, flag="--images", root=images, strict=strict,
-                                   stall_timeout=cfg.stall_timeout)
+                                   stall_timeout=cfg.stall_timeout, image_size=cfg.image_size, resize=cfg.eval_resize)
     voted = vote_splits(sized, {"images": checked["images"]}, weight_refs=[ray.put(s) for s in finished.states],
                         num_classes=len(classes), gpus=sized.gpus_per_infer_actor)["images"]
     storage.makedirs(output)

@@ -205,7 +205,7 @@ def run_search(base: EnsembleConfig, search: SearchSettings) -> dict:
     connect(base.address)
     quiet_ray_data()
     resources = trial_resources(search)
-    index, skipped = check_images(index, strict=base.strict, stall_timeout=base.stall_timeout)
+    index, skipped = check_images(index, base)
     log.info("search: %d trials x up to %d epochs of %s (%d classes; train %d, val %d images), lr %g..%g, "
              "freeze %s; %g CPU + %g GPU per trial", search.trials, search.max_epochs, base.arch, num_classes,
              index.train.num_rows, index.val.num_rows, search.lr_min, search.lr_max, "/".join(FREEZE_CHOICES),

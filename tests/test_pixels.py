@@ -150,3 +150,31 @@ def test_eval_batches_are_the_eval_pixels_in_order(tmp_path):
     for k, pixels in enumerate(np.concatenate([b["image"] for b in out])):
         with Image.open(images.paths[k]) as img:
             np.testing.assert_array_equal(pixels, eval_pixels(img.convert("RGB"), image_size=32))
+
+
+def test_short_side_resize_of_an_extreme_aspect_ratio_is_refused_before_any_pixel_is_made(tmp_path):
+    """A 6200 x 10 strip (a few hundred bytes as PNG) would resize to 256 x 158720 under
+    --eval-resize short-side at S = 224: refused by every path that decodes it (the server's
+    decode, the image check, the cache's decode task) in one line, never allocated."""
+    from ensemble.data import ImageTooLarge, decode_image
+    from ensemble.image_cache import decode_chunk
+    from ensemble.image_check import check_batch
+    from ensemble.pixels import MAX_RESIZED_PIXELS, check_eval_size
+
+    strip = Image.new("RGB", (6200, 10), (200, 30, 30))
+    expected = (r"^image is 6200 x 10 pixels: --eval-resize short-side would resize it to 256 x 158720 "
+                r"\(40\.6 megapixels, over 40\); crop it, or use --eval-resize squash$")
+    with pytest.raises(ImageTooLarge, match=expected):
+        eval_pixels(strip, image_size=224, resize="short-side")
+    assert eval_pixels(strip, image_size=224, resize="squash").shape == (224, 224, 3)  # squash: S x S first
+    check_eval_size(6000, 10, image_size=224, resize="short-side")  # 256 x 153600 fits
+    assert 256 * 153600 <= MAX_RESIZED_PIXELS < 256 * 158720
+    path = tmp_path / "strip.png"
+    strip.save(path)
+    with pytest.raises(ImageTooLarge, match=expected):
+        decode_image(path.read_bytes(), image_size=224, resize="short-side")  # the server answers it 400
+    checked = check_batch({"split": np.array(["test"]), "id": np.array([0]), "path": np.array([str(path)])},
+                          image_size=224, resize="short-side")
+    assert checked["ok"].tolist() == [False] and checked["reason"][0].startswith("ImageTooLarge: image is 6200 x 10")
+    check, _, _ = decode_chunk([str(path)], image_size=224, resize="short-side", side=256, keep_train=True)
+    assert check["ok"].tolist() == [False] and check["reason"][0] == checked["reason"][0]
