@@ -21,6 +21,7 @@ import ray
 import torch
 
 from ensemble.batches import SplitImages
+from ensemble.bootstrap import member_counts
 from ensemble.config import EnsembleConfig, cache_side
 from ensemble.data import decode_batch, quiet_ray_data
 from ensemble.engine import (eval_models, pick_device, resolve_precision, seed_everything, set_threads,
@@ -115,13 +116,14 @@ class MemberTrainer:
         return ray.get_runtime_context().get_node_id()
 
     @ray.method(num_returns=2)
-    def fit(self, member: int, member_seed: int, plan: MemberPlan, train_table: pa.Table, val_table: pa.Table,
-            counts_box: list) -> tuple[MemberSummary, dict]:
+    def fit(self, member: int, member_seed: int, plan: MemberPlan, train_table: pa.Table,
+            val_table: pa.Table) -> tuple[MemberSummary, dict]:
         """Train member ``member`` with the epoch loop (``epochs.fit``); returns its summary and its
         best state dict (on CPU).
 
         ``train_table`` / ``val_table``: the splits' rows (id, path, label, and block/row into the
-        run's image cache when there is one); ``counts_box`` = [ObjectRef of bootstrap counts].
+        run's image cache when there is one). The member's bootstrap counts are regenerated here
+        from its seed (a pure function: nothing per member waits in the object store).
         Input work runs in this process: ``cpus_per_member`` threads augment the epoch's images
         (from the cache, or decoded from the files) ahead of the training step.
         """
@@ -135,7 +137,7 @@ class MemberTrainer:
         saved = files.load_checkpoint()
         if saved is not None:
             log.info("member %d resumes after epoch %d/%d", member, saved["epoch"], cfg.epochs)
-        counts = ray.get(counts_box[0])
+        counts = member_counts(cfg.bagging, member_seed, train_table.num_rows, plan.fingerprint["bootstrap_size"])
         train_images, val_images = plan.images(train_table), plan.images(val_table)
         threads, pin = max(1, int(cfg.cpus_per_member)), self.device.type == "cuda"
 

@@ -6,7 +6,13 @@ it can be regenerated anywhere (on a restarted actor, for out-of-bag rows) witho
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
+
+from ensemble.errors import ConfigError
+
+MAX_BOOTSTRAP_RATIO = 10  # rows drawn per member at most this many times the train split
 
 
 def member_seeds(seed: int, members: int) -> list[int]:
@@ -46,3 +52,11 @@ def member_counts(bagging: str, seed: int, n_train: int, n_samples: int) -> np.n
     if bagging == "full":
         return np.ones(n_train, dtype=np.int64)
     return bootstrap_counts(seed, n_train, n_samples)
+
+
+def check_bootstrap_size(bootstrap_size: Optional[int], n_train: int) -> None:
+    """ConfigError when ``--bootstrap-size`` asks more than MAX_BOOTSTRAP_RATIO x the train rows
+    (each member would hold that many row ids per epoch; the recipe draws n_train)."""
+    if bootstrap_size is not None and bootstrap_size > MAX_BOOTSTRAP_RATIO * n_train:
+        raise ConfigError(f"--bootstrap-size {bootstrap_size}: at most {MAX_BOOTSTRAP_RATIO} x the train split's "
+                          f"{n_train} images ({MAX_BOOTSTRAP_RATIO * n_train}); the default draws {n_train}")

@@ -243,7 +243,10 @@ def slot_members(queue: list[int], window: int) -> list[list[int]]:
 
 
 def slot_name(members: list[int]) -> str:
-    """The actor's name in the dashboard: ensemble-member-3, or ensemble-members-0-2-4 for a slot of several."""
+    """The actor's name in the dashboard: ensemble-member-3, ensemble-members-0-2-4 for a slot of
+    several, ensemble-members-0-2-4-...-998 for a slot of more than six (unique per run: a slot's
+    first members are its own)."""
     if len(members) == 1:
         return f"ensemble-member-{members[0]}"
-    return "ensemble-members-" + "-".join(map(str, members))
+    shown = members if len(members) <= 6 else [*members[:3], "...", members[-1]]
+    return "ensemble-members-" + "-".join(map(str, shown))

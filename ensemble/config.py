@@ -83,27 +83,12 @@ class EnsembleConfig:
     stall_timeout: float = 600.0        # seconds with no member able to start before the run stops, saying why
 
     def __post_init__(self) -> None:
-        check_int(self, "members", low=1)
-        check_int(self, "epochs", low=1)
-        check_int(self, "batch_size", low=1)
-        check_int(self, "image_size", low=16)
-        check_int(self, "infer_actors", low=1)
-        check_int(self, "infer_batch_size", low=1)
-        check_int(self, "seed", low=0)
-        if self.bootstrap_size is not None:
-            check_int(self, "bootstrap_size", low=1)
-        if self.num_classes is not None:
-            check_int(self, "num_classes", low=2)
-        check_number(self, "lr", positive=True)
-        if self.cpus_per_member is not None:
-            check_number(self, "cpus_per_member", positive=True)
-        check_number(self, "cpus_per_infer_actor", positive=True)
-        check_number(self, "stall_timeout", positive=True)
-        check_number(self, "cache_share", positive=False)
-        if self.cache_share > 1:
-            raise ConfigError(f"--cache-share {self.cache_share:g}: a share of the object store, from 0 (no cache) to 1")
-        if self.cache_side is not None:
-            check_int(self, "cache_side", low=self.image_size)
+        for name, (low, high) in INT_RANGES.items():
+            if getattr(self, name) is not None or name not in OPTIONAL:
+                check_int(self, name, low=self.image_size if low is None else low, high=high)
+        for name, (zero_ok, high) in NUMBER_RANGES.items():
+            if getattr(self, name) is not None or name not in OPTIONAL:
+                check_number(self, name, positive=not zero_ok, high=high)
         for name in ("gpus_per_member", "gpus_per_infer_actor"):
             check_gpus(self, name)
         check_choice(self, "arch", ARCHS)
@@ -129,6 +114,30 @@ class EnsembleConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+
+# Every numeric setting's range, checked when a config is built (before anything is written), each
+# refusal one line naming the flag and the bound. Whole numbers: (low, high); low None = --image-size.
+INT_RANGES = {
+    "members": (1, 1000),
+    "epochs": (1, 1000),
+    "batch_size": (1, 4096),
+    "image_size": (16, 1024),
+    "infer_actors": (1, 1024),
+    "infer_batch_size": (1, 4096),
+    "seed": (0, 2**32 - 1),
+    "bootstrap_size": (1, 100_000_000),   # also at most 10 x the train split (driver)
+    "num_classes": (2, 100_000),
+    "cache_side": (None, 4096),           # at least the crop size S
+}
+# Numbers: (0 allowed, high); otherwise above 0. GPUs: 0 to 1 (check_gpus).
+NUMBER_RANGES = {
+    "lr": (False, 1.0),
+    "cpus_per_member": (False, 1024.0),
+    "cpus_per_infer_actor": (False, 1024.0),
+    "stall_timeout": (False, 7 * 24 * 3600.0),  # a week
+    "cache_share": (True, 1.0),                # a share of the object store; 0 = no cache
+}
+OPTIONAL = {f.name for f in fields(EnsembleConfig) if f.default is None}  # None = decided later (see each field)
 
 # What the bundled digits demo runs with: every stage of the recipe, sized for 2 CPUs.
 CPU_PRESET: Mapping[str, Any] = {
@@ -222,18 +231,21 @@ def flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-def check_int(obj, name: str, *, low: int) -> None:
-    """``obj.<name>`` is a whole number >= ``low``, or ConfigError naming the flag (any settings
-    dataclass: the run's config, the server's options, a search's settings)."""
+def check_int(obj, name: str, *, low: int, high: Optional[int] = None) -> None:
+    """``obj.<name>`` is a whole number from ``low`` to ``high``, or ConfigError naming the flag (any
+    settings dataclass: the run's config, the server's options, a search's settings)."""
     value = getattr(obj, name)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"--{flag(name)} {value!r}: must be a whole number >= {low}")
     if value < low:
         raise ConfigError(f"--{flag(name)} {value}: must be >= {low}")
+    if high is not None and value > high:
+        raise ConfigError(f"--{flag(name)} {value}: must be <= {high}")
 
 
-def check_number(obj, name: str, *, positive: bool) -> None:
-    """``obj.<name>`` is a finite number, > 0 when ``positive``, else >= 0; or ConfigError."""
+def check_number(obj, name: str, *, positive: bool, high: Optional[float] = None) -> None:
+    """``obj.<name>`` is a finite number, > 0 when ``positive``, else >= 0, and at most ``high``;
+    or ConfigError."""
     value = getattr(obj, name)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"--{flag(name)} {value!r}: must be a number")
@@ -241,6 +253,8 @@ def check_number(obj, name: str, *, positive: bool) -> None:
         raise ConfigError(f"--{flag(name)} {value}: must be > 0")
     if not positive and value < 0:
         raise ConfigError(f"--{flag(name)} {value}: must be >= 0")
+    if high is not None and value > high:
+        raise ConfigError(f"--{flag(name)} {value:g}: must be <= {high:g}")
 
 
 def check_choice(obj, name: str, allowed: tuple) -> None:

@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from ensemble.bootstrap import member_counts, member_seeds
+from ensemble.bootstrap import check_bootstrap_size, member_counts, member_seeds
 from ensemble.cli import config_from_argv
 from ensemble.config import ConfigError, EnsembleConfig, cache_side
 from ensemble.errors import run_cli
@@ -53,6 +53,7 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False) -> dict:
     num_classes = len(index.classes)
     if cfg.num_classes is not None and cfg.num_classes != num_classes:
         raise ConfigError(f"--num-classes {cfg.num_classes} but the data has {num_classes} classes")
+    check_bootstrap_size(cfg.bootstrap_size, index.train.num_rows)
     initial_state = resolve_weights(cfg.arch, cfg.weights)
     # builds the model once: a weights file for another arch fails here
     params = count_parameters(make_member_model(cfg.arch, num_classes, initial_state, cfg.freeze, cfg.freeze_stem))
@@ -133,6 +134,7 @@ def dry_run(cfg: EnsembleConfig) -> int:
         sizes = scan_layout(cfg.data or ensure_digits()).sizes()
         if cfg.num_classes is not None and cfg.num_classes != sizes["classes"]:
             raise ConfigError(f"--num-classes {cfg.num_classes} but the data has {sizes['classes']} classes")
+        check_bootstrap_size(cfg.bootstrap_size, sizes["train"])
     num_classes = sizes["classes"] if sizes else cfg.num_classes
     params = count_parameters(make_member_model(cfg.arch, num_classes, None, cfg.freeze, cfg.freeze_stem))
     print("\n".join(plan_lines(cfg, params, sizes, num_classes)))

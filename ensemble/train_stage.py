@@ -10,7 +10,6 @@ import logging
 import uuid
 
 
-from ensemble.bootstrap import member_counts
 from ensemble.cluster import slot_members, slot_name
 from ensemble.errors import EnsembleError, UserError, worker_error
 from ensemble.member_files import load_finished_member
@@ -42,7 +41,6 @@ def train_members(plan, *, seeds: list[int], train_table, val_table, gpus: float
     from ensemble.actors import MemberTrainer
 
     cfg, output = plan.config, plan.output
-    n_train, n_samples = train_table.num_rows, plan.fingerprint["bootstrap_size"]
     summaries, weights = {}, {}
     queue = []
     for i in range(cfg.members):
@@ -72,9 +70,8 @@ def train_members(plan, *, seeds: list[int], train_table, val_table, gpus: float
             up.append(actors[-1].started.remote())  # before its fits: done as soon as the actor runs
         for slot, members in enumerate(slots):
             for i in members:  # queued on the actor; it runs them in this order
-                counts = member_counts(cfg.bagging, seeds[i], n_train, n_samples)
                 summary_ref, weights_ref = actors[slot].fit.options(name=f"ensemble-member-{i}.fit").remote(
-                    i, seeds[i], plan_ref, train_ref, val_ref, [ray.put(counts)])
+                    i, seeds[i], plan_ref, train_ref, val_ref)
                 running[summary_ref] = (i, slot, weights_ref)
         watch = StallWatch(cfg, gpus)
         while running:

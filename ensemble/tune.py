@@ -31,8 +31,8 @@ import numpy as np
 
 from ensemble import storage
 from ensemble.cluster import cluster_capacity, connect, fit_cpus, resolve_gpus
-from ensemble.config import (AUGMENTS, ARCHS, PRECISIONS, ConfigError, EnsembleConfig, check_gpus, check_int,
-                             check_number, config_with_preset, load_yaml)
+from ensemble.config import (AUGMENTS, ARCHS, INT_RANGES, NUMBER_RANGES, PRECISIONS, ConfigError, EnsembleConfig,
+                             check_gpus, check_int, check_number, config_with_preset, load_yaml)
 from ensemble.errors import run_cli
 from ensemble.trials import best_config_values, format_table, pick_best, summarize_trial, trials_csv
 from ensemble.run_folder import check_output
@@ -57,10 +57,11 @@ class SearchSettings:
     carried_keys: tuple = ()           # keys of --config that best_config.yaml keeps (it can replace that file)
 
     def __post_init__(self) -> None:
-        for name in ("trials", "max_epochs"):
-            check_int(self, name, low=1)
-        for name in ("lr_min", "lr_max", "cpus_per_trial"):
-            check_number(self, name, positive=True)
+        check_int(self, "trials", low=1, high=10_000)
+        check_int(self, "max_epochs", low=1, high=INT_RANGES["epochs"][1])
+        for name, high in (("lr_min", NUMBER_RANGES["lr"][1]), ("lr_max", NUMBER_RANGES["lr"][1]),
+                           ("cpus_per_trial", NUMBER_RANGES["cpus_per_member"][1])):
+            check_number(self, name, positive=True, high=high)
         if self.lr_min >= self.lr_max:
             raise ConfigError(f"--lr-min {self.lr_min:g} --lr-max {self.lr_max:g}: lr-min must be below lr-max")
         check_gpus(self, "gpus_per_trial")

@@ -104,6 +104,13 @@ def test_test_dir_without_images(capsys, good, tmp_path):
     (["--lr", "-0.1"], "--lr -0.1: must be > 0"),
     (["--batch-size", "0"], "--batch-size 0: must be >= 1"),
     (["--batch-size", "-4"], "--batch-size -4: must be >= 1"),
+    # upper bounds (config.INT_RANGES / NUMBER_RANGES), refused before anything is written
+    (["--members", "100000"], "--members 100000: must be <= 1000"),
+    (["--bootstrap-size", "1000000000000"], "--bootstrap-size 1000000000000: must be <= 100000000"),
+    (["--bootstrap-size", "181"], "--bootstrap-size 181: at most 10 x the train split's 18 images (180)"),
+    (["--image-size", "4096"], "--image-size 4096: must be <= 1024"),
+    (["--lr", "5"], "--lr 5: must be <= 1"),
+    (["--stall-timeout", "1e9"], "--stall-timeout 1e+09: must be <= 604800"),
 ])
 def test_bad_numbers_and_names(capsys, good, tmp_path, flags, expect):
     _refused(capsys, ["--data", good, *QUICK, *flags], tmp_path / "out", expect)

@@ -66,6 +66,7 @@ def test_slots_deal_members_round_robin():
     assert slot_members([3], 4) == [[3]]
     assert slot_members([], 2) == []
     assert slot_name([3]) == "ensemble-member-3" and slot_name([0, 2, 4]) == "ensemble-members-0-2-4"
+    assert slot_name(list(range(1, 1000, 2))) == "ensemble-members-1-3-5-...-999"  # 500 members: a short name
 
 
 def test_node_types_from_a_launcher_config(tmp_path):
