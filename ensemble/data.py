@@ -23,6 +23,8 @@ from ensemble.pixels import ImageTooLarge
 from ensemble.errors import UserError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# The columns of probabilities.parquet beside one per class (report.py): no class may take their name.
+RESULT_COLUMNS = ("image_name", "predictive_entropy", "member_disagreement")
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,9 @@ def _class_dirs(split_dir: str) -> list[str]:
     return [name for name, is_dir in storage.list_dir(split_dir) if is_dir and not name.startswith(".")]
 
 
-def _table(paths: list[str], labels: list[int]) -> pa.Table:
-    names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+def _table(paths: list[str], labels: list[int], names: Optional[list[str]] = None) -> pa.Table:
+    """File rows; ``image_name`` is the file name without its extension unless ``names`` says."""
+    names = names or [os.path.splitext(os.path.basename(p))[0] for p in paths]
     return pa.table({
         "id": pa.array(np.arange(len(paths), dtype=np.int64)),
         "path": pa.array(paths, pa.string()),
@@ -78,17 +81,32 @@ def _labelled_split(root: str, split: str, classes: Optional[list[str]]) -> tupl
     return classes, _class_folder_rows(split_dir, found, classes, empty=f"--data {root}: {split}/{{cls}}/")
 
 
-def _class_folder_rows(folder: str, found: list[str], classes, *, empty: Optional[str] = None) -> pa.Table:
+def _class_folder_rows(folder: str, found: list[str], classes, *, empty: Optional[str] = None,
+                       named_by_class: bool = False) -> pa.Table:
     """File rows of ``folder``'s class folders ``found``, labelled by position in ``classes``.
-    With ``empty`` (a message prefix with ``{cls}``), a class folder without images is a ConfigError."""
-    paths, labels = [], []
+    With ``empty`` (a message prefix with ``{cls}``), a class folder without images is a ConfigError.
+    ``named_by_class``: ``image_name`` is ``<class>/<file name without extension>``, so files of
+    the same name in two class folders stay two rows of predictions.csv."""
+    paths, labels, names = [], [], []
     for cls in found:
         files = _image_files(storage.join(folder, cls))
         if not files and empty is not None:
             raise ConfigError(empty.format(cls=cls) + f" has no images ({', '.join(IMG_EXTENSIONS)})")
         paths += [storage.join(folder, cls, f) for f in files]
         labels += [list(classes).index(cls)] * len(files)
-    return _table(paths, labels)
+        names += [f"{cls}/{os.path.splitext(f)[0]}" for f in files]
+    return _table(paths, labels, names if named_by_class else None)
+
+
+def check_unique_names(table: pa.Table, what: str) -> None:
+    """ConfigError when two files of ``table`` would give the same row of predictions.csv (its
+    ``image_name``: ``a.jpg`` and ``a.png``); ``what`` names the folder in the message."""
+    seen: dict = {}
+    for name, path in zip(table.column("image_name").to_pylist(), table.column("path").to_pylist()):
+        if name in seen:
+            raise ConfigError(f"{what}: {os.path.basename(seen[name])} and {os.path.basename(path)} would both be row "
+                              f"'{name}' of predictions.csv; rename one of them")
+        seen[name] = path
 
 
 def scan_layout(root: str) -> DatasetIndex:
@@ -112,6 +130,10 @@ def _scan_layout(root: str) -> DatasetIndex:
     if not storage.is_dir(root):
         raise ConfigError(f"--data {root}: no such folder")
     classes, train = _labelled_split(root, "train", None)
+    taken = [c for c in classes if c in RESULT_COLUMNS]
+    if taken:
+        raise ConfigError(f"--data {root}: class folder train/{taken[0]}/ has the name of a column of "
+                          f"probabilities.parquet ({', '.join(RESULT_COLUMNS)}); rename the folder")
     _, val = _labelled_split(root, "val", classes)
     test_dir = storage.join(root, "test")
     if not storage.is_dir(test_dir):
@@ -120,6 +142,7 @@ def _scan_layout(root: str) -> DatasetIndex:
     if not test_files:
         raise ConfigError(f"--data {root}: test/ has no images ({', '.join(IMG_EXTENSIONS)})")
     test = _table([storage.join(test_dir, f) for f in test_files], [-1] * len(test_files))
+    check_unique_names(test, f"--data {root}: test/")
     if not storage.is_uri(root):
         root = os.path.abspath(root)
     return DatasetIndex(root=root, classes=tuple(classes), train=train, val=val, test=test)
@@ -129,7 +152,8 @@ def scan_images(folder: str, classes) -> tuple[pa.Table, bool]:
     """The images to label with a finished run: (file rows, labelled).
 
     A flat folder of images (labels -1), or class folders named like the run's ``classes``
-    (labels are then known, and predictions can be scored). ConfigError, one line, otherwise.
+    (labels are then known, and predictions can be scored; rows are named ``<class>/<name>``).
+    ConfigError, one line, otherwise, and for two files that would share a row name.
     """
     if storage.is_uri(folder):
         folder = folder.rstrip("/")
@@ -138,18 +162,21 @@ def scan_images(folder: str, classes) -> tuple[pa.Table, bool]:
             raise ConfigError(f"--images {folder}: no such folder")
         flat = _image_files(folder)
         if flat:
-            return _table([storage.join(folder, f) for f in flat], [-1] * len(flat)), False
+            table = _table([storage.join(folder, f) for f in flat], [-1] * len(flat))
+            check_unique_names(table, f"--images {folder}")
+            return table, False
         found = _class_dirs(folder)
         unknown = [c for c in found if c not in classes]
         if unknown:
             raise ConfigError(f"--images {folder}: class folders the run was not trained on: {', '.join(unknown[:5])}")
-        table = _class_folder_rows(folder, found, classes)
+        table = _class_folder_rows(folder, found, classes, named_by_class=True)
     except (OSError, ValueError) as exc:
         if isinstance(exc, ConfigError):
             raise
         raise ConfigError(f"--images {folder}: cannot read it ({str(exc).splitlines()[0][:200]})") from None
     if not table.num_rows:
         raise ConfigError(f"--images {folder}: no images ({', '.join(IMG_EXTENSIONS)}), flat or in class folders")
+    check_unique_names(table, f"--images {folder}")
     return table, True
 
 

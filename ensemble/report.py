@@ -42,6 +42,8 @@ def probabilities_table(image_names: Sequence[str], probs: np.ndarray, classes: 
     columns = {"image_name": pa.array(list(image_names), pa.string())}
     probs = np.asarray(probs, dtype=np.float32)
     for j, cls in enumerate(classes):
+        if str(cls) in columns:  # data.scan_layout refuses such class names before training
+            raise ValueError(f"class {cls!r} clashes with the column of that name")
         columns[str(cls)] = pa.array(probs[:, j])
     for name, values in (extra_columns or {}).items():
         if name in columns:

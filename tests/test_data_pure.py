@@ -121,6 +121,8 @@ def test_scan_layout_ignores_hidden_folders(tree):
     ("val_unknown_class", "val/ has classes not in train/: z"),
     ("no_test", "no test/"),
     ("empty_test", "test/ has no images"),
+    ("class_named_like_a_column", "class folder train/image_name/ has the name of a column of probabilities.parquet"),
+    ("test_twins", "t2.jpg and t2.png would both be row 't2' of predictions.csv; rename one of them"),
 ])
 def test_scan_layout_errors(tree, breakage, needle):
     root = tree
@@ -146,6 +148,12 @@ def test_scan_layout_errors(tree, breakage, needle):
         (tree / "test").mkdir()
         (tree / "test" / "sub").mkdir()
         _rgb(tree / "test" / "sub" / "nested.png")   # not flat: does not count
+    elif breakage == "class_named_like_a_column":
+        for split in ("train", "val"):
+            (tree / split / "image_name").mkdir()
+            _rgb(tree / split / "image_name" / "x.png")
+    elif breakage == "test_twins":
+        _rgb(tree / "test" / "t2.jpg", seed=7)
     with pytest.raises(ConfigError) as info:
         scan_layout(str(root))
     msg = str(info.value)

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -285,6 +286,11 @@ def test_predict_scores_class_folders(run, tiny_digits, tmp_path):
     _, report, output = run
     summary = predict(output, os.path.join(tiny_digits, "val"), str(tmp_path / "pred"))
     assert summary["accuracy"] == pytest.approx(report["ensemble"]["val_acc"], abs=1e-9)
+    # rows named <class>/<file>: the same file name in two class folders gives two rows
+    rows = (tmp_path / "pred" / "predictions.csv").read_text().splitlines()[1:]
+    names = [row.split(",")[0] for row in rows]
+    assert len(names) == len(set(names)) == report["data"]["val"]
+    assert all(name.split("/")[0] in report["data"]["class_names"] for name in names)
 
 
 def test_predict_refuses_unfinished_tampered_and_empty_in_one_line(run, tiny_digits, tmp_path, capsys):
@@ -309,6 +315,17 @@ def test_predict_refuses_unfinished_tampered_and_empty_in_one_line(run, tiny_dig
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
         assert not (tmp_path / "out").exists()
+    # two files that would be one row, and an --output inside the run: refused before any work
+    twins = tmp_path / "twins"
+    twins.mkdir()
+    for name in ("a.png", "a.jpg"):
+        shutil.copy(os.path.join(test_dir, sorted(os.listdir(test_dir))[0]), twins / name)
+    for images, out, message in [(str(twins), tmp_path / "out", "a.jpg and a.png would both be row 'a' of predictions.csv"),
+                                 (test_dir, Path(output) / "again", f"inside the run folder {output}")]:
+        assert main(["--run", str(output), "--images", images, "--output", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert not out.exists()
 
 
 def test_image_cache_holds_every_readable_files_exact_pixels(cluster, tiny_digits, tmp_path):
