@@ -11,11 +11,13 @@ all members (TTA as the run's), voted and scaled by the temperature its report f
 ``POST /`` with the raw image bytes as the body answers JSON: ``label`` (class name), ``top_k``
 (``k`` classes with probabilities; query ``k``, default 5), ``probabilities`` (every class),
 ``entropy`` (nats), ``disagreement`` (share of members whose top class differs from ``label``),
-``members`` and ``batch_size`` (how many requests the members ran together). ``GET /``: the run,
-the limits and a histogram of batch sizes. A body over ``--max-upload-mb`` gets 413 before it
-is read in full; an image whose header claims more than ``--max-megapixels`` gets 400 before
-a pixel is decoded (decompression bombs); anything else PIL cannot read gets 400. One line in
-``{"error": ...}`` each; the server keeps serving.
+``members`` and ``batch_size`` (how many requests the members ran together). ``GET /``: the run's
+name, the limits, a histogram of batch sizes and counts of the answers by status. A body over
+``--max-upload-mb`` gets 413 before it is read in full, one not in within ``--body-timeout-s``
+408; an image whose header claims more than ``--max-megapixels`` gets 400 before a pixel is
+decoded (decompression bombs); anything else PIL cannot read gets 400; a failure of the server's
+own 500. One line in ``{"error": ...}`` each; the server keeps serving. Ray's proxy answers 503
+when ``--max-queued-requests`` wait for the full replica, 408 past ``--request-timeout-s``.
 """
 
 from __future__ import annotations
@@ -28,20 +30,22 @@ import signal
 import sys
 import threading
 from collections import Counter
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 from ray import serve
 
-from ensemble.config import ConfigError
+from ensemble.config import ConfigError, check_number
 from ensemble.errors import run_cli
 from ensemble.run_folder import MEMBER_CHOICES, FinishedRun, load_run
-from ensemble.served_run import (ServedRun, ServeOptions, UploadTooLarge, bad_image_reason, one_line, parse_k,
-                                  read_upload)
+from ensemble.served_run import (REQUEST_TIMEOUT_RANGE, REQUEST_TIMEOUT_S, BatchHealth, ServedRun, ServeOptions, UploadTimedOut,
+                                  UploadTooLarge, bad_image_reason, one_line, parse_k, read_upload, server_error)
 
 log = logging.getLogger("ensemble.serve")
 
 APP_NAME = "ensemble"  # the Serve application's name (serve status, the dashboard's Serve view)
+ROUTE = "/"            # its route prefix: POST / and GET /
 
 
 # ---------------------------------------------------------------- the deployment (Ray Serve)
@@ -61,13 +65,24 @@ class EnsembleServer:
         self.vote.set_batch_wait_timeout_s(options.batch_wait_s)
         self.batch_sizes: Counter = Counter()  # batch size -> how many batches of that size ran
         self.status_counts: Counter = Counter()  # HTTP status -> how many answers
+        self.health = BatchHealth()
 
     async def __call__(self, request):
         from starlette.responses import JSONResponse
 
-        status, body = await self._handle(request)
+        try:
+            status, body = await self._handle(request)
+            response = JSONResponse(body, status_code=status)
+        except Exception as exc:  # the server's own failure (a batch the members could not run): JSON as well
+            status = 500
+            response = JSONResponse({"error": server_error(exc)}, status_code=status)
         self.status_counts[status] += 1
-        return JSONResponse(body, status_code=status)
+        return response
+
+    def check_health(self) -> None:
+        """Serve's periodic health check of the replica: fails once the members have failed
+        several batches in a row, so that Serve replaces the replica (which loads them again)."""
+        self.health.check()
 
     async def _handle(self, request) -> tuple[int, dict]:
         from ensemble.data import ImageTooLarge
@@ -81,9 +96,11 @@ class EnsembleServer:
             return 405, {"error": f"{request.method} not allowed; POST an image's bytes, or GET"}
         try:
             k = parse_k(request.query_params.get("k"))
-            data = await read_upload(request, self.options.max_bytes)
+            data = await read_upload(request, self.options.max_bytes, self.options.body_timeout_s)
         except UploadTooLarge as exc:
             return 413, {"error": one_line(exc)}
+        except UploadTimedOut as exc:
+            return 408, {"error": one_line(exc)}
         except ValueError as exc:
             return 400, {"error": one_line(exc)}
         try:
@@ -96,9 +113,19 @@ class EnsembleServer:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.025)  # both set from the options in __init__
     async def vote(self, requests: list) -> list[dict]:
-        """A batch of (decoded image, uint8 (S, S, 3), k): every member once on the stacked batch."""
+        return await self.run_batch(requests)
+
+    async def run_batch(self, requests: list) -> list[dict]:
+        """A batch of (decoded image, uint8 (S, S, 3), k): every member once on the stacked batch.
+        An error reaches every request of the batch (each answers 500, ``__call__``) and counts
+        against the replica's health."""
         images = np.stack([image for image, _ in requests])
-        result = await asyncio.to_thread(self.run.answer, images, [k for _, k in requests])
+        try:
+            result = await asyncio.to_thread(self.run.answer, images, [k for _, k in requests])
+        except Exception as exc:
+            self.health.record(exc)
+            raise
+        self.health.record(None)
         self.batch_sizes[len(requests)] += 1
         for row in result:
             row["batch_size"] = len(requests)
@@ -142,13 +169,17 @@ def build_app(options: ServeOptions):
     return EnsembleServer.options(
         # enough requests in the replica for a full batch while the previous one computes
         max_ongoing_requests=4 * options.max_batch_size,
+        # beyond those, this many wait at Ray's proxy; more get 503 (Serve's default: no limit)
+        max_queued_requests=options.max_queued_requests,
         ray_actor_options={"num_gpus": gpus, "num_cpus": cpus},
     ).bind(options, cpus)
 
 
 def app(args: dict):
     """Ray Serve application builder: ``serve run ensemble.serve:app run=OUTPUT [members=selected]
-    [max_upload_mb=20] [max_megapixels=40] [max_batch_size=16] [batch_wait_s=0.025] [gpus=..] [cpus=..]``.
+    [max_upload_mb=20] [max_megapixels=40] [max_batch_size=16] [batch_wait_s=0.025]
+    [max_queued_requests=64] [body_timeout_s=30] [gpus=..] [cpus=..]``. (The request timeout is
+    Serve's own setting there: its config file's ``http_options.request_timeout_s``.)
 
     Under the ``serve`` command line (which calls builders in its own process, before it starts
     anything), a run or argument we cannot use is one ``error:`` line and exit code 2, as in
@@ -180,6 +211,12 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"requests run through the members together at most (default {d.max_batch_size})")
     p.add_argument("--batch-wait-s", type=float, default=d.batch_wait_s,
                    help=f"how long a batch waits to fill (default {d.batch_wait_s:g} s)")
+    p.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
+                   help=f"requests that may wait while the server is full; more get 503 (default {d.max_queued_requests})")
+    p.add_argument("--body-timeout-s", type=float, default=d.body_timeout_s,
+                   help=f"a request body not in within this gets 408 (default {d.body_timeout_s:g} s)")
+    p.add_argument("--request-timeout-s", type=float, default=REQUEST_TIMEOUT_S,
+                   help=f"a request not answered within this, waiting included, gets 408 (default {REQUEST_TIMEOUT_S:g} s)")
     p.add_argument("--gpus", type=float, help="GPUs for the server (default 0.5 where the cluster has GPUs, else 0)")
     p.add_argument("--cpus", type=float, help="CPUs and torch threads (default: the run's --cpus-per-infer-actor)")
     p.add_argument("--address", help="Ray cluster address, as for ensemble.driver (default: start a local one)")
@@ -197,21 +234,92 @@ def _check_port_free(host: str, port: int) -> None:
                               f"pass another --port") from None
 
 
-def _start(args: argparse.Namespace) -> int:
-    """Check the run and the port, join or start Ray, run the app (returns 0 once it is up)."""
+@dataclass(frozen=True)
+class ServeAddress:
+    """Where Serve's proxy really listens, and its request timeout (None: none). Serve's HTTP
+    options are set once, when Serve starts on a cluster; a later serve.start keeps them."""
+
+    host: str
+    port: int
+    request_timeout_s: Optional[float]
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/"
+
+
+def serve_address() -> ServeAddress:
+    """What the running Serve instance uses (its controller's HTTP options; Serve 2.60 has no
+    public call that returns them, ``serve.status`` leaves them out)."""
+    from ray.serve.context import _get_global_client
+
+    http = _get_global_client().http_config
+    return ServeAddress(http.host, http.port, http.request_timeout_s)
+
+
+def apps_in_the_way() -> list[str]:
+    """The Serve applications this one would replace: one named APP_NAME, or one at ROUTE."""
+    from ray.serve.context import _get_global_client
+
+    apps = _get_global_client().get_serve_details().get("applications", {})
+    return [f"'{name}' (route {app.get('route_prefix')})" for name, app in sorted(apps.items())
+            if name == APP_NAME or app.get("route_prefix") == ROUTE]
+
+
+def deploy(options: ServeOptions, *, host: str, port: int, request_timeout_s: Optional[float],
+           claimed: Callable[[], None] = lambda: None) -> ServeAddress:
+    """Start Serve on the connected cluster (or find it running), refuse to replace an application
+    that is there (ConfigError: this server never takes over, nor on stopping deletes, an app it
+    did not start), then deploy the run's app and return the address Serve really uses.
+    ``claimed`` is called once the app's name is this process's to deploy (and delete)."""
+    serve.start(http_options={"host": host, "port": port, "request_timeout_s": request_timeout_s})
+    address = serve_address()
+    in_the_way = apps_in_the_way()
+    if in_the_way:
+        raise ConfigError(f"Serve at {address.url} already runs the application {', '.join(in_the_way)}; "
+                          f"this server replaces no other: stop that one first (serve delete NAME), "
+                          f"or serve on another Ray cluster")
+    claimed()
+    serve.run(build_app(options), name=APP_NAME, route_prefix=ROUTE, blocking=False)
+    return address
+
+
+def serving_lines(run: str, address: ServeAddress, *, host: str, port: int,
+                  request_timeout_s: Optional[float]) -> list[str]:
+    """What ``main`` prints once the app is up: the address Serve really listens on; and, when a
+    Serve instance already running kept settings of its own, which requested ones did not apply."""
+    lines = [f"serving {run} at {address.url} (POST an image; GET / for the run); Ctrl-C or SIGTERM stops it"]
+    ignored = []
+    if (address.host, address.port) != (host, port):
+        ignored.append(f"--host {host} --port {port}")
+    if address.request_timeout_s != request_timeout_s:
+        ignored.append(f"--request-timeout-s {request_timeout_s:g}")
+    if ignored:
+        its_timeout = "none" if address.request_timeout_s is None else f"{address.request_timeout_s:g} s"
+        lines.append(f"note: Serve was already running on this cluster and keeps its own settings (request "
+                     f"timeout: {its_timeout}); not applied: {', '.join(ignored)}")
+    return lines
+
+
+def _start(args: argparse.Namespace, started: dict) -> int:
+    """Check the run, the options and the port, join or start Ray, deploy the app (returns 0 once
+    it is up). ``started``: "app" once the app name is ours, "address" once it serves."""
     from ensemble.cluster import connect
 
     options = ServeOptions(run=args.run, members=args.members, max_upload_mb=args.max_upload_mb,
                            max_megapixels=args.max_megapixels, max_batch_size=args.max_batch_size,
-                           batch_wait_s=args.batch_wait_s, gpus=args.gpus, cpus=args.cpus)
+                           batch_wait_s=args.batch_wait_s, max_queued_requests=args.max_queued_requests,
+                           body_timeout_s=args.body_timeout_s, gpus=args.gpus, cpus=args.cpus)
+    check_number(args, "request_timeout_s", positive=not REQUEST_TIMEOUT_RANGE[0], high=REQUEST_TIMEOUT_RANGE[1])
     load_run(options.run, options.members)  # one line now, before a cluster starts, if it is not a finished run
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port {args.port}: choose 1-65535")
     if args.address in (None, "local") and not os.environ.get("RAY_ADDRESS"):
         _check_port_free(args.host, args.port)  # a cluster on this machine: its proxy binds here
     connect(args.address)
-    serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(build_app(options), name=APP_NAME, route_prefix="/", blocking=False)
+    started["address"] = deploy(options, host=args.host, port=args.port, request_timeout_s=args.request_timeout_s,
+                                claimed=lambda: started.update(app=True))
     return 0
 
 
@@ -222,32 +330,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     one line. Errors a user can make: one line, exit 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = _parser().parse_args(argv)
-    code = run_cli(lambda: _start(args), interrupted="interrupted before the server was up")
+    started: dict = {}
+    code = run_cli(lambda: _start(args, started), interrupted="interrupted before the server was up")
     if code == 130:
-        _stop()  # what had started before Ctrl-C
+        _stop(started)  # what had started before Ctrl-C
     if code:
         return code
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init and serve.run, so these are the ones that hold
         signal.signal(sig, lambda signum, frame: stop.set())
-    print(f"serving {args.run} at http://{args.host}:{args.port}/ (POST an image; GET / for the run); "
-          f"Ctrl-C or SIGTERM stops it", flush=True)
+    for line in serving_lines(args.run, started["address"], host=args.host, port=args.port,
+                              request_timeout_s=args.request_timeout_s):
+        print(line, flush=True)
     while not stop.wait(1.0):
         pass
-    _stop()
+    _stop(started)
     print("stopped: the server is shut down", flush=True)
     return 0
 
 
-def _stop() -> None:
-    """Take down what this process started: the app (on a shared cluster other Serve apps keep
-    running), then the connection; a cluster this process started ends with it, Serve included."""
+def _stop(started: dict) -> None:
+    """Take down what this process started: its app (never another's; on a shared cluster other
+    Serve apps keep running), then the connection; a cluster this process started ends with it,
+    Serve included."""
     import ray
 
     if not ray.is_initialized():
         return
     try:
-        serve.delete(APP_NAME)
+        if started.get("app"):
+            serve.delete(APP_NAME)
     finally:
         ray.shutdown()
 

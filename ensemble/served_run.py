@@ -4,16 +4,23 @@ wraps ``ServedRun`` in a Ray Serve deployment; tests and the load benchmark use 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import logging
+import os
 from dataclasses import dataclass, fields
 from typing import Optional, Sequence
 
 import numpy as np
 
+from ensemble import config, storage
 from ensemble.config import ConfigError, check_choice, check_int, check_number
 from ensemble.run_folder import MEMBER_CHOICES, FinishedRun, load_run
 
+log = logging.getLogger("ensemble.serve")
+
 MAX_K = 1000  # ceiling on the k query parameter (k is also capped at the number of classes)
+UNHEALTHY_AFTER = 3  # failed batches in a row after which the replica's health check fails (Serve replaces it)
 
 
 @dataclass(frozen=True)
@@ -27,21 +34,22 @@ class ServeOptions:
     max_batch_size: int = 16              # requests the members run together at most
     batch_wait_s: float = 0.025           # how long a batch waits to fill; 0.01 left batches of ~1 on 2 cores
                                           # (a request's HTTP path takes longer than that; BENCHMARKS.md)
+    max_queued_requests: int = 64         # requests waiting at Ray's proxy while the replica is full; more get 503
+    body_timeout_s: float = 30.0          # a request body not in within this (s) gets 408 (20 MiB needs ~5.6 Mbit/s)
     gpus: Optional[float] = None          # GPUs for the deployment; None: 0.5 where the cluster has GPUs, else 0
     cpus: Optional[float] = None          # CPUs (= torch threads); None: the run's cpus_per_infer_actor
 
     def __post_init__(self) -> None:
         check_choice(self, "members", MEMBER_CHOICES)
-        for name in ("max_upload_mb", "max_megapixels"):
-            check_number(self, name, positive=True)
-        check_number(self, "batch_wait_s", positive=False)
-        check_int(self, "max_batch_size", low=1)
+        for name, (low, high) in INT_RANGES.items():
+            check_int(self, name, low=low, high=high)
+        for name, (zero_ok, high) in NUMBER_RANGES.items():
+            if getattr(self, name) is not None or name not in OPTIONAL:
+                check_number(self, name, positive=not zero_ok, high=high)
         if self.gpus is not None:
             check_number(self, "gpus", positive=False)
             if self.gpus > 1:
                 raise ConfigError(f"--gpus {self.gpus:g}: the deployment runs its members on one device; use 1 or less")
-        if self.cpus is not None:
-            check_number(self, "cpus", positive=True)
 
     @property
     def max_bytes(self) -> int:
@@ -62,12 +70,33 @@ class ServeOptions:
             raise ConfigError("run=OUTPUT is required: the --output folder of a finished ensemble.driver run")
         values = {}
         for name, value in args.items():
-            kind = {"max_batch_size": int, "run": str, "members": str}.get(name, float)
+            kind = {"max_batch_size": int, "max_queued_requests": int, "run": str, "members": str}.get(name, float)
             try:
                 values[name] = None if value in (None, "", "auto") else kind(value)
             except ValueError:
                 raise ConfigError(f"{name}={value}: expected {kind.__name__}") from None
         return cls(**values)
+
+
+# Each numeric option's range, refused in one line naming the option and the bound (as the run's
+# config refuses its own, config.INT_RANGES). Whole numbers: (low, high).
+INT_RANGES = {
+    "max_batch_size": (1, 1024),          # the replica takes 4 x this many requests at once
+    "max_queued_requests": (1, 10_000),   # each may hold a body at Ray's proxy (README, "Limits")
+}
+# Numbers: (0 allowed, high); otherwise above 0.
+NUMBER_RANGES = {
+    "max_upload_mb": (False, 1024.0),
+    "max_megapixels": (False, 178.0),     # PIL itself refuses images past ~179 megapixels
+    "batch_wait_s": (True, 60.0),
+    "body_timeout_s": (False, 3600.0),
+    "cpus": (False, config.NUMBER_RANGES["cpus_per_infer_actor"][1]),  # as the run's voters
+}
+OPTIONAL = {f.name for f in fields(ServeOptions) if f.default is None}  # None = decided from the cluster
+# python -m ensemble.serve --request-timeout-s: a setting of the whole Serve instance (not an option
+# of the app), end to end: waiting in the queue, the body, the batch. Default and (0 allowed, high).
+REQUEST_TIMEOUT_S = 120.0
+REQUEST_TIMEOUT_RANGE = (False, 3600.0)
 
 
 def answers(member_probs, classes: Sequence[str], *, rule: str, temperature: float, weights=None,
@@ -106,24 +135,37 @@ def parse_k(value: Optional[str]) -> int:
 
 
 class UploadTooLarge(ValueError):
-    """A request body over the upload limit."""
+    """A request body over the upload limit (413)."""
 
 
-async def read_upload(request, max_bytes: int) -> bytes:
+class UploadTimedOut(ValueError):
+    """A request body that did not arrive in full within the body timeout (408)."""
+
+
+async def read_upload(request, max_bytes: int, timeout_s: Optional[float] = None) -> bytes:
     """The request body, refused (UploadTooLarge) once it passes ``max_bytes``: by its
     Content-Length before anything is read, else while it streams in (chunked uploads), so a
-    request never holds more than ``max_bytes`` (plus one chunk) here."""
+    request never holds more than ``max_bytes`` (plus one chunk) here. A body not in within
+    ``timeout_s`` seconds in all (a client sending a byte now and then holds a place in the
+    replica) raises UploadTimedOut."""
     declared = request.headers.get("content-length")
     limit = f"the limit is {max_bytes / 2**20:g} MiB (--max-upload-mb)"
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise UploadTooLarge(f"upload of {int(declared)} bytes; {limit}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise UploadTooLarge(f"upload of more than {max_bytes} bytes; {limit}")
-        chunks.append(chunk)
-    return b"".join(chunks)
+
+    async def body() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise UploadTooLarge(f"upload of more than {max_bytes} bytes; {limit}")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(body(), timeout_s)
+    except asyncio.TimeoutError:
+        raise UploadTimedOut(f"the request body did not arrive within {timeout_s:g} s (--body-timeout-s)") from None
 
 
 def bad_image_reason(exc: BaseException) -> str:
@@ -138,6 +180,41 @@ def bad_image_reason(exc: BaseException) -> str:
 def one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or exc.__class__.__name__
     return text[:300]
+
+
+def server_error(exc: BaseException) -> str:
+    """The 500 answer's line for a failure of the server's own (logged in full here): the kind of
+    error only, since its message may name files and paths of the machine serving."""
+    log.error("a request failed on the server's side", exc_info=exc)
+    return f"the server failed to answer ({exc.__class__.__name__}); its log has the details"
+
+
+def run_name(run: str) -> str:
+    """What public answers call the run: its folder's name, never its path or bucket."""
+    path = run.split("://", 1)[1] if storage.is_uri(run) else os.path.abspath(run)
+    parts = [p for p in path.split("/") if p][1 if storage.is_uri(run) else 0:]  # a bucket is not a name
+    return parts[-1] if parts else "run"
+
+
+class BatchHealth:
+    """Batches the members failed in a row; ``check`` (the replica's health check) fails once
+    ``UNHEALTHY_AFTER`` have, so Serve replaces the replica (a new one loads the members again)."""
+
+    def __init__(self) -> None:
+        self.failed_in_a_row = 0
+        self.last_error = ""
+
+    def record(self, error: Optional[BaseException]) -> None:
+        if error is None:
+            self.failed_in_a_row = 0
+        else:
+            self.failed_in_a_row += 1
+            self.last_error = f"{error.__class__.__name__}: {one_line(error)}"
+
+    def check(self) -> None:
+        if self.failed_in_a_row >= UNHEALTHY_AFTER:
+            raise RuntimeError(f"the members failed the last {self.failed_in_a_row} batches in a row "
+                               f"(last: {self.last_error})")
 
 
 class ServedRun:
@@ -185,11 +262,12 @@ class ServedRun:
 
     def info(self) -> dict:
         cfg, o = self.finished.config, self.options
-        return {"run": o.run, "classes": self.finished.classes, "members": self.finished.members,
+        return {"run": run_name(o.run), "classes": self.finished.classes, "members": self.finished.members,
                 "member_choice": o.members,
                 "weights": self.finished.weights or [1 / len(self.finished.members)] * len(self.finished.members),
                 "vote": cfg.vote if self.finished.weights is None else "weighted soft",
                 "temperature": self.finished.temperature, "arch": cfg.arch, "image_size": cfg.image_size,
                 "eval_resize": cfg.eval_resize, "tta": cfg.tta, "device": str(self.device),
                 "limits": {"max_upload_mb": o.max_upload_mb, "max_megapixels": o.max_megapixels,
-                           "max_batch_size": o.max_batch_size, "batch_wait_s": o.batch_wait_s}}
+                           "max_batch_size": o.max_batch_size, "batch_wait_s": o.batch_wait_s,
+                           "max_queued_requests": o.max_queued_requests, "body_timeout_s": o.body_timeout_s}}
