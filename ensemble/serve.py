@@ -293,7 +293,7 @@ def serving_lines(run: str, address: ServeAddress, *, host: str, port: int,
     ignored = []
     if (address.host, address.port) != (host, port):
         ignored.append(f"--host {host} --port {port}")
-    if address.request_timeout_s != request_timeout_s:
+    if request_timeout_s is not None and address.request_timeout_s != request_timeout_s:
         ignored.append(f"--request-timeout-s {request_timeout_s:g}")
     if ignored:
         its_timeout = "none" if address.request_timeout_s is None else f"{address.request_timeout_s:g} s"
