@@ -101,7 +101,7 @@ def build_report(cfg: EnsembleConfig, *, summaries: list, scores: dict, params: 
 
 def write_report(output: str, report: dict, *, val: dict, test: dict, classes,
                  started: float) -> None:
-    """figures/, then predictions.csv, probabilities.parquet, report.json and report.md.
+    """figures/, then predictions.csv, probabilities.parquet, report.json (+ its sha256) and report.md.
 
     ``val``/``test``: the vote stage's arrays of that split (``member_probs`` (members, n, classes),
     ``probs``, ``label``, ``image_name``). ``started``: the run's start, for the total time.
@@ -110,6 +110,7 @@ def write_report(output: str, report: dict, *, val: dict, test: dict, classes,
 
     from ensemble.figures import write_figures
     from ensemble.markdown import render_report_md
+    from ensemble.run_folder import write_report_sha256
 
     t_report = time.time()
     rule = report["ensemble"]["vote"]
@@ -117,6 +118,7 @@ def write_report(output: str, report: dict, *, val: dict, test: dict, classes,
     report["seconds"].update(report=time.time() - t_report, total=time.time() - started)
     write_predictions(output, test, classes, rule, report["ensemble"]["calibration"]["temperature"])
     write_json(storage.join(output, "report.json"), report)
+    write_report_sha256(output)  # after report.json: load_run refuses a report changed since
     storage.write_text(storage.join(output, "report.md"), render_report_md(report, figures))
 
 

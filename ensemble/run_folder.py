@@ -23,8 +23,10 @@ from ensemble.errors import RunError
 
 log = logging.getLogger("ensemble.run_folder")
 
+REPORT_SHA256 = "report.json.sha256"  # written after report.json: "<sha256>  report.json", as sha256sum writes it
 # What a finished run wrote at its top level; --fresh removes them with the members.
-RESULT_FILES = ("predictions.csv", "probabilities.parquet", "report.json", "report.md", "config.yaml", "run.json")
+RESULT_FILES = ("predictions.csv", "probabilities.parquet", "report.json", REPORT_SHA256, "report.md", "config.yaml",
+                "run.json")
 
 
 def check_output(output: str) -> str:
@@ -151,10 +153,16 @@ def load_run(run: str, members: str = "all") -> FinishedRun:
         raise ConfigError(f"--run {run}: no readable run.json; pass the --output folder of a finished "
                           f"'python -m ensemble.driver' run") from None
     cfg = build_config(flag_values=record["config"])
-    report = _read_report(run)
+    report = _read_report(run)  # checked against its sha256 when the run recorded one
     used, weights = list(range(cfg.members)), None
     if members == "selected":
         used, weights = selected_members(report, cfg.members, run)
+    temperature = _temperature(report, "selection" if members == "selected" else "calibration", run)
+    if temperature is None and members == "selected":  # a report from before selections had their own
+        temperature = _temperature(report, "calibration", run)
+    if temperature is None:
+        log.warning("--run %s: no temperature in its report.json; probabilities are the plain soft vote", run)
+        temperature = 1.0
     states = []
     for i in used:
         finished = load_finished_member(run, i, record["fingerprint"])  # sha256 checked; CheckpointError if not
@@ -162,30 +170,59 @@ def load_run(run: str, members: str = "all") -> FinishedRun:
             raise RunError(f"--run {run}: member {i} has not finished; rerun the driver with --output {run} "
                            f"to finish the run first")
         states.append(finished[1])
-    temperature = _temperature(report, "selection" if members == "selected" else "calibration")
-    if temperature is None and members == "selected":  # a report from before selections had their own
-        temperature = _temperature(report, "calibration")
-    if temperature is None:
-        log.warning("--run %s: no temperature in its report.json; probabilities are the plain soft vote", run)
-        temperature = 1.0
     return FinishedRun(config=cfg, fingerprint=record["fingerprint"], states=states, temperature=temperature,
                        members=used, weights=weights)
 
 
-def _temperature(report: Optional[dict], part: str) -> Optional[float]:
+def _temperature(report: Optional[dict], part: str, run: str) -> Optional[float]:
     """The temperature report.json's ``ensemble.<part>`` fitted (calibration: the vote of all
-    members; selection: the selected members' weighted vote), or None."""
+    members; selection: the selected members' weighted vote), or None where it records none. One
+    that the driver cannot have written (it fits T within ``DEFAULT_BOUNDS``; 0 would fail every
+    vote) is one line (RunError), before a member is loaded."""
+    from ensemble.scores.calibration import DEFAULT_BOUNDS
+
     try:
-        return float(report["ensemble"][part]["temperature"])
-    except (KeyError, TypeError, ValueError):
+        value = report["ensemble"][part]["temperature"]
+    except (KeyError, TypeError):
         return None
+    try:
+        temperature = float(value)
+    except (TypeError, ValueError):
+        temperature = math.nan
+    low, high = DEFAULT_BOUNDS
+    if not (math.isfinite(temperature) and low <= temperature <= high):
+        raise RunError(f"--run {run}: report.json's ensemble.{part}.temperature is {value!r}, not a temperature "
+                       f"the driver fits (a number from {low:g} to {high:g}); restore the file, or rerun the "
+                       f"driver with --output {run} to write it again")
+    return temperature
 
 
 def _read_report(run: str) -> Optional[dict]:
+    """report.json's content, or None (no readable report). Where the run recorded its sha256
+    (REPORT_SHA256, written after it), a report that differs, or is gone, is one line (RunError)."""
     try:
-        return json.loads(storage.read_bytes(storage.join(run, "report.json")))
-    except (OSError, ValueError):
+        data = storage.read_bytes(storage.join(run, "report.json"))
+    except OSError:
+        data = None
+    try:
+        recorded = storage.read_bytes(storage.join(run, REPORT_SHA256)).decode().split()[0]
+    except (OSError, UnicodeDecodeError, IndexError):
+        recorded = None  # a run from before reports were hashed
+    if recorded is not None and (data is None or hashlib.sha256(data).hexdigest() != recorded):
+        change = "is missing" if data is None else "changed after the run wrote it (its sha256 differs)"
+        raise RunError(f"--run {run}: report.json {change}; {REPORT_SHA256} records the one the run wrote: "
+                       f"restore it, or rerun the driver with --output {run} to write it again")
+    try:
+        return json.loads(data) if data is not None else None
+    except ValueError:
         return None
+
+
+def write_report_sha256(output: str) -> None:
+    """report.json's sha256 beside it (REPORT_SHA256), written after it: ``load_run`` refuses a
+    report changed since (``sha256sum -c report.json.sha256`` checks it too)."""
+    digest = hashlib.sha256(storage.read_bytes(storage.join(output, "report.json"))).hexdigest()
+    storage.write_text(storage.join(output, REPORT_SHA256), f"{digest}  report.json\n")
 
 
 def selected_members(report: Optional[dict], n_members: int, run: str) -> tuple[list, list]:

@@ -218,6 +218,171 @@ def test_serve_cli_builder_errors_are_one_line_and_exit_2(tmp_path, monkeypatch,
     assert len(err) == 1 and err[0].startswith("error: ") and "no readable run.json" in err[0], err
 
 
+def test_server_options_bounded_above_in_one_line(tmp_path, capsys):
+    from ensemble import serve
+    from ensemble.served_run import ServeOptions
+
+    cases = {"max_batch_size": (1025, "must be <= 1024"), "max_queued_requests": (10_001, "must be <= 10000"),
+             "max_upload_mb": (2048.0, "must be <= 1024"), "max_megapixels": (500.0, "must be <= 178"),
+             "batch_wait_s": (61.0, "must be <= 60"), "body_timeout_s": (4000.0, "must be <= 3600"),
+             "cpus": (2000.0, "must be <= 1024")}
+    for name, (value, message) in cases.items():
+        with pytest.raises(ConfigError, match=f"^--{name.replace('_', '-')} {value:g}: {message}$"):
+            ServeOptions(run="r", **{name: value})
+    for name, value in (("max_queued_requests", 0), ("body_timeout_s", 0.0)):
+        with pytest.raises(ConfigError, match=f"^--{name.replace('_', '-')} 0(.0)?: must be "):
+            ServeOptions(run="r", **{name: value})
+    assert ServeOptions.from_args({"run": "r", "max_queued_requests": "8", "body_timeout_s": "2.5"}).max_queued_requests == 8
+    # --request-timeout-s is Serve's own (not the app's): checked by the command, before the run is read
+    for value, line in (("0", "--request-timeout-s 0.0: must be > 0"), ("3601", "--request-timeout-s 3601: must be <= 3600")):
+        capsys.readouterr()
+        assert serve.main(["--run", str(tmp_path), "--request-timeout-s", value]) == 2
+        assert capsys.readouterr().err.strip() == f"error: {line}"
+
+
+class StalledRequest(FakeRequest):
+    """A client that declared a body and then sends nothing more."""
+
+    async def stream(self):
+        yield b"x"
+        await asyncio.sleep(30)
+
+
+def test_a_stalled_body_times_out():
+    from ensemble.served_run import UploadTimedOut, read_upload
+
+    with pytest.raises(UploadTimedOut, match=r"^the request body did not arrive within 0.2 s \(--body-timeout-s\)$"):
+        asyncio.run(read_upload(StalledRequest([], content_length=100), 1000, timeout_s=0.2))
+    assert asyncio.run(read_upload(FakeRequest([b"ab"], content_length=2), 3, timeout_s=0.2)) == b"ab"
+
+
+class FailingRun:
+    """The deployment's ServedRun where the members fail every batch (a GPU lost, say)."""
+
+    def decode(self, data: bytes) -> np.ndarray:
+        return np.zeros((8, 8, 3), np.uint8)
+
+    def answer(self, images, ks):
+        raise RuntimeError("CUDA error: device lost while reading /secret/runs/exp1/members")
+
+    def info(self) -> dict:
+        return {"run": "exp1"}
+
+
+def test_a_failed_batch_answers_json_500_counted_and_fails_the_health_check():
+    """The deployment's own code without Serve: each request of a batch the members failed gets
+    a JSON 500 (not Ray's plain "Internal Server Error"), GET / counts them, and after
+    UNHEALTHY_AFTER failed batches in a row check_health fails, so Serve replaces the replica."""
+    from collections import Counter
+
+    from starlette.requests import Request
+
+    from ensemble.serve import EnsembleServer
+    from ensemble.served_run import UNHEALTHY_AFTER, BatchHealth, ServeOptions
+
+    server = object.__new__(EnsembleServer.func_or_class)  # __init__ loads a run; set what it would
+    server.run, server.options, server.health = FailingRun(), ServeOptions(run="r"), BatchHealth()
+    server.batch_sizes, server.status_counts = Counter(), Counter()
+
+    async def one_request_batches(item):  # @serve.batch needs a replica; a batch of one calls the same code
+        return (await server.run_batch([item]))[0]
+
+    server.vote = one_request_batches
+
+    def http(method: str, body: bytes = b""):
+        async def receive():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        scope = {"type": "http", "method": method, "path": "/", "query_string": b"", "root_path": "",
+                 "headers": [(b"content-length", str(len(body)).encode())]}
+        response = asyncio.run(server(Request(scope, receive)))
+        return response.status_code, json.loads(response.body)
+
+    for i in range(UNHEALTHY_AFTER):
+        server.check_health()  # healthy until UNHEALTHY_AFTER batches in a row have failed
+        status, body = http("POST", b"an image")
+        assert (status, body) == (500, {"error": "the server failed to answer (RuntimeError); its log has the details"})
+    with pytest.raises(RuntimeError, match=f"the members failed the last {UNHEALTHY_AFTER} batches in a row "
+                                           f"\\(last: RuntimeError: CUDA error"):
+        server.check_health()
+    status, info = http("GET")
+    assert status == 200 and info["requests"] == {"500": UNHEALTHY_AFTER} and info["run"] == "exp1"
+    server.health.record(None)  # a batch that succeeds makes it healthy again
+    server.check_health()
+
+
+def _fake_run_folder(folder, report) -> str:
+    """run.json of a 2-member run and ``report`` as its report.json; no member files."""
+    from ensemble.config import EnsembleConfig
+
+    os.makedirs(folder, exist_ok=True)
+    cfg = EnsembleConfig(members=2, arch="resnet18", weights="none").to_dict()
+    with open(os.path.join(folder, "run.json"), "w") as fh:
+        json.dump({"config": cfg, "fingerprint": {"classes": ["a", "b"]}}, fh)
+    with open(os.path.join(folder, "report.json"), "w") as fh:
+        json.dump(report, fh)
+    return str(folder)
+
+
+def test_load_run_refuses_a_report_it_cannot_use_before_loading_members(tmp_path):
+    """What load_run takes from report.json (not hash-checked before) is checked first: a
+    temperature the driver cannot have written, and, where the run recorded report.json's sha256,
+    any change. Past those checks the next line is about member 0 (no member files here)."""
+    from ensemble.errors import RunError
+    from ensemble.run_folder import load_run, write_report_sha256
+
+    def report(temperature):
+        return {"ensemble": {"calibration": {"temperature": temperature},
+                             "selection": {"weights": [0.5, 0.5], "temperature": 0.5}}}
+
+    not_finished = "member 0 has not finished"
+    for bad in (0, -1.0, None, "x", 1e9):
+        run = _fake_run_folder(tmp_path / f"t{bad}", report(bad))
+        with pytest.raises(RunError, match=f"^--run {run}: report.json's ensemble.calibration.temperature is "
+                                           f"{bad!r}, not a temperature the driver fits \\(a number from 0.05 to 20\\); "
+                                           f"restore the file, or rerun the driver with --output {run} to write it again$"):
+            load_run(run)
+        with pytest.raises(RunError, match=not_finished):  # the selection's own temperature is fine
+            load_run(run, "selected")
+    run = _fake_run_folder(tmp_path / "hashed", report(0.5))
+    write_report_sha256(run)
+    with open(os.path.join(run, "report.json.sha256")) as fh:
+        assert fh.read().endswith("  report.json\n")  # sha256sum's format
+    with pytest.raises(RunError, match=not_finished):
+        load_run(run)
+    with open(os.path.join(run, "report.json"), "w") as fh:  # a valid report, yet not the one the run wrote
+        json.dump(report(0.75), fh)
+    with pytest.raises(RunError, match=f"^--run {run}: report.json changed after the run wrote it \\(its sha256 "
+                                       f"differs\\); report.json.sha256 records the one the run wrote: restore it"):
+        load_run(run)
+    os.remove(os.path.join(run, "report.json"))
+    with pytest.raises(RunError, match="report.json is missing"):
+        load_run(run)
+    os.remove(os.path.join(run, "report.json.sha256"))  # a run from before reports were hashed, no report
+    with pytest.raises(RunError, match=not_finished):
+        load_run(run)
+
+
+def test_serving_line_names_the_address_serve_really_uses():
+    from ensemble.serve import ServeAddress, serving_lines
+
+    mine = ServeAddress("127.0.0.1", 8001, 60.0)
+    assert serving_lines("runs/a", mine, host="127.0.0.1", port=8001, request_timeout_s=60.0) == [
+        "serving runs/a at http://127.0.0.1:8001/ (POST an image; GET / for the run); Ctrl-C or SIGTERM stops it"]
+    theirs = ServeAddress("0.0.0.0", 8000, None)  # a Serve instance that was running keeps its settings
+    lines = serving_lines("runs/a", theirs, host="127.0.0.1", port=8001, request_timeout_s=60.0)
+    assert lines[0].startswith("serving runs/a at http://0.0.0.0:8000/ ")
+    assert lines[1] == ("note: Serve was already running on this cluster and keeps its own settings (request "
+                        "timeout: none); not applied: --host 127.0.0.1 --port 8001, --request-timeout-s 60")
+
+
+def test_public_answers_name_the_run_not_its_path():
+    from ensemble.served_run import run_name
+
+    assert [run_name(r) for r in ("runs/exp1", "/data/runs/exp1/", "s3://bucket/runs/exp1", "s3://bucket")] == \
+        ["exp1", "exp1", "exp1", "run"]
+
+
 # ---------------------------------------------------------------- one finished run, one Serve app
 
 @pytest.fixture(scope="module")
@@ -241,19 +406,23 @@ def run(cluster, tiny_digits, tiny_run_cache, tmp_path_factory):
     return report, output
 
 
+BODY_TIMEOUT_S = 3.0  # the test app's --body-timeout-s
+REQUEST_TIMEOUT_S = 60.0  # its Serve instance's request timeout
+
+
 @pytest.fixture(scope="module")
 def served(run):
-    """The one Serve app of this file: the run's members, batches of GROUP that wait 60 s to fill,
-    a 50 KiB upload limit; on a free loopback port. Yields (host, port)."""
-    from ray import serve
-
-    from ensemble.serve import APP_NAME, ServeOptions, build_app
+    """The one Serve app of this file, started as python -m ensemble.serve starts it (deploy): the
+    run's members, batches of GROUP that wait 60 s to fill, a 50 KiB upload limit, 3 s for a body,
+    GROUP requests queued at most; on a free loopback port. Yields (host, port)."""
+    from ensemble.serve import ServeAddress, ServeOptions, deploy
     from tests.helpers import free_port
 
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    options = ServeOptions(run=run[1], max_upload_mb=50 / 1024, max_batch_size=GROUP, batch_wait_s=60.0, cpus=1.0)
-    serve.run(build_app(options), name=APP_NAME, route_prefix="/")
+    options = ServeOptions(run=run[1], max_upload_mb=50 / 1024, max_batch_size=GROUP, batch_wait_s=60.0, cpus=1.0,
+                           max_queued_requests=GROUP, body_timeout_s=BODY_TIMEOUT_S)
+    address = deploy(options, host="127.0.0.1", port=port, request_timeout_s=REQUEST_TIMEOUT_S)
+    assert address == ServeAddress("127.0.0.1", port, REQUEST_TIMEOUT_S)  # what Serve reports back
     yield "127.0.0.1", port
 
 
@@ -367,6 +536,131 @@ def test_bad_requests_get_one_line_and_the_server_keeps_serving(served, run, tin
     assert info["classes"] == report["data"]["class_names"] and info["limits"]["max_batch_size"] == GROUP
 
 
+def slow_client(address, declared: int) -> "socket.socket":
+    """A POST that declares ``declared`` bytes of body, sends one, and stalls."""
+    import socket
+
+    sock = socket.create_connection(address, timeout=30)
+    sock.sendall(f"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: {declared}\r\n\r\nx".encode())
+    return sock
+
+
+def answer_of(sock) -> tuple[int, bytes]:
+    """(status, body) of the HTTP answer on ``sock``."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    length = next((int(line.split(b":")[1]) for line in lines if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return int(lines[0].split()[1]), body
+
+
+def raw_request(address, method: str, body=None) -> tuple[int, bytes, float]:
+    """(status, body, when it came (time.monotonic())), for answers that may be Ray's plain text."""
+    import time
+
+    conn = http.client.HTTPConnection(*address, timeout=60)
+    try:
+        conn.request(method, "/", body=body)
+        resp = conn.getresponse()
+        return resp.status, resp.read(), time.monotonic()
+    finally:
+        conn.close()
+
+
+def post_until_answered(address, body: bytes) -> tuple[int, dict]:
+    """POST, again after a moment while the answer is 503 (what a 503 asks of a client), for 30 s."""
+    import time
+
+    deadline = time.monotonic() + 30
+    while True:
+        status, answer, _ = raw_request(address, "POST", body)
+        if status != 503 or time.monotonic() > deadline:
+            return status, json.loads(answer) if status != 503 else answer
+        time.sleep(0.2)
+
+
+@pytest.mark.ray
+def test_slow_clients_time_out_a_full_queue_gets_503_and_others_are_answered(served, tiny_digits):
+    """Clients that declare a body and stall fill every place in the replica (4 x GROUP); GROUP
+    normal requests then wait in the queue (GROUP long), and more are refused with 503 at once.
+    After --body-timeout-s the stalled ones get 408 in one line of JSON, and the waiting group is
+    answered, as one batch. (Ray counts a request as queued until the replica has taken it, so
+    requests that arrive together may be refused a little early: the stalled clients come 30 ms
+    apart, and a normal client asks again after a 503.)"""
+    import time
+
+    test_dir = os.path.join(tiny_digits, "test")
+    image = open(os.path.join(test_dir, sorted(os.listdir(test_dir))[0]), "rb").read()
+    before = request(served, "GET")[1]["requests"].get("408", 0)
+    start, stalled = time.monotonic(), []
+    try:
+        for _ in range(4 * GROUP):
+            stalled.append(slow_client(served, 40_000))  # under the 50 KiB limit
+            time.sleep(0.03)
+        time.sleep(1.0)  # all in the replica, reading their bodies
+        with ThreadPoolExecutor(2 * GROUP + 1) as pool:
+            group = [pool.submit(post_until_answered, served, image) for _ in range(GROUP)]
+            time.sleep(0.5)  # the group waits in the queue
+            sent = time.monotonic()
+            extra = [pool.submit(raw_request, served, "GET") for _ in range(GROUP + 1)]  # one more than it holds
+            answered, extra = [f.result(timeout=60) for f in group], [f.result(timeout=60) for f in extra]
+        stalled_answers = [answer_of(sock) for sock in stalled]
+    finally:
+        for sock in stalled:
+            sock.close()
+    refused = [when - sent for status, _, when in extra if status == 503]
+    assert refused and max(refused) < BODY_TIMEOUT_S / 2, extra  # at once, not once the stalled ones left
+    timed_out = [json.loads(body) for status, body in stalled_answers if status == 408]
+    assert {status for status, _ in stalled_answers} <= {408, 503} and len(timed_out) >= 2 * GROUP, stalled_answers
+    assert all(a == {"error": f"the request body did not arrive within {BODY_TIMEOUT_S:g} s (--body-timeout-s)"}
+               for a in timed_out)
+    assert [s for s, _ in answered] == [200] * GROUP and all(a["batch_size"] == GROUP for _, a in answered)
+    assert time.monotonic() - start < BODY_TIMEOUT_S + 10
+    assert request(served, "GET")[1]["requests"]["408"] - before == len(timed_out)
+
+
+@pytest.mark.ray
+def test_a_second_server_refuses_to_replace_the_app_and_names_the_address_serve_uses(served, run, capsys):
+    """python -m ensemble.serve on a cluster whose Serve already runs an app at / (this file's, on
+    port P): one line naming Serve's real address (P, not the --port asked for), exit 2, and the
+    app it found keeps serving. GET / names the run, never its path."""
+    from ensemble import serve
+    from tests.helpers import free_port
+
+    _, output = run
+    other = free_port()
+    capsys.readouterr()
+    assert serve.main(["--run", output, "--port", str(other)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]  # not Ray's log lines
+    assert err == [f"error: Serve at http://127.0.0.1:{served[1]}/ already runs the application 'ensemble' "
+                   f"(route /); this server replaces no other: stop that one first (serve delete NAME), "
+                   f"or serve on another Ray cluster"], err
+    status, info = request(served, "GET")
+    assert status == 200 and info["run"] == os.path.basename(output)
+    assert output not in json.dumps(info) and os.path.dirname(output) not in json.dumps(info)
+
+
+@pytest.mark.ray
+def test_the_driver_records_the_reports_sha256(run):
+    import hashlib
+
+    _, output = run
+    with open(os.path.join(output, "report.json"), "rb") as fh:
+        digest = hashlib.sha256(fh.read()).hexdigest()
+    with open(os.path.join(output, "report.json.sha256")) as fh:
+        assert fh.read() == f"{digest}  report.json\n"
+
+
 # ---------------------------------------------------------------- --members selected
 
 SELECTED_T = 0.625  # the selection's own temperature in selected_copy's report
@@ -377,6 +671,8 @@ def selected_copy(run, tmp_path_factory):
     """The run with a known selection in its report (weights 0.75, 0, 0.25, its own temperature
     0.625) and member 1's weights file altered: loading member 1 would fail its sha256 check, so a
     success shows it was not loaded."""
+    from ensemble.run_folder import write_report_sha256
+
     _, output = run
     copy = tmp_path_factory.mktemp("selected") / "run"
     shutil.copytree(output, copy)
@@ -385,6 +681,7 @@ def selected_copy(run, tmp_path_factory):
     report["ensemble"]["selection"]["weights"] = [0.75, 0.0, 0.25]
     report["ensemble"]["selection"]["temperature"] = SELECTED_T
     (copy / "report.json").write_text(json.dumps(report))
+    write_report_sha256(str(copy))  # as if the run had written this report
     with open(copy / "members" / "member-1" / "model.pt", "ab") as fh:
         fh.write(b"\0")
     return str(copy), report
@@ -426,6 +723,7 @@ def test_predict_and_serve_with_selected_members(selected_copy, in_process, tiny
 @pytest.mark.ray
 def test_one_line_errors_for_missing_selection_and_tampered_runs(run, selected_copy, tiny_digits, tmp_path, capsys):
     from ensemble import predict, serve
+    from ensemble.run_folder import write_report_sha256
 
     _, output = run
     no_selection = tmp_path / "no-selection"
@@ -433,8 +731,20 @@ def test_one_line_errors_for_missing_selection_and_tampered_runs(run, selected_c
     report = json.load(open(no_selection / "report.json"))
     del report["ensemble"]["selection"]
     (no_selection / "report.json").write_text(json.dumps(report))
+    write_report_sha256(str(no_selection))  # as if the run had written this report
+    cold, changed = tmp_path / "zero-temperature", tmp_path / "changed-report"
+    for copy, temperature in ((cold, 0), (changed, 0.5)):
+        shutil.copytree(output, copy)
+        report = json.load(open(copy / "report.json"))
+        report["ensemble"]["calibration"]["temperature"] = temperature
+        (copy / "report.json").write_text(json.dumps(report))
+    write_report_sha256(str(cold))  # a temperature of 0 that the hash does not catch
     test_dir = os.path.join(tiny_digits, "test")
     cases = [
+        (predict.main, ["--run", str(cold), "--images", test_dir, "--output", str(tmp_path / "o")],
+         "report.json's ensemble.calibration.temperature is 0, not a temperature the driver fits"),
+        (serve.main, ["--run", str(cold)], "temperature is 0, not a temperature the driver fits"),
+        (serve.main, ["--run", str(changed)], "report.json changed after the run wrote it"),
         (predict.main, ["--run", str(no_selection), "--images", test_dir, "--output", str(tmp_path / "o"),
                         "--members", "selected"], "records no member selection (ensemble.selection.weights)"),
         (serve.main, ["--run", str(no_selection), "--members", "selected"], "records no member selection"),
