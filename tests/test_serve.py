@@ -16,6 +16,7 @@ import http.client
 import json
 import os
 import shutil
+import socket
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -538,8 +539,6 @@ def test_bad_requests_get_one_line_and_the_server_keeps_serving(served, run, tin
 
 def slow_client(address, declared: int) -> "socket.socket":
     """A POST that declares ``declared`` bytes of body, sends one, and stalls."""
-    import socket
-
     sock = socket.create_connection(address, timeout=30)
     sock.sendall(f"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: {declared}\r\n\r\nx".encode())
     return sock
