@@ -13,7 +13,6 @@ inputs -> cluster -> image check -> output folder -> train -> vote -> report.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from typing import Optional, Sequence
@@ -22,7 +21,9 @@ from ensemble.bootstrap import check_bootstrap_size, member_counts, member_seeds
 from ensemble.cli import config_from_argv
 from ensemble.config import ConfigError, EnsembleConfig, cache_side
 from ensemble.errors import run_cli
-from ensemble.run_folder import check_output, open_output, save_run_config, training_fingerprint, versions
+from ensemble.run_folder import (check_output, default_output, input_files, open_output, save_run_config,
+                                 training_fingerprint, versions)
+from ensemble.run_lock import RunLock
 
 log = logging.getLogger("ensemble.driver")
 
@@ -57,7 +58,7 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False) -> dict:
     initial_state = resolve_weights(cfg.arch, cfg.weights)
     # builds the model once: a weights file for another arch fails here
     params = count_parameters(make_member_model(cfg.arch, num_classes, initial_state, cfg.freeze, cfg.freeze_stem))
-    output = check_output(cfg.output or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
+    output = check_output(cfg.output or default_output())
 
     # cluster: join or start one, size GPU use and member slots to it
     connect(cfg.address)
@@ -70,56 +71,60 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False) -> dict:
     # stops); the pixels stay in the object store for the members and voters when they fit
     index, skipped, cache = cache_images(index, cfg, max_bytes=cfg.cache_share * capacity.smallest_store())
 
-    # output folder: the first write; an earlier run there is resumed (same fingerprint) or refused
+    # output folder: the first write, under the folder's lock (one driver per run folder, held until
+    # the run ends); an earlier run there is resumed (same fingerprint) or refused
     n_samples = cfg.bootstrap_size or index.train.num_rows
-    fingerprint = training_fingerprint(cfg, index, n_samples)
-    resuming = open_output(output, fingerprint, fresh=fresh)
-    resolved = sized.replace(data=index.root, output=output)
-    seeds = member_seeds(cfg.seed, cfg.members)
-    save_run_config(output, resolved, seeds, fingerprint)
-    for line in plan_lines(resolved, params, index.sizes(), num_classes):
-        log.info(line)
-    grows = " (with the nodes its autoscaler may add)" if capacity.autoscaling else ""
-    log.info("running up to %d member(s) at once on %g CPU / %g GPU%s", window, capacity.most("CPU"),
-             capacity.most("GPU"), grows)
+    inputs = input_files(index)  # the train and val files' sizes and modification times
+    fingerprint = training_fingerprint(cfg, index, n_samples, inputs)
+    with RunLock(output):
+        resuming = open_output(output, fingerprint, fresh=fresh, inputs=inputs)
+        resolved = sized.replace(data=index.root, output=output)
+        seeds = member_seeds(cfg.seed, cfg.members)
+        save_run_config(output, resolved, seeds, fingerprint, inputs)
+        for line in plan_lines(resolved, params, index.sizes(), num_classes):
+            log.info(line)
+        grows = " (with the nodes its autoscaler may add)" if capacity.autoscaling else ""
+        log.info("running up to %d member(s) at once on %g CPU / %g GPU%s", window, capacity.most("CPU"),
+                 capacity.most("GPU"), grows)
 
-    # train: each member augments its bootstrap rows from the cache with threads of its own CPUs
-    t_train = time.time()
-    plan = MemberPlan(config=resolved, output=output, fingerprint=fingerprint, num_classes=num_classes,
-                      initial_state=ray.put(initial_state) if initial_state is not None else None,
-                      progress=show_progress(), cache=cache)
-    summaries, weight_refs = train_members(plan, seeds=seeds, train_table=index.train, val_table=index.val,
-                                           gpus=resolved.gpus_per_member, window=window, resuming=resuming)
-    _Stop.check()
+        # train: each member augments its bootstrap rows from the cache with threads of its own CPUs
+        t_train = time.time()
+        plan = MemberPlan(config=resolved, output=output, fingerprint=fingerprint, num_classes=num_classes,
+                          initial_state=ray.put(initial_state) if initial_state is not None else None,
+                          progress=show_progress(), cache=cache)
+        summaries, weight_refs = train_members(plan, seeds=seeds, train_table=index.train, val_table=index.val,
+                                               gpus=resolved.gpus_per_member, window=window, resuming=resuming)
+        _Stop.check()
 
-    # vote: val (report), test (predictions) and, for out-of-bag scores, train, in one pass of the pool
-    t_vote = time.time()
-    splits = {"val": index.val, "test": index.test}
-    if cfg.bagging == "bootstrap":
-        splits["train"] = index.train
-    voted = vote_splits(resolved, splits, weight_refs=weight_refs, num_classes=num_classes,
-                        gpus=resolved.gpus_per_infer_actor, cache=cache)
-    _Stop.check()
+        # vote: val (report), test (predictions) and, for out-of-bag scores, train, in one pass of the pool
+        t_vote = time.time()
+        splits = {"val": index.val, "test": index.test}
+        if cfg.bagging == "bootstrap":
+            splits["train"] = index.train
+        voted = vote_splits(resolved, splits, weight_refs=weight_refs, num_classes=num_classes,
+                            gpus=resolved.gpus_per_infer_actor, cache=cache)
+        _Stop.check()
 
-    # report: scores (data) -> report.json, predictions, figures, report.md -> the printed table
-    t_report = time.time()
-    oob = {}
-    if cfg.bagging == "bootstrap":
-        counts = np.stack([member_counts(cfg.bagging, s, index.train.num_rows, n_samples) for s in seeds])
-        oob = {"train_member_probs": voted["train"]["member_probs"], "train_labels": voted["train"]["label"],
-               "counts": counts}
-    scores = score_run(voted["val"]["member_probs"], voted["val"]["label"], rule=cfg.vote, seed=cfg.seed,
-                        calibrate_on=cfg.calibrate_on, **oob)
-    report = build_report(resolved, summaries=summaries, scores=scores, params=params, index=index,
-                          skipped=skipped, seeds=seeds, fingerprint=fingerprint, versions=versions(),
-                          seconds={"train": t_vote - t_train, "vote": t_report - t_vote})
-    write_report(output, report, val=voted["val"], test=voted["test"], classes=index.classes,
-                 started=started)
-    print(format_table(report["members"], report["ensemble"]["val_acc"], cfg.vote))
-    if skipped:
-        print(f"skipped {len(skipped)} unreadable image file(s); listed in report.json under skipped_files")
-    print(f"outputs in {output}: predictions.csv, probabilities.parquet, report.json, report.md, figures/, members/")
-    return report
+        # report: scores (data) -> report.json, predictions, figures, report.md -> the printed table
+        t_report = time.time()
+        oob = {}
+        if cfg.bagging == "bootstrap":
+            counts = np.stack([member_counts(cfg.bagging, s, index.train.num_rows, n_samples) for s in seeds])
+            oob = {"train_member_probs": voted["train"]["member_probs"], "train_labels": voted["train"]["label"],
+                   "counts": counts}
+        scores = score_run(voted["val"]["member_probs"], voted["val"]["label"], rule=cfg.vote, seed=cfg.seed,
+                            calibrate_on=cfg.calibrate_on, **oob)
+        report = build_report(resolved, summaries=summaries, scores=scores, params=params, index=index,
+                              skipped=skipped, seeds=seeds, fingerprint=fingerprint, versions=versions(),
+                              seconds={"train": t_vote - t_train, "vote": t_report - t_vote})
+        write_report(output, report, val=voted["val"], test=voted["test"], classes=index.classes,
+                     started=started)
+        print(format_table(report["members"], report["ensemble"]["val_acc"], cfg.vote))
+        if skipped:
+            print(f"skipped {len(skipped)} unreadable image file(s); listed in report.json under skipped_files")
+        print(f"outputs in {output}: predictions.csv, probabilities.parquet, report.json, report.md, figures/, "
+              f"members/")
+        return report
 
 
 def dry_run(cfg: EnsembleConfig) -> int:

@@ -4,12 +4,16 @@ Raised where the misuse is seen, printed once by ``run_cli``, the wrapper every 
 
     EnsembleError          exit 1: the work failed though the settings were fine
     ├── MemberFailed       (train_stage) a member died more often than Ray may restart it
+    ├── StorageError       a file could not be written (a full disk, an object store failing
+    │                      after its retries); also an OSError. Finished work is kept
     ├── SearchFailed       (trials) no Tune trial produced a result
     └── UserError          exit 2: what the user can fix; the message names the value and the fix
         ├── ConfigError    a bad setting: a flag, a YAML key, a path, more than the cluster holds
         ├── StallError     a stage made no progress; finished work is kept, a rerun resumes
         └── RunError       a run folder that cannot be used as it is: unfinished, or damaged
-            └── CheckpointError  (checkpoint) a saved file changed, unreadable, or from another config
+            ├── CheckpointError  (checkpoint) a saved file changed, unreadable, or from another config
+            │   └── DamagedFile  (checkpoint) missing, torn or changed: the driver trains that member again
+            └── RunFolderBusy    (run_lock) another driver holds the run folder's lock
 
 An error raised in a Ray worker reaches the driver as its own class: ``ray.get`` raises it as a
 subclass of both ``ray.exceptions.RayTaskError`` and the error's class; ``worker_error`` gives
@@ -50,6 +54,12 @@ class ConfigError(UserError, ValueError):
     """A setting the user can fix (also importable from ``ensemble.config``)."""
 
 
+class StorageError(EnsembleError, OSError):
+    """A file that could not be written: what, where, and the system's reason (``storage``
+    raises it for every failed write; it is an OSError too, for callers that catch those).
+    What was committed before stays committed, so rerunning the same command resumes."""
+
+
 class StallError(UserError):
     """A stage that made no progress for ``--stall-timeout`` (what it needs, what is free);
     finished members and epochs are kept, and rerunning the same command resumes."""
@@ -61,14 +71,14 @@ class RunError(UserError):
 
 
 def worker_error(exc: BaseException) -> BaseException:
-    """The UserError a Ray worker raised, when ``exc`` carries one; else ``exc`` as it is.
+    """The EnsembleError a Ray worker raised, when ``exc`` carries one; else ``exc`` as it is.
 
     ``ray.get`` raises a task's error as ``RayTaskError.as_instanceof_cause()``: an instance of a
     subclass of RayTaskError and of the error's own class, whose message is the worker's
     traceback and whose ``cause`` is the error itself. Its one line is the cause's message. Any
     other error stays as Ray raised it: its traceback is what it needs."""
     cause = getattr(exc, "cause", None)
-    return cause if isinstance(exc, UserError) and isinstance(cause, UserError) else exc
+    return cause if isinstance(exc, EnsembleError) and isinstance(cause, EnsembleError) else exc
 
 
 def run_cli(body: Callable[[], T], *, interrupted: Optional[str] = None, system_exit: bool = False):

@@ -14,6 +14,8 @@ import logging
 import math
 import os
 import platform
+import time
+import uuid
 from dataclasses import dataclass
 from typing import Optional
 
@@ -49,20 +51,78 @@ def check_output(output: str) -> str:
     return output
 
 
-def training_fingerprint(cfg: EnsembleConfig, index, n_samples: int) -> dict:
-    """What a finished member depends on; a run may reuse members only when this matches."""
+def default_output() -> str:
+    """runs/<date>-<time>-<6 hex digits>: drivers started in the same second get folders of their own."""
+    return os.path.join("runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
+
+
+# The train and val files the members learn from, as the run saw them (written beside run.json):
+# what a rerun compares its own with, to name a file that changed.
+INPUTS_FILE = "inputs.parquet"
+INPUT_COLUMNS = ("split", "path", "label", "size", "mtime_ns")
+# Packages whose version changes a member's numbers ("Same seed, same result" in README.md).
+RESULT_PACKAGES = ("torch", "torchvision", "numpy", "pillow")
+
+
+def input_files(index):
+    """The files the members learn from, train rows then val rows, as a pyarrow Table of
+    INPUT_COLUMNS: split, path, label, size (bytes) and modification time (ns), from one stat per
+    local file or one listing of an object store (no file is read)."""
+    import pyarrow as pa
+
+    splits = [("train", index.train), ("val", index.val)]
+    paths = [p for _, table in splits for p in table.column("path").to_pylist()]
+    stats = storage.file_stats(paths)
+    return pa.table({"split": [name for name, table in splits for _ in range(table.num_rows)], "path": paths,
+                     "label": [label for _, table in splits for label in table.column("label").to_pylist()],
+                     "size": [size for size, _ in stats], "mtime_ns": [mtime for _, mtime in stats]})
+
+
+def training_fingerprint(cfg: EnsembleConfig, index, n_samples: int, inputs=None) -> dict:
+    """What a finished member depends on; a run may reuse members only when this matches: the
+    settings that change training, the files (``inputs``, default ``input_files(index)``: their
+    paths, labels, sizes and modification times), the sha256 of a --weights file and the versions
+    of the packages that change the numbers."""
+    inputs = input_files(index) if inputs is None else inputs
     digest = hashlib.sha256()
-    for table in (index.train, index.val):
-        for column in ("path", "label"):
-            digest.update("\n".join(map(str, table.column(column).to_pylist())).encode())
+    for column in INPUT_COLUMNS:
+        digest.update("\n".join(map(str, inputs.column(column).to_pylist())).encode() + b"\0")
     keys = ("arch", "weights", "freeze", "freeze_stem", "epochs", "batch_size", "lr", "image_size", "augment", "eval_resize", "cache_side", "seed",
             "bagging", "precision")
     return {**{k: getattr(cfg, k) for k in keys}, "bootstrap_size": n_samples, "classes": list(index.classes),
-            "files_sha256": digest.hexdigest()}
+            "files_sha256": digest.hexdigest(), "weights_sha256": weights_sha256(cfg.weights),
+            "versions": result_versions()}
 
 
-def open_output(output: str, fingerprint: dict, *, fresh: bool) -> bool:
-    """Create the folder; with an earlier run there, resume it (same fingerprint) or refuse.
+def weights_sha256(weights: str) -> Optional[str]:
+    """The sha256 of a --weights state-dict file; None for ``none`` or a torchvision weights name
+    (those are fixed by the name and torchvision's version)."""
+    if weights.lower() == "none" or not os.path.isfile(weights):  # as models.resolve_weights tells them apart
+        return None
+    digest = hashlib.sha256()
+    with open(weights, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def result_versions() -> dict:
+    """RESULT_PACKAGES' versions (another one changes a member's numbers)."""
+    import importlib.metadata as md
+
+    out = {}
+    for name in RESULT_PACKAGES:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def open_output(output: str, fingerprint: dict, *, fresh: bool, inputs=None) -> bool:
+    """Create the folder; with an earlier run there, resume it (same fingerprint) or refuse,
+    naming what differs (with ``inputs``, ``input_files`` of this run: the first file that
+    changed). The caller holds the folder's lock (run_lock.RunLock).
 
     Returns True when an earlier run's members may be reused.
     """
@@ -71,7 +131,7 @@ def open_output(output: str, fingerprint: dict, *, fresh: bool) -> bool:
     if storage.exists(previous):
         if fresh:
             storage.remove_tree(storage.join(output, "members"))
-            for name in RESULT_FILES:
+            for name in (*RESULT_FILES, INPUTS_FILE):
                 if storage.exists(storage.join(output, name)):
                     storage.remove(storage.join(output, name))
         else:
@@ -80,8 +140,7 @@ def open_output(output: str, fingerprint: dict, *, fresh: bool) -> bool:
             except ValueError:
                 old = None
             if old != fingerprint:
-                changed = sorted(k for k in set(old or {}) | set(fingerprint)
-                                 if (old or {}).get(k) != fingerprint.get(k))
+                changed = _differences(output, old or {}, fingerprint, inputs)
                 raise ConfigError(f"--output {output} holds a run with another config ({', '.join(changed) or 'unreadable'}"
                                   f" differ); use another --output, or add --fresh to discard it")
             resuming = True
@@ -92,10 +151,68 @@ def open_output(output: str, fingerprint: dict, *, fresh: bool) -> bool:
     return resuming
 
 
-def save_run_config(output: str, cfg: EnsembleConfig, seeds: list[int], fingerprint: dict) -> None:
-    """config.yaml (--config takes it back) and run.json (what a rerun must match to resume)."""
+def _differences(output: str, old: dict, new: dict, inputs) -> list[str]:
+    """The fingerprint keys that differ, in words: ``lr``, ``files (train/cat/a.jpg changed, 2 more)``,
+    ``versions (torch 2.14.0 then, 2.15.0 now)``."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        then, now = old.get(key), new.get(key)
+        if then == now:
+            continue
+        if key == "files_sha256":
+            out.append(_files_changed(output, inputs))
+        elif key == "versions" and isinstance(then, dict) and isinstance(now, dict):
+            out.append("versions (" + ", ".join(f"{p} {then.get(p)} then, {now.get(p)} now"
+                                                for p in sorted(set(then) | set(now)) if then.get(p) != now.get(p)) + ")")
+        elif key == "weights_sha256" and then is not None and now is not None:
+            out.append("weights_sha256 (the --weights file changed)")
+        else:
+            out.append(key)
+    return out
+
+
+def _files_changed(output: str, inputs) -> str:
+    """``files (NAME changed|added|removed[, N more])`` against the run's INPUTS_FILE, or ``files``."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    if inputs is None:
+        return "files"
+    try:
+        saved = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(output, INPUTS_FILE))))
+    except (OSError, ValueError):  # a run from before it was written, or a damaged one
+        return "files"
+
+    def rows(table) -> dict:
+        columns = [table.column(c).to_pylist() for c in INPUT_COLUMNS]
+        return {(split, path): rest for split, path, *rest in zip(*columns)}
+
+    then, now = rows(saved), rows(inputs)
+    found = ([(key, "changed") for key in now if key in then and then[key] != now[key]]
+             + [(key, "added") for key in now if key not in then] + [(key, "removed") for key in then if key not in now])
+    if not found:
+        return "files"
+    paths = [path for _, path in then] + [path for _, path in now]
+    root = os.path.commonprefix(paths)
+    root = root[:max(root.rfind("/"), root.rfind(os.sep)) + 1]
+    (_, path), what = found[0]
+    more = f", {len(found) - 1} more" if len(found) > 1 else ""
+    return f"files ({path[len(root):]} {what}{more})"
+
+
+def save_run_config(output: str, cfg: EnsembleConfig, seeds: list[int], fingerprint: dict, inputs=None) -> None:
+    """inputs.parquet (``inputs``, when given), config.yaml (--config takes it back) and run.json
+    (what a rerun must match to resume)."""
+    import io
+
+    import pyarrow.parquet as pq
     import yaml
 
+    if inputs is not None:
+        buf = io.BytesIO()
+        pq.write_table(inputs, buf)
+        storage.write_bytes(storage.join(output, INPUTS_FILE), buf.getvalue())
     storage.write_text(storage.join(output, "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     storage.write_text(storage.join(output, "run.json"), json.dumps(
         {"config": cfg.to_dict(), "member_seeds": seeds, "fingerprint": fingerprint, "versions": versions()},

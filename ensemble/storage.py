@@ -24,12 +24,15 @@ Object stores (s3://bucket/key, gs://bucket/key):
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import uuid
 from functools import lru_cache
 
 import pyarrow.fs as pafs
+
+from ensemble.errors import StorageError
 
 # Schemes whose URIs are scheme://bucket/key and whose filesystem paths are "bucket/key".
 _BUCKET_SCHEMES = ("s3", "gs", "gcs")
@@ -100,6 +103,11 @@ def _is_object_store(fs: pafs.FileSystem) -> bool:
     return fs.type_name in ("s3", "gcs")
 
 
+def is_local(path: str) -> bool:
+    """Whether ``path`` is on this machine's filesystem (not an object store or another remote one)."""
+    return isinstance(resolve(path)[0], pafs.LocalFileSystem)
+
+
 def join(base: str, *parts: str) -> str:
     if is_uri(base):
         return posixpath.join(base.rstrip("/"), *parts)
@@ -141,16 +149,61 @@ def read_bytes(path: str) -> bytes:
 
 
 def write_bytes(path: str, data: bytes) -> None:
-    """Write atomically: a temporary name in the same folder, then a move onto ``path``.
+    """Write atomically and durably: a temporary name in the same folder, then a move onto ``path``.
 
-    A reader sees the old file or the whole new one, never a part. On an object store the
-    temporary object appears only once its upload completed, and the move is a server-side copy
-    plus a delete (not a rename): it costs a second write of the object, and a process killed
-    between the two leaves a ``*.tmp-*`` object behind, but never a partial ``path``.
+    A reader sees the old file or the whole new one, never a part. A local file is flushed to
+    disk (fsync) before it is renamed, and its folder after, so a file a record names survives a
+    power loss as written. On an object store the temporary object appears only once its upload
+    completed, and the move is a server-side copy plus a delete (not a rename): it costs a second
+    write of the object, and a process killed between the two leaves a ``*.tmp-*`` object behind,
+    but never a partial ``path``. A write that fails (a full disk, an object store failing after
+    its retries) raises StorageError: one line naming ``path`` and the reason.
     """
     fs, inner = resolve(path)
-    if not _is_object_store(fs):  # object stores need no parent folders
-        fs.create_dir(posixpath.dirname(inner) if is_uri(path) else os.path.dirname(inner), recursive=True)
+    try:
+        if isinstance(fs, pafs.LocalFileSystem):
+            _write_local(inner, data)
+        else:
+            _write_via(fs, inner, data, make_parent=not _is_object_store(fs))
+    except StorageError:
+        raise
+    except OSError as exc:
+        raise StorageError(f"could not write {path}: {_reason(exc)}") from exc
+
+
+def _write_local(path: str, data: bytes) -> None:
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())  # the bytes are on disk before a name points at them
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_folder(folder)  # and the rename itself
+
+
+def _fsync_folder(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some filesystems (network, FUSE) cannot sync a folder: nothing more to do
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _write_via(fs: pafs.FileSystem, inner: str, data: bytes, *, make_parent: bool) -> None:
+    if make_parent:  # object stores need no parent folders
+        fs.create_dir(posixpath.dirname(inner), recursive=True)
     tmp = f"{inner}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         with fs.open_output_stream(tmp) as fh:
@@ -163,6 +216,67 @@ def write_bytes(path: str, data: bytes) -> None:
         except OSError:
             pass
         raise
+
+
+def _reason(exc: OSError) -> str:
+    """The system's words for a failed write: "No space left on device (ENOSPC)", or the first
+    line of pyarrow's message when it carries no errno (an S3 error after its retries)."""
+    if exc.errno:
+        return f"{os.strerror(exc.errno)} ({errno.errorcode.get(exc.errno, exc.errno)})"
+    text = str(exc).strip().splitlines()
+    return text[0][:240] if text else exc.__class__.__name__
+
+
+def create_new(path: str, data: bytes) -> bool:
+    """Write ``path`` only if nothing is there yet; False when something is.
+
+    Local files: an atomic exclusive create (the content is written under a temporary name and
+    hard-linked to ``path``, which fails if ``path`` exists), so of two racing writers exactly
+    one gets True. Object stores offer no conditional create through pyarrow: there a writer
+    that checks between another's check and its upload also gets True; callers that need one
+    winner read the object back after a pause (``run_lock`` does).
+    """
+    fs, inner = resolve(path)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        if fs.get_file_info(inner).type != pafs.FileType.NotFound:
+            return False
+        write_bytes(path, data)
+        return True
+    tmp = f"{inner}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        _write_local(tmp, data)
+        try:
+            os.link(tmp, inner)
+        except FileExistsError:
+            return False
+        _fsync_folder(os.path.dirname(inner))
+        return True
+    except OSError as exc:
+        raise StorageError(f"could not write {path}: {_reason(exc)}") from exc
+    finally:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+def file_stats(paths: list[str]) -> list[tuple[int, int]]:
+    """(size in bytes, modification time in ns) of each of ``paths``, (-1, -1) where none is.
+
+    Local files: one stat each. On an object store one recursive listing of the folder the
+    paths share gives every object's size and LastModified, instead of a request per object.
+    """
+    if not paths:
+        return []
+    fs = resolve(paths[0])[0]
+    inner = [resolve(p)[1] for p in paths]
+    if _is_object_store(fs):
+        base = posixpath.commonpath([posixpath.dirname(p) for p in inner])
+        listed = {info.path: info for info in fs.get_file_info(pafs.FileSelector(base, recursive=True))}
+        infos = [listed.get(p) or fs.get_file_info(p) for p in inner]
+    else:
+        infos = fs.get_file_info(inner)
+    return [(info.size, info.mtime_ns) if info.type == pafs.FileType.File else (-1, -1) for info in infos]
 
 
 def write_text(path: str, text: str) -> None:

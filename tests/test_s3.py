@@ -166,6 +166,30 @@ def test_storage_remove_tree(s3_endpoint):
         storage.remove_tree(f"s3://{BUCKET}")
 
 
+def test_file_stats_from_one_listing(s3_endpoint):
+    folder = f"s3://{BUCKET}/stats"
+    storage.write_bytes(storage.join(folder, "a", "x.png"), b"12345")
+    storage.write_bytes(storage.join(folder, "b", "y.png"), b"1")
+    stats = storage.file_stats([storage.join(folder, "a", "x.png"), storage.join(folder, "b", "y.png"),
+                                storage.join(folder, "b", "gone.png")])
+    assert [size for size, _ in stats] == [5, 1, -1] and all(mtime > 0 for _, mtime in stats[:2])
+
+
+def test_run_lock_on_s3(s3_endpoint):
+    """A lock object, read back after a pause (no conditional create through pyarrow): a second
+    driver gets the one line naming the holder; the lock goes when the run ends."""
+    import os
+
+    from ensemble.run_lock import RunFolderBusy, RunLock
+
+    out = f"s3://{BUCKET}/runs/locked"
+    with RunLock(out) as lock:
+        assert json.loads(storage.read_bytes(f"{out}/run.lock"))["token"] == lock.token
+        with pytest.raises(RunFolderBusy, match=rf"^--output {out} is in use by another driver \(pid {os.getpid()} "):
+            RunLock(out).acquire()
+    assert not storage.exists(f"{out}/run.lock")
+
+
 def test_scan_layout_s3_matches_local(s3_data):
     local, uri = s3_data
     on_s3, on_disk = scan_layout(uri + "/"), scan_layout(local)
@@ -216,6 +240,7 @@ def test_pipeline_writes_every_output_to_s3(s3_run, s3_endpoint):
         for name in ("model.pt", "member.json", "val_probs.npz"):
             assert f"runs/r1/members/member-{i}/{name}" in keys, (i, name)
     assert not [k for k in keys if ".tmp-" in k or "checkpoint" in k]  # no temporaries, no stale checkpoints
+    assert "runs/r1/inputs.parquet" in keys and "runs/r1/run.lock" not in keys  # the lock went with the run
 
     rows = list(csv.DictReader(io.StringIO(storage.read_bytes(f"s3://{BUCKET}/runs/r1/predictions.csv").decode())))
     assert len(rows) == N_TEST == report["data"]["test"]

@@ -1,0 +1,61 @@
+"""run_folder.py: a rerun resumes only members trained on the same files, weights and package
+versions, and says what changed. (Finished runs loaded for predict: test_pipeline_ray.py.)"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+from PIL import Image
+
+from ensemble import run_folder
+from ensemble.config import ConfigError
+from ensemble.data import scan_layout
+from ensemble.run_folder import input_files, open_output, save_run_config, training_fingerprint
+from tests.helpers import tiny_run_config, write_digits_tree
+
+
+@pytest.fixture
+def data(tmp_path):
+    return write_digits_tree(tmp_path / "data", per_class_train=3, per_class_val=2, n_test=2, classes=4)
+
+
+def _open(cfg, output):
+    """What the driver does with the folder: fingerprint the inputs, open it, record the run."""
+    index = scan_layout(cfg.data)
+    inputs = input_files(index)
+    fingerprint = training_fingerprint(cfg, index, index.train.num_rows, inputs)
+    resuming = open_output(output, fingerprint, fresh=False, inputs=inputs)
+    save_run_config(output, cfg, [1, 2, 3], fingerprint, inputs)
+    return resuming
+
+
+def test_a_training_image_overwritten_is_named_and_refused(data, tmp_path):
+    output = str(tmp_path / "run")
+    cfg = tiny_run_config(data, output)
+    assert _open(cfg, output) is False and _open(cfg, output) is True  # the same files: resumed
+    image = os.path.join(data, "train", "class_3")
+    name = sorted(os.listdir(image))[0]
+    Image.new("RGB", (16, 16), (255, 0, 0)).save(os.path.join(image, name))  # other pixels, same name
+    with pytest.raises(ConfigError, match=rf"another config \(files \(train/class_3/{re.escape(name)} changed\) differ\)"):
+        _open(cfg, output)
+
+
+def test_a_replaced_weights_file_and_another_torch_are_refused(data, tmp_path, monkeypatch):
+    import torch
+
+    weights = tmp_path / "init.pt"
+    torch.save({"w": torch.zeros(1)}, weights)
+    output = str(tmp_path / "run")
+    cfg = tiny_run_config(data, output, weights=str(weights))
+    _open(cfg, output)
+    torch.save({"w": torch.ones(1)}, weights)  # the same path, other weights
+    with pytest.raises(ConfigError, match=r"\(weights_sha256 \(the --weights file changed\) differ\)"):
+        _open(cfg, output)
+    torch.save({"w": torch.zeros(1)}, weights)
+    assert _open(cfg, output) is True
+    real = run_folder.result_versions()
+    monkeypatch.setattr(run_folder, "result_versions", lambda: {**real, "torch": "9.0"})
+    with pytest.raises(ConfigError, match=rf"\(versions \(torch {real['torch']} then, 9.0 now\) differ\)"):
+        _open(cfg, output)
