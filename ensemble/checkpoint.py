@@ -25,6 +25,20 @@ class CheckpointError(RunError):
     """A saved file that cannot be used (hash mismatch, other config): a damaged run; the message says what to do."""
 
 
+class DamagedFile(CheckpointError):
+    """A recorded file that is missing, unreadable, or not the one its record names (sha256):
+    torn by a crash or a power loss, or changed since. Never loaded; a rerun of the driver
+    trains that member again. ``path``: the file; ``problem``: what is wrong with it."""
+
+    def __init__(self, path: str, problem: str):
+        super().__init__(f"{path}: {problem}; refusing to load it. Rerun the driver with the same --output "
+                         f"to train that member again (the others are kept)")
+        self.path, self.problem = path, problem
+
+    def __reduce__(self):
+        return DamagedFile, (self.path, self.problem)
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -42,13 +56,14 @@ def write_file(path: str, data: bytes) -> str:
 
 
 def read_verified(path: str, expected_sha256: str, *, what: str) -> bytes:
+    """The bytes of ``path``, or DamagedFile when it is missing or its sha256 is not the one ``what`` records."""
     try:
         data = storage.read_bytes(path)
-    except (FileNotFoundError, OSError):
-        raise CheckpointError(f"{path}: missing, though {what} lists it; rerun with --fresh to start over") from None
+    except OSError:
+        raise DamagedFile(path, f"missing, though {what} lists it") from None
     if sha256(data) != expected_sha256:
-        raise CheckpointError(f"{path}: sha256 differs from the one recorded in {what} (file changed after it "
-                              f"was written); refusing to load it. Rerun with --fresh to start over")
+        raise DamagedFile(path, f"sha256 differs from the one recorded in {what} (the file is "
+                                f"{'empty' if not data else 'damaged or changed'} since it was written)")
     return data
 
 
@@ -62,7 +77,7 @@ def read_json(path: str) -> Optional[dict]:
     try:
         return json.loads(storage.read_bytes(path))
     except (ValueError, OSError):
-        raise CheckpointError(f"{path}: unreadable; rerun with --fresh to start over") from None
+        raise DamagedFile(path, "unreadable") from None
 
 
 def rng_state() -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,7 +22,11 @@ from typing import Optional
 import numpy as np
 
 from ensemble import storage
-from ensemble.checkpoint import CheckpointError, load_torch_bytes, read_json, read_verified, torch_bytes, write_file
+from ensemble.checkpoint import (CheckpointError, DamagedFile, load_torch_bytes, read_json, read_verified, torch_bytes,
+                                 write_file)
+
+log = logging.getLogger("ensemble.member")
+
 
 @dataclass(frozen=True)
 class MemberSummary:
@@ -54,20 +59,35 @@ class MemberFiles:
     """The files of member ``member`` of the run in ``output`` whose fingerprint is ``fingerprint``."""
 
     def __init__(self, output: str, member: int, fingerprint: dict):
+        self.member = member
         self.folder = member_dir(output, member)
         self.fingerprint = fingerprint
 
     def load_checkpoint(self) -> Optional[dict]:
-        """The last epoch checkpoint (hash checked), or None when the member has none."""
-        record = read_json(storage.join(self.folder, "checkpoint.json"))
-        if record is None:
-            return None
-        if record.get("fingerprint") != self.fingerprint:
-            raise CheckpointError(f"{self.folder}: its checkpoint is from a run with another config; "
-                                  f"rerun with --fresh to start over")
-        data = read_verified(storage.join(self.folder, record["file"]), record["sha256"],
-                             what=storage.join(self.folder, "checkpoint.json"))
-        return load_torch_bytes(data)
+        """The last epoch checkpoint (hash checked), or None when the member has none.
+
+        A damaged one (unreadable, its file missing or not the one recorded: torn by a crash or
+        a power loss) is logged in one line and dropped: the member starts again from epoch 0.
+        """
+        record_path = storage.join(self.folder, "checkpoint.json")
+        try:
+            record = read_json(record_path)
+            if record is None:
+                return None
+            if record.get("fingerprint") != self.fingerprint:
+                raise CheckpointError(f"{self.folder}: its checkpoint is from a run with another config; "
+                                      f"rerun with --fresh to start over")
+            try:
+                name, digest = record["file"], record["sha256"]
+            except (KeyError, TypeError):
+                raise DamagedFile(record_path, "unreadable") from None
+            return load_torch_bytes(read_verified(storage.join(self.folder, name), digest, what=record_path))
+        except DamagedFile as exc:
+            damaged = exc
+        # Logged after the except block (see reusable_member)
+        log.warning("member %d: %s: %s; it trains again from epoch 0", self.member, damaged.path, damaged.problem)
+        storage.remove(record_path)
+        return None
 
     def save_checkpoint(self, snapshot: dict, *, node: str = "") -> None:
         """checkpoint-e<k>.pt, then checkpoint.json (the commit point), then drop older epochs."""
@@ -103,18 +123,39 @@ class MemberFiles:
 
 
 def load_finished_member(output: str, member: int, fingerprint: dict) -> Optional[tuple[MemberSummary, dict]]:
-    """(summary, best state) of a member a previous run finished, or None; hashes verified."""
+    """(summary, best state) of a member a previous run finished, or None; hashes verified
+    (DamagedFile when a file is missing, unreadable or not the one recorded)."""
     folder = member_dir(output, member)
-    record = read_json(storage.join(folder, "member.json"))
+    what = storage.join(folder, "member.json")
+    record = read_json(what)
     if record is None or record.get("status") != "done":
         return None
     if record.get("fingerprint") != fingerprint:
         raise CheckpointError(f"{folder}: trained with another config; rerun with --fresh to start over")
-    what = storage.join(folder, "member.json")
-    state = load_torch_bytes(read_verified(storage.join(folder, "model.pt"), record["sha256"]["model.pt"], what=what))
-    read_verified(storage.join(folder, "val_probs.npz"), record["sha256"]["val_probs.npz"], what=what)
+    try:
+        digests = {name: record["sha256"][name] for name in ("model.pt", "val_probs.npz")}
+    except (KeyError, TypeError):
+        raise DamagedFile(what, "unreadable") from None
+    state = load_torch_bytes(read_verified(storage.join(folder, "model.pt"), digests["model.pt"], what=what))
+    read_verified(storage.join(folder, "val_probs.npz"), digests["val_probs.npz"], what=what)
     names = {f.name for f in dataclasses.fields(MemberSummary)} - {"files"}
     return MemberSummary(**{k: v for k, v in record.items() if k in names}, files=record["sha256"]), state
+
+
+def reusable_member(output: str, member: int, fingerprint: dict) -> Optional[tuple[MemberSummary, dict]]:
+    """What the driver resumes with: ``load_finished_member``, except that a damaged finished
+    member (a file missing or not the one recorded, e.g. after a power loss) is logged in one line
+    and its member.json removed, so that member alone trains again (None)."""
+    try:
+        return load_finished_member(output, member, fingerprint)
+    except DamagedFile as exc:
+        damaged = exc
+    # Logged after the except block: data.quiet_ray_data's console filter drops records made while
+    # a UserError is being handled.
+    log.warning("member %d: %s: %s; training member %d again (the other members are kept)",
+                member, damaged.path, damaged.problem, member)
+    storage.remove(storage.join(member_dir(output, member), "member.json"))
+    return None
 
 
 class BackgroundWriter:

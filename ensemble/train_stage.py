@@ -11,8 +11,8 @@ import uuid
 
 
 from ensemble.cluster import slot_members, slot_name
-from ensemble.errors import EnsembleError, UserError, worker_error
-from ensemble.member_files import load_finished_member
+from ensemble.errors import EnsembleError, StorageError, worker_error
+from ensemble.member_files import reusable_member
 from ensemble.watch import stall_error
 
 log = logging.getLogger("ensemble.driver")
@@ -22,7 +22,7 @@ WATCH_S = 5.0        # how often the driver looks at a run whose members are all
 
 
 class MemberFailed(EnsembleError, RuntimeError):
-    """A member died more often than Ray may restart it (a failure: exit 1)."""
+    """A member died more often than Ray may restart it, or raised an error (a failure: exit 1)."""
 
 
 def train_members(plan, *, seeds: list[int], train_table, val_table, gpus: float, window: int, resuming: bool):
@@ -31,9 +31,12 @@ def train_members(plan, *, seeds: list[int], train_table, val_table, gpus: float
     ``plan``: the run's ``actors.MemberPlan`` (with the image cache, if any). ``train_table`` /
     ``val_table``: the splits' rows. Each actor (a slot) trains its members one after another, so
     a process starts once per slot, not once per member.
-    Members an earlier run finished are loaded (hashes checked), not retrained. A slot whose
-    process dies is restarted by Ray; its member resumes from its last epoch checkpoint, and
-    its later members follow.
+    Members an earlier run finished are loaded (hashes checked), not retrained; a damaged one is
+    logged and trained again. A slot whose process dies is restarted by Ray; its member resumes
+    from its last epoch checkpoint, and its later members follow. A member whose files cannot be
+    written (StorageError) stops the run at once with that one line: the members still training
+    are stopped too (their storage is the same; a full disk would fail their next checkpoint),
+    and every finished member and committed epoch stays for the rerun to resume.
     Returns ([member_files.MemberSummary] sorted by member, weight ObjectRefs in member order).
     """
     import ray
@@ -44,7 +47,7 @@ def train_members(plan, *, seeds: list[int], train_table, val_table, gpus: float
     summaries, weights = {}, {}
     queue = []
     for i in range(cfg.members):
-        finished = load_finished_member(output, i, plan.fingerprint) if resuming else None
+        finished = reusable_member(output, i, plan.fingerprint) if resuming else None
         if finished is None:
             queue.append(i)
         else:
@@ -127,14 +130,25 @@ class StallWatch:
 
 
 def _gather(ref, member: int, output: str) -> dict:
-    """A finished member's summary; what the user can fix is raised as is, a dead member as MemberFailed."""
+    """A finished member's summary, or one line: a write that failed (StorageError: what, where,
+    why), what the user can fix as it was raised, a dead member or any other error as MemberFailed."""
     import ray
 
     try:
         return ray.get(ref)
     except ray.exceptions.RayError as exc:
-        if isinstance(exc, UserError):  # raised in the member, kept as its class by ray.get
-            raise worker_error(exc) from None
+        cause = worker_error(exc)  # an EnsembleError raised in the member keeps its class across ray.get
+        if isinstance(cause, StorageError):
+            raise StorageError(f"member {member}: {cause}; finished members and committed epochs are kept in "
+                               f"{output}: once it can be written, rerun the same command to resume") from None
+        if isinstance(cause, EnsembleError):
+            raise cause from None
+        if isinstance(exc, ray.exceptions.RayTaskError):  # the member raised: no restart happened
+            what = exc.cause if isinstance(exc.cause, BaseException) else exc
+            detail = str(what).strip().splitlines()
+            raise MemberFailed(f"member {member} failed: {what.__class__.__name__}"
+                               f"{': ' + detail[0][:200] if detail else ''}; finished members are saved in "
+                               f"{output}: rerun the same command to resume") from exc
         raise MemberFailed(f"member {member} failed after {MEMBER_RESTARTS} restarts "
                            f"({exc.__class__.__name__}); finished members are saved in {output}: "
                            f"rerun the same command to resume") from exc
