@@ -212,7 +212,10 @@ def quiet_ray_data() -> None:
 
 
 def _not_about_a_user_error(record) -> bool:
-    """False for a log record about a UserError: logged with it, or while it is being handled."""
+    """False for a Ray Data log record about a UserError: logged with it, or while it is being
+    handled. Records of other loggers pass (a handler may be shared with the root logger)."""
+    if not record.name.startswith("ray.data"):
+        return True
     exc = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
     return not isinstance(exc, UserError)
 

@@ -336,3 +336,22 @@ def test_ensure_digits_respects_cache_env(tmp_path, monkeypatch):
 
     monkeypatch.setenv("ENSEMBLE_CACHE", str(tmp_path / "cache"))
     assert cache_root() == os.path.join(str(tmp_path / "cache"), VERSION)
+
+
+def test_ray_data_console_filter_drops_only_ray_datas_lines_about_a_user_error():
+    """quiet_ray_data's console filter: Ray Data's lines about a UserError go (the error is its own
+    one line), while the project's own warnings logged as such an error is handled still pass."""
+    import logging
+
+    from ensemble.data import _not_about_a_user_error
+    from ensemble.errors import ConfigError
+
+    def record(name):
+        return logging.LogRecord(name, logging.WARNING, __file__, 1, "line", None, None)
+
+    assert _not_about_a_user_error(record("ray.data._internal.plan"))  # no error being handled
+    try:
+        raise ConfigError("bad")
+    except ConfigError:
+        assert not _not_about_a_user_error(record("ray.data._internal.plan"))
+        assert _not_about_a_user_error(record("ensemble.driver"))
