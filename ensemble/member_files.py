@@ -83,11 +83,9 @@ class MemberFiles:
                 raise DamagedFile(record_path, "unreadable") from None
             return load_torch_bytes(read_verified(storage.join(self.folder, name), digest, what=record_path))
         except DamagedFile as exc:
-            damaged = exc
-        # Logged after the except block (see reusable_member)
-        log.warning("member %d: %s: %s; it trains again from epoch 0", self.member, damaged.path, damaged.problem)
-        storage.remove(record_path)
-        return None
+            log.warning("member %d: %s: %s; it trains again from epoch 0", self.member, exc.path, exc.problem)
+            storage.remove(record_path)
+            return None
 
     def save_checkpoint(self, snapshot: dict, *, node: str = "") -> None:
         """checkpoint-e<k>.pt, then checkpoint.json (the commit point), then drop older epochs."""
@@ -149,13 +147,10 @@ def reusable_member(output: str, member: int, fingerprint: dict) -> Optional[tup
     try:
         return load_finished_member(output, member, fingerprint)
     except DamagedFile as exc:
-        damaged = exc
-    # Logged after the except block: data.quiet_ray_data's console filter drops records made while
-    # a UserError is being handled.
-    log.warning("member %d: %s: %s; training member %d again (the other members are kept)",
-                member, damaged.path, damaged.problem, member)
-    storage.remove(storage.join(member_dir(output, member), "member.json"))
-    return None
+        log.warning("member %d: %s: %s; training member %d again (the other members are kept)",
+                    member, exc.path, exc.problem, member)
+        storage.remove(storage.join(member_dir(output, member), "member.json"))
+        return None
 
 
 class BackgroundWriter:
