@@ -108,10 +108,15 @@ def weights_sha256(weights: str) -> Optional[str]:
 
 def result_versions() -> dict:
     """RESULT_PACKAGES' versions (another one changes a member's numbers)."""
+    return package_versions(RESULT_PACKAGES)
+
+
+def package_versions(names) -> dict:
+    """{package: its installed version, or None}."""
     import importlib.metadata as md
 
     out = {}
-    for name in RESULT_PACKAGES:
+    for name in names:
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:
@@ -221,15 +226,8 @@ def save_run_config(output: str, cfg: EnsembleConfig, seeds: list[int], fingerpr
 
 def versions() -> dict:
     """Python and the packages a result depends on, recorded beside it."""
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for name in ("ensemble", "ray", "torch", "torchvision", "numpy", "pyarrow"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
-    return out
+    return {"python": platform.python_version(),
+            **package_versions(("ensemble", "ray", "torch", "torchvision", "numpy", "pyarrow"))}
 
 
 # ---------------------------------------------------------------- a finished run
