@@ -26,7 +26,7 @@ from ensemble.config import EnsembleConfig, cache_side
 from ensemble.data import decode_batch, quiet_ray_data
 from ensemble.engine import (eval_models, pick_device, resolve_precision, seed_everything, set_threads,
                              vote_member_probabilities)
-from ensemble.epochs import Best, EpochStats, build_trainee, eval_batches, fit, train_batches
+from ensemble.epochs import Best, EpochStats, build_trainee, eval_batches, fit, member_outputs, train_batches
 from ensemble.image_cache import BlockReader, ImageCache
 from ensemble.member_files import BackgroundWriter, MemberFiles, MemberSummary
 from ensemble.scores.vote import soft_vote
@@ -115,11 +115,13 @@ class MemberTrainer:
         """Returns (the node id) once the actor runs: the driver's sign that its slot got resources."""
         return ray.get_runtime_context().get_node_id()
 
-    @ray.method(num_returns=2)
+    @ray.method(num_returns=3)
     def fit(self, member: int, member_seed: int, plan: MemberPlan, train_table: pa.Table,
-            val_table: pa.Table) -> tuple[MemberSummary, dict]:
-        """Train member ``member`` with the epoch loop (``epochs.fit``); returns its summary and its
-        best state dict (on CPU).
+            val_table: pa.Table, vote_table: Optional[pa.Table] = None) -> tuple[MemberSummary, dict, Any]:
+        """Train member ``member`` with the epoch loop (``epochs.fit``); returns its summary, its
+        best state dict (on CPU) and, when ``vote_table`` is given, its softmax outputs on those
+        rows with the best weights ((rows, classes) float32 in the table's order; else None): the
+        member's share of the soft vote, computed while the model is still in this process.
 
         ``train_table`` / ``val_table``: the splits' rows (id, path, label, and block/row into the
         run's image cache when there is one). The member's bootstrap counts are regenerated here
@@ -172,10 +174,14 @@ class MemberTrainer:
             device=str(self.device), gpu_ids=[str(g) for g in ray.get_gpu_ids()], seconds=time.time() - start,
             started=start, finished=time.time())
         summary = files.save_final(summary, best.state, best.val_ids, best.val_probs, cfg.to_dict())
+        votes = None
+        if vote_table is not None:
+            votes = member_outputs(trainee, best.state, eval_batches(plan.images(vote_table), batch_size=cfg.batch_size,
+                                                                     threads=threads, pin=pin), tta=cfg.tta)
         del trainee
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # the slot's next member starts from an empty cache
-        return summary, best.state
+        return summary, best.state, votes
 
 
 def _progress(batches, *, total: int, desc: str):

@@ -45,7 +45,7 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False) -> dict:
     from ensemble.models import count_parameters, make_member_model, resolve_weights
     from ensemble.report import build_report, format_table, plan_lines, write_report
     from ensemble.train_stage import train_members
-    from ensemble.vote_stage import vote_splits
+    from ensemble.vote_stage import stack_splits, vote_splits
 
     started = time.time()
     cfg = cfg.replace(cache_side=cache_side(cfg))  # resolved: part of what a finished member depends on
@@ -81,7 +81,13 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False) -> dict:
         resolved = sized.replace(data=index.root, output=output)
         seeds = member_seeds(cfg.seed, cfg.members)
         save_run_config(output, resolved, seeds, fingerprint, inputs)
-        for line in plan_lines(resolved, params, index.sizes(), num_classes):
+        # vote: val (report), test (predictions) and, for out-of-bag scores, train. With the pixels in
+        # the cache each member scores them as it finishes (no pool to start once training ends).
+        splits = {"val": index.val, "test": index.test}
+        if cfg.bagging == "bootstrap":
+            splits["train"] = index.train
+        vote_table = stack_splits(splits)[0] if cache is not None else None
+        for line in plan_lines(resolved, params, index.sizes(), num_classes, members_vote=vote_table is not None):
             log.info(line)
         grows = " (with the nodes its autoscaler may add)" if capacity.autoscaling else ""
         log.info("running up to %d member(s) at once on %g CPU / %g GPU%s", window, capacity.most("CPU"),
@@ -92,17 +98,15 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False) -> dict:
         plan = MemberPlan(config=resolved, output=output, fingerprint=fingerprint, num_classes=num_classes,
                           initial_state=ray.put(initial_state) if initial_state is not None else None,
                           progress=show_progress(), cache=cache)
-        summaries, weight_refs = train_members(plan, seeds=seeds, train_table=index.train, val_table=index.val,
-                                               gpus=resolved.gpus_per_member, window=window, resuming=resuming)
+        summaries, weight_refs, vote_refs = train_members(
+            plan, seeds=seeds, train_table=index.train, val_table=index.val, gpus=resolved.gpus_per_member,
+            window=window, resuming=resuming, vote_table=vote_table)
         _Stop.check()
 
-        # vote: val (report), test (predictions) and, for out-of-bag scores, train, in one pass of the pool
+        # vote: the members' own outputs, and one pass of the voter pool for those without them
         t_vote = time.time()
-        splits = {"val": index.val, "test": index.test}
-        if cfg.bagging == "bootstrap":
-            splits["train"] = index.train
         voted = vote_splits(resolved, splits, weight_refs=weight_refs, num_classes=num_classes,
-                            gpus=resolved.gpus_per_infer_actor, cache=cache)
+                            gpus=resolved.gpus_per_infer_actor, cache=cache, member_votes=vote_refs)
         _Stop.check()
 
         # report: scores (data) -> report.json, predictions, figures, report.md -> the printed table

@@ -101,6 +101,21 @@ def eval_batches(images, *, batch_size: int, threads: int,
         yield b["id"], _pinned(b, pin), b["label"]
 
 
+@torch.no_grad()
+def member_outputs(trainee: Trainee, state: dict, batches: Iterable, *, tta: str = "none") -> np.ndarray:
+    """The model with weights ``state`` on every (ids, images, labels) batch of ``batches`` (in
+    their order), under the run's test-time augmentation: (rows, classes) float32 softmax outputs,
+    the numbers the voter pool computes for this member (``engine.vote_member_probabilities``)."""
+    from ensemble.engine import vote_member_probabilities
+
+    model = trainee.model
+    model.load_state_dict(state)
+    model.eval()
+    out = [vote_member_probabilities([model], images, trainee.amp, tta, device=trainee.device)[0].cpu().numpy()
+           for _, images, _ in batches]
+    return np.concatenate(out)
+
+
 def _pinned(batch: dict, pin: bool) -> torch.Tensor:
     image = torch.from_numpy(batch["image"])  # no copy
     return image.pin_memory() if pin else image

@@ -138,8 +138,20 @@ def format_table(members: list[dict], ensemble_val_acc: float, rule: str = "soft
                       f"{rule_title(rule):>32}  {ensemble_val_acc:>8.4f}"])
 
 
-def plan_lines(cfg: EnsembleConfig, params: dict, sizes: Optional[dict], num_classes: int) -> list[str]:
-    """The run's plan as the driver logs it (and --dry-run prints it)."""
+def _vote_plan(cfg: EnsembleConfig, members_vote: Optional[bool]) -> str:
+    pool = f"{cfg.infer_actors} actor(s) x batch {cfg.infer_batch_size}"
+    if members_vote is None:
+        return f"{pool} (each member itself as it finishes when the images fit the image cache)"
+    if members_vote:
+        return f"each member as it finishes, on the cached images ({pool} only for members loaded from disk)"
+    return pool
+
+
+def plan_lines(cfg: EnsembleConfig, params: dict, sizes: Optional[dict], num_classes: int, *,
+               members_vote: Optional[bool] = None) -> list[str]:
+    """The run's plan as the driver logs it (and --dry-run prints it). ``members_vote``: whether
+    each member's trainer scores the vote's rows itself (the images are in the cache); None: not
+    known yet (a dry run)."""
     n_boot = cfg.bootstrap_size or (sizes["train"] if sizes else None)
     gpus = "auto (1 if the cluster has GPUs)" if cfg.gpus_per_member is None else f"{cfg.gpus_per_member:g}"
     cpus = "auto (2, or a node's all if fewer)" if cfg.cpus_per_member is None else f"{cfg.cpus_per_member:g}"
@@ -148,7 +160,7 @@ def plan_lines(cfg: EnsembleConfig, params: dict, sizes: Optional[dict], num_cla
         f"freeze {cfg.freeze}{' + stem' if cfg.freeze_stem else ''}",
         f"per member       {gpus} GPU, {cpus} CPU; {cfg.epochs} epochs, batch {cfg.batch_size}, "
         f"Adam lr {cfg.lr:g}, image {cfg.image_size}, augment {cfg.augment}, eval resize {cfg.eval_resize}",
-        f"soft vote        {cfg.infer_actors} actor(s) x batch {cfg.infer_batch_size}",
+        f"soft vote        {_vote_plan(cfg, members_vote)}",
         f"parameters       {params['total']:,} total, {params['trainable']:,} trainable",
     ]
     if sizes:

@@ -25,7 +25,8 @@ class MemberFailed(EnsembleError, RuntimeError):
     """A member died more often than Ray may restart it, or raised an error (a failure: exit 1)."""
 
 
-def train_members(plan, *, seeds: list[int], train_table, val_table, gpus: float, window: int, resuming: bool):
+def train_members(plan, *, seeds: list[int], train_table, val_table, gpus: float, window: int, resuming: bool,
+                  vote_table=None):
     """Train every unfinished member on at most ``window`` trainer actors; wait with ray.wait; gather.
 
     ``plan``: the run's ``actors.MemberPlan`` (with the image cache, if any). ``train_table`` /
@@ -37,24 +38,29 @@ def train_members(plan, *, seeds: list[int], train_table, val_table, gpus: float
     written (StorageError) stops the run at once with that one line: the members still training
     are stopped too (their storage is the same; a full disk would fail their next checkpoint),
     and every finished member and committed epoch stays for the rerun to resume.
-    Returns ([member_files.MemberSummary] sorted by member, weight ObjectRefs in member order).
+    ``vote_table``: rows every member scores with its best weights before its slot moves on (its
+    share of the soft vote, while its model is loaded), or None.
+    Returns ([member_files.MemberSummary] sorted by member, weight ObjectRefs in member order,
+    ObjectRefs of the members' outputs on ``vote_table`` in member order: None for a member loaded
+    from an earlier run, and for every member when there is no ``vote_table``).
     """
     import ray
 
     from ensemble.actors import MemberTrainer
 
     cfg, output = plan.config, plan.output
-    summaries, weights = {}, {}
+    summaries, weights, votes = {}, {}, {}
     queue = []
     for i in range(cfg.members):
         finished = reusable_member(output, i, plan.fingerprint) if resuming else None
         if finished is None:
             queue.append(i)
         else:
-            summaries[i], weights[i] = finished[0], ray.put(finished[1])
+            summaries[i], weights[i], votes[i] = finished[0], ray.put(finished[1]), None
             log.info("member %d: finished earlier (val acc %.4f), loaded from %s", i, finished[0].val_acc, output)
     plan_ref, train_ref, val_ref = ray.put(plan), ray.put(train_table), ray.put(val_table)
-    running: dict = {}   # summary ref -> (member, slot, weights ref)
+    vote_ref = ray.put(vote_table) if vote_table is not None else None
+    running: dict = {}   # summary ref -> (member, slot, weights ref, votes ref)
     actors, left, up = [], [], []  # per slot: the actor, its unfinished members, its started() ref
     # Ray frees an actor's name only once it has processed the actor's death, which can lag a
     # ray.kill by seconds on a loaded cluster: a second run in the same process (a test, a
@@ -73,17 +79,17 @@ def train_members(plan, *, seeds: list[int], train_table, val_table, gpus: float
             up.append(actors[-1].started.remote())  # before its fits: done as soon as the actor runs
         for slot, members in enumerate(slots):
             for i in members:  # queued on the actor; it runs them in this order
-                summary_ref, weights_ref = actors[slot].fit.options(name=f"ensemble-member-{i}.fit").remote(
-                    i, seeds[i], plan_ref, train_ref, val_ref)
-                running[summary_ref] = (i, slot, weights_ref)
+                summary_ref, weights_ref, votes_ref = actors[slot].fit.options(
+                    name=f"ensemble-member-{i}.fit").remote(i, seeds[i], plan_ref, train_ref, val_ref, vote_ref)
+                running[summary_ref] = (i, slot, weights_ref, votes_ref if vote_ref is not None else None)
         watch = StallWatch(cfg, gpus)
         while running:
             done, _ = ray.wait(list(running), num_returns=1, timeout=WATCH_S)
             if not done:
                 watch.check([ref for slot, ref in enumerate(up) if left[slot]])
             for ref in done:
-                i, slot, weights_ref = running.pop(ref)
-                summaries[i], weights[i] = _gather(ref, i, output), weights_ref
+                i, slot, weights_ref, votes_ref = running.pop(ref)
+                summaries[i], weights[i], votes[i] = _gather(ref, i, output), weights_ref, votes_ref
                 left[slot] -= 1
                 if left[slot] == 0:
                     ray.kill(actors[slot])  # frees its resources; returned weights stay in the object store
@@ -94,7 +100,7 @@ def train_members(plan, *, seeds: list[int], train_table, val_table, gpus: float
             if left[slot]:
                 ray.kill(actor)
     order = sorted(summaries)
-    return [summaries[i] for i in order], [weights[i] for i in order]
+    return [summaries[i] for i in order], [weights[i] for i in order], [votes[i] for i in order]
 
 
 class StallWatch:

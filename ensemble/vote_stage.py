@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from typing import Optional
 
 import numpy as np
 
 from ensemble.config import EnsembleConfig
+from ensemble.scores.vote import soft_vote
 
 _VOTERS = itertools.count()
 
@@ -89,11 +91,22 @@ def stack_splits(tables: dict):
 
 
 def vote_splits(cfg: EnsembleConfig, splits: dict, *, weight_refs: list, num_classes: int, gpus: float,
-                cache=None) -> dict:
+                cache=None, member_votes: Optional[list] = None) -> dict:
     """Every split through one pass of the voter pool: {name: arrays of that split}, each with
-    id, image_name, label, probs (n, classes) and member_probs (members, n, classes)."""
+    id, image_name, label, probs (n, classes) and member_probs (members, n, classes).
+
+    ``member_votes``: per member, an ObjectRef of its outputs on ``stack_splits(splits)``'s rows,
+    computed by the trainer that trained it (``train_members``' third list), or None; the pool
+    runs only the members without one, and starts no process when every member has them.
+    """
     table, ranges = stack_splits(splits)
-    voted = soft_vote_stage(cfg, table, weight_refs=weight_refs, num_classes=num_classes, gpus=gpus, cache=cache)
+    votes = list(member_votes) if member_votes is not None else [None] * len(weight_refs)
+    pooled = [i for i, ref in enumerate(votes) if ref is None]
+    if len(pooled) == len(votes):
+        voted = soft_vote_stage(cfg, table, weight_refs=weight_refs, num_classes=num_classes, gpus=gpus, cache=cache)
+    else:
+        voted = _gather_votes(cfg, table, votes, pooled, weight_refs=weight_refs, num_classes=num_classes, gpus=gpus,
+                              cache=cache)
     out = {}
     for name, (lo, hi) in ranges.items():
         part = {k: v[lo:hi] for k, v in voted.items()}
@@ -101,3 +114,24 @@ def vote_splits(cfg: EnsembleConfig, splits: dict, *, weight_refs: list, num_cla
         part["id"] = part["id"] - lo
         out[name] = part
     return out
+
+
+def _gather_votes(cfg: EnsembleConfig, table, votes: list, pooled: list, *, weight_refs: list, num_classes: int,
+                  gpus: float, cache) -> dict:
+    """``soft_vote_stage``'s arrays from the members' own outputs, with the pool's for the
+    ``pooled`` members (those loaded from an earlier run)."""
+    import ray
+
+    order = np.argsort(table.column("id").to_numpy(), kind="stable")
+    member_probs = np.empty((table.num_rows, len(votes), num_classes), np.float32)
+    if pooled:
+        run = soft_vote_stage(cfg, table, weight_refs=[weight_refs[i] for i in pooled], num_classes=num_classes,
+                              gpus=gpus, cache=cache)
+        member_probs[:, pooled] = run["member_probs"]
+    own = [i for i, ref in enumerate(votes) if ref is not None]
+    for i, probs in zip(own, ray.get([votes[i] for i in own])):
+        member_probs[:, i] = probs[order]
+    return {"id": table.column("id").to_numpy()[order],
+            "image_name": np.asarray(table.column("image_name").to_pylist(), dtype=object)[order],
+            "label": table.column("label").to_numpy()[order],
+            "probs": soft_vote(member_probs.transpose(1, 0, 2)).astype(np.float32), "member_probs": member_probs}

@@ -509,6 +509,15 @@ def test_user_error_in_a_ray_data_worker_reaches_the_driver_as_its_own_class(clu
     from ensemble.watch import watched
 
     quiet_ray_data()  # the Ray Data settings the driver, predict and tune run with
+    # Ray Data's console handler writes to the sys.stderr of the moment ray.data was first imported
+    # (ray 2.60's PlainRayHandler keeps StreamHandler's stream), here an earlier test's capture,
+    # closed by now (setStream would flush it): point it at this test's.
+    import logging
+    import sys
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if type(handler).__name__ == "PlainRayHandler":
+            handler.stream = sys.stderr
 
     class Voter:
         def __call__(self, batch):
