@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 from ensemble.bootstrap import check_bootstrap_size, member_counts, member_seeds
 from ensemble.cli import config_from_argv
 from ensemble.config import ConfigError, EnsembleConfig, cache_side
-from ensemble.errors import run_cli
+from ensemble.errors import exit_process, run_cli
 from ensemble.run_folder import (check_output, default_output, input_files, open_output, save_run_config,
                                  training_fingerprint, versions)
 from ensemble.run_lock import RunLock
@@ -189,4 +189,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -285,4 +285,6 @@ if __name__ == "__main__":
     # (ensemble.tune.train_trial) rather than by value from __main__.
     from ensemble.tune import main as _main
 
-    sys.exit(_main())
+    from ensemble.errors import exit_process
+
+    exit_process(_main())

@@ -131,3 +131,23 @@ def test_tune_main_a_search_without_results_is_exit_1(monkeypatch, capsys):
     monkeypatch.setattr(tune, "run_search", _failing(SearchFailed("no trial reported a val accuracy")))
     assert tune.main(["--output", "o"]) == 1
     assert capsys.readouterr().err.splitlines()[-1] == "error: no trial reported a val accuracy"
+
+
+def test_exit_process_ends_with_the_code_after_flushing_what_was_written(tmp_path):
+    """``python -m ensemble.<command>`` ends through exit_process (os._exit, no interpreter
+    teardown): the code is the process's, and a last line still buffered in a pipe, a log record
+    and an atexit handler's absence show it flushed and did not run the usual exit."""
+    import subprocess
+    import sys
+
+    script = ("import atexit, logging, sys\n"
+              "from ensemble.errors import exit_process\n"
+              "logging.basicConfig(level=logging.INFO, format='%(message)s')\n"
+              "atexit.register(lambda: print('atexit ran', flush=True))\n"
+              "logging.getLogger('ensemble.driver').info('logged last')\n"
+              "sys.stdout.write('printed last, no newline')\n"
+              "exit_process(3)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == "printed last, no newline"
+    assert proc.stderr.strip() == "logged last"
