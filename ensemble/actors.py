@@ -176,12 +176,28 @@ class MemberTrainer:
         summary = files.save_final(summary, best.state, best.val_ids, best.val_probs, cfg.to_dict())
         votes = None
         if vote_table is not None:
-            votes = member_outputs(trainee, best.state, eval_batches(plan.images(vote_table), batch_size=cfg.batch_size,
-                                                                     threads=threads, pin=pin), tta=cfg.tta)
+            trainee.model.load_state_dict(best.state)
+            votes = self._outputs(trainee.model, plan, vote_table)
         del trainee
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # the slot's next member starts from an empty cache
         return summary, best.state, votes
+
+
+    def vote(self, plan: MemberPlan, state: dict, vote_table: pa.Table) -> np.ndarray:
+        """A member finished by an earlier run (``state``: its best weights): its outputs on
+        ``vote_table``, as ``fit`` returns them for the members it trains. The driver queues these
+        on the slots it starts anyway, so a resumed run starts no voter pool."""
+        cfg = plan.config
+        model = eval_models(cfg.arch, plan.num_classes, [state], self.device)[0]
+        return self._outputs(model, plan, vote_table)
+
+    def _outputs(self, model: torch.nn.Module, plan: MemberPlan, vote_table: pa.Table) -> np.ndarray:
+        cfg = plan.config
+        batches = eval_batches(plan.images(vote_table), batch_size=cfg.batch_size, threads=max(1, int(cfg.cpus_per_member)),
+                               pin=self.device.type == "cuda")
+        return member_outputs(model, batches, device=self.device, amp=resolve_precision(cfg.precision, self.device),
+                              tta=cfg.tta)
 
 
 def _progress(batches, *, total: int, desc: str):

@@ -102,16 +102,16 @@ def eval_batches(images, *, batch_size: int, threads: int,
 
 
 @torch.no_grad()
-def member_outputs(trainee: Trainee, state: dict, batches: Iterable, *, tta: str = "none") -> np.ndarray:
-    """The model with weights ``state`` on every (ids, images, labels) batch of ``batches`` (in
-    their order), under the run's test-time augmentation: (rows, classes) float32 softmax outputs,
-    the numbers the voter pool computes for this member (``engine.vote_member_probabilities``)."""
+def member_outputs(model: nn.Module, batches: Iterable, *, device: torch.device, amp: Optional[torch.dtype],
+                   tta: str = "none") -> np.ndarray:
+    """``model`` (a member with its weights loaded, on ``device``) on every (ids, images, labels)
+    batch of ``batches`` (in their order), under the run's test-time augmentation: (rows, classes)
+    float32 softmax outputs, the numbers the voter pool computes for this member
+    (``engine.vote_member_probabilities``)."""
     from ensemble.engine import vote_member_probabilities
 
-    model = trainee.model
-    model.load_state_dict(state)
     model.eval()
-    out = [vote_member_probabilities([model], images, trainee.amp, tta, device=trainee.device)[0].cpu().numpy()
+    out = [vote_member_probabilities([model], images, amp, tta, device=device)[0].cpu().numpy()
            for _, images, _ in batches]
     return np.concatenate(out)
 

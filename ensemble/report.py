@@ -143,7 +143,8 @@ def _vote_plan(cfg: EnsembleConfig, members_vote: Optional[bool]) -> str:
     if members_vote is None:
         return f"{pool} (each member itself as it finishes when the images fit the image cache)"
     if members_vote:
-        return f"each member as it finishes, on the cached images ({pool} only for members loaded from disk)"
+        return (f"each member as it finishes, on the cached images (members an earlier run finished: by the "
+                f"trainers too; {pool} only when no member is left to train)")
     return pool
 
 

@@ -41,8 +41,9 @@ def train_members(plan, *, seeds: list[int], train_table, val_table, gpus: float
     ``vote_table``: rows every member scores with its best weights before its slot moves on (its
     share of the soft vote, while its model is loaded), or None.
     Returns ([member_files.MemberSummary] sorted by member, weight ObjectRefs in member order,
-    ObjectRefs of the members' outputs on ``vote_table`` in member order: None for a member loaded
-    from an earlier run, and for every member when there is no ``vote_table``).
+    ObjectRefs of the members' outputs on ``vote_table`` in member order: those an earlier run
+    finished are voted by the slots too, after their own members; None for every member when
+    there is no ``vote_table``, and for the loaded ones when no member is left to train).
     """
     import ray
 
@@ -61,7 +62,7 @@ def train_members(plan, *, seeds: list[int], train_table, val_table, gpus: float
     plan_ref, train_ref, val_ref = ray.put(plan), ray.put(train_table), ray.put(val_table)
     vote_ref = ray.put(vote_table) if vote_table is not None else None
     running: dict = {}   # summary ref -> (member, slot, weights ref, votes ref)
-    actors, left, up = [], [], []  # per slot: the actor, its unfinished members, its started() ref
+    actors, left, up = [], [], []  # per slot: the actor, its unfinished members and votes, its started() ref
     # Ray frees an actor's name only once it has processed the actor's death, which can lag a
     # ray.kill by seconds on a loaded cluster: a second run in the same process (a test, a
     # notebook) could find "ensemble-member-3" still taken. Each run names its trainers in a
@@ -82,12 +83,27 @@ def train_members(plan, *, seeds: list[int], train_table, val_table, gpus: float
                 summary_ref, weights_ref, votes_ref = actors[slot].fit.options(
                     name=f"ensemble-member-{i}.fit").remote(i, seeds[i], plan_ref, train_ref, val_ref, vote_ref)
                 running[summary_ref] = (i, slot, weights_ref, votes_ref if vote_ref is not None else None)
+        voting: dict = {}  # votes ref -> (member, slot): members an earlier run finished, voted by the slots
+        if vote_ref is not None and actors:
+            for k, i in enumerate(sorted(set(summaries) - set(queue))):
+                slot = k % len(actors)  # after the slot's own members
+                votes[i] = actors[slot].vote.options(name=f"ensemble-member-{i}.vote").remote(plan_ref, weights[i],
+                                                                                               vote_ref)
+                voting[votes[i]] = (i, slot)
+                left[slot] += 1
         watch = StallWatch(cfg, gpus)
-        while running:
-            done, _ = ray.wait(list(running), num_returns=1, timeout=WATCH_S)
+        while running or voting:
+            done, _ = ray.wait([*running, *voting], num_returns=1, timeout=WATCH_S)
             if not done:
                 watch.check([ref for slot, ref in enumerate(up) if left[slot]])
             for ref in done:
+                if ref in voting:
+                    i, slot = voting.pop(ref)
+                    _gather(ref, i, output)  # its error, if any, as one line
+                    left[slot] -= 1
+                    if left[slot] == 0:
+                        ray.kill(actors[slot])
+                    continue
                 i, slot, weights_ref, votes_ref = running.pop(ref)
                 summaries[i], weights[i], votes[i] = _gather(ref, i, output), weights_ref, votes_ref
                 left[slot] -= 1

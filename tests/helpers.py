@@ -80,6 +80,8 @@ def ray_env(home: str, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "CI")}
     # Job entrypoints run `python`: this venv's, as on a node where the project is installed.
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    # matplotlib keeps its font list under HOME: the real one's, not rebuilt (~5 s) by every driver
+    env["MPLCONFIGDIR"] = env.get("MPLCONFIGDIR") or os.path.join(os.path.expanduser("~"), ".cache", "matplotlib")
     env = {**env, "HOME": home, "RAY_AUTH_MODE": "token", **extra}
     os.makedirs(home, exist_ok=True)
     subprocess.run([RAY_CLI, "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60)
