@@ -183,7 +183,6 @@ class MemberTrainer:
             torch.cuda.empty_cache()  # the slot's next member starts from an empty cache
         return summary, best.state, votes
 
-
     def vote(self, plan: MemberPlan, state: dict, vote_table: pa.Table) -> np.ndarray:
         """A member finished by an earlier run (``state``: its best weights): its outputs on
         ``vote_table``, as ``fit`` returns them for the members it trains. The driver queues these
@@ -194,8 +193,8 @@ class MemberTrainer:
 
     def _outputs(self, model: torch.nn.Module, plan: MemberPlan, vote_table: pa.Table) -> np.ndarray:
         cfg = plan.config
-        batches = eval_batches(plan.images(vote_table), batch_size=cfg.batch_size, threads=max(1, int(cfg.cpus_per_member)),
-                               pin=self.device.type == "cuda")
+        batches = eval_batches(plan.images(vote_table), batch_size=cfg.batch_size,
+                               threads=max(1, int(cfg.cpus_per_member)), pin=self.device.type == "cuda")
         return member_outputs(model, batches, device=self.device, amp=resolve_precision(cfg.precision, self.device),
                               tta=cfg.tta)
 

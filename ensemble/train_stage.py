@@ -51,12 +51,13 @@ def train_members(plan, *, seeds: list[int], train_table, val_table, gpus: float
 
     cfg, output = plan.config, plan.output
     summaries, weights, votes = {}, {}, {}
-    queue = []
+    queue, loaded = [], []
     for i in range(cfg.members):
         finished = reusable_member(output, i, plan.fingerprint) if resuming else None
         if finished is None:
             queue.append(i)
         else:
+            loaded.append(i)
             summaries[i], weights[i], votes[i] = finished[0], ray.put(finished[1]), None
             log.info("member %d: finished earlier (val acc %.4f), loaded from %s", i, finished[0].val_acc, output)
     plan_ref, train_ref, val_ref = ray.put(plan), ray.put(train_table), ray.put(val_table)
@@ -85,7 +86,7 @@ def train_members(plan, *, seeds: list[int], train_table, val_table, gpus: float
                 running[summary_ref] = (i, slot, weights_ref, votes_ref if vote_ref is not None else None)
         voting: dict = {}  # votes ref -> (member, slot): members an earlier run finished, voted by the slots
         if vote_ref is not None and actors:
-            for k, i in enumerate(sorted(set(summaries) - set(queue))):
+            for k, i in enumerate(loaded):
                 slot = k % len(actors)  # after the slot's own members
                 votes[i] = actors[slot].vote.options(name=f"ensemble-member-{i}.vote").remote(plan_ref, weights[i],
                                                                                                vote_ref)
@@ -99,18 +100,16 @@ def train_members(plan, *, seeds: list[int], train_table, val_table, gpus: float
             for ref in done:
                 if ref in voting:
                     i, slot = voting.pop(ref)
-                    _gather(ref, i, output)  # its error, if any, as one line
-                    left[slot] -= 1
-                    if left[slot] == 0:
-                        ray.kill(actors[slot])
-                    continue
-                i, slot, weights_ref, votes_ref = running.pop(ref)
-                summaries[i], weights[i], votes[i] = _gather(ref, i, output), weights_ref, votes_ref
+                    _gather(ref, i, output)  # a failed vote is one line too
+                else:
+                    i, slot, weights_ref, votes_ref = running.pop(ref)
+                    summaries[i], weights[i], votes[i] = _gather(ref, i, output), weights_ref, votes_ref
+                    log.info("member %d done: best val acc %.4f at epoch %d (%.0f s) [%d/%d]", i,
+                             summaries[i].val_acc, summaries[i].best_epoch, summaries[i].seconds, len(summaries),
+                             cfg.members)
                 left[slot] -= 1
                 if left[slot] == 0:
-                    ray.kill(actors[slot])  # frees its resources; returned weights stay in the object store
-                log.info("member %d done: best val acc %.4f at epoch %d (%.0f s) [%d/%d]", i, summaries[i].val_acc,
-                         summaries[i].best_epoch, summaries[i].seconds, len(summaries), cfg.members)
+                    ray.kill(actors[slot])  # frees its resources; returned weights and votes stay in the object store
     finally:
         for slot, actor in enumerate(actors):  # on Ctrl-C or a failure: stop the others now
             if left[slot]:
