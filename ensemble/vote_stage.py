@@ -96,17 +96,14 @@ def vote_splits(cfg: EnsembleConfig, splits: dict, *, weight_refs: list, num_cla
     id, image_name, label, probs (n, classes) and member_probs (members, n, classes).
 
     ``member_votes``: per member, an ObjectRef of its outputs on ``stack_splits(splits)``'s rows,
-    computed by the trainer that trained it (``train_members``' third list), or None; the pool
-    runs only the members without one, and starts no process when every member has them.
+    computed by a trainer (``train_members``' third list). When every member has them, they are
+    the vote and no process starts; otherwise the pool runs every member.
     """
     table, ranges = stack_splits(splits)
-    votes = list(member_votes) if member_votes is not None else [None] * len(weight_refs)
-    pooled = [i for i, ref in enumerate(votes) if ref is None]
-    if len(pooled) == len(votes):
-        voted = soft_vote_stage(cfg, table, weight_refs=weight_refs, num_classes=num_classes, gpus=gpus, cache=cache)
+    if member_votes and all(ref is not None for ref in member_votes):
+        voted = _members_votes(table, member_votes, num_classes)
     else:
-        voted = _gather_votes(cfg, table, votes, pooled, weight_refs=weight_refs, num_classes=num_classes, gpus=gpus,
-                              cache=cache)
+        voted = soft_vote_stage(cfg, table, weight_refs=weight_refs, num_classes=num_classes, gpus=gpus, cache=cache)
     out = {}
     for name, (lo, hi) in ranges.items():
         part = {k: v[lo:hi] for k, v in voted.items()}
@@ -116,20 +113,13 @@ def vote_splits(cfg: EnsembleConfig, splits: dict, *, weight_refs: list, num_cla
     return out
 
 
-def _gather_votes(cfg: EnsembleConfig, table, votes: list, pooled: list, *, weight_refs: list, num_classes: int,
-                  gpus: float, cache) -> dict:
-    """``soft_vote_stage``'s arrays from the members' own outputs, with the pool's for the
-    ``pooled`` members (those loaded from an earlier run)."""
+def _members_votes(table, votes: list, num_classes: int) -> dict:
+    """``soft_vote_stage``'s arrays (sorted by row id) from the members' own outputs on ``table``'s rows."""
     import ray
 
     order = np.argsort(table.column("id").to_numpy(), kind="stable")
     member_probs = np.empty((table.num_rows, len(votes), num_classes), np.float32)
-    if pooled:
-        run = soft_vote_stage(cfg, table, weight_refs=[weight_refs[i] for i in pooled], num_classes=num_classes,
-                              gpus=gpus, cache=cache)
-        member_probs[:, pooled] = run["member_probs"]
-    own = [i for i, ref in enumerate(votes) if ref is not None]
-    for i, probs in zip(own, ray.get([votes[i] for i in own])):
+    for i, probs in enumerate(ray.get(list(votes))):
         member_probs[:, i] = probs[order]
     return {"id": table.column("id").to_numpy()[order],
             "image_name": np.asarray(table.column("image_name").to_pylist(), dtype=object)[order],
