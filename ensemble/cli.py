@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from ensemble.config import (AUGMENTS, ARCHS, EVAL_RESIZES, FREEZE_STAGES, EnsembleConfig, config_with_preset,
-                             load_yaml)
+from ensemble.config import (AUGMENTS, ARCHS, CACHE_TIERS, EVAL_RESIZES, FREEZE_STAGES, EnsembleConfig,
+                             config_with_preset, load_yaml)
 
 DEFAULTS = EnsembleConfig()
 
@@ -60,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
                    "per run) as the source of every epoch's crops (default: round(S*256/224), 256 at S=224)")
     g.add_argument("--cache-share", type=float, help=f"the image cache may take this share of the smallest node's object store; "
                    f"larger data is decoded by the members every epoch; 0 = never cache (default {d.cache_share:g})")
+    g.add_argument("--cache-tier", help=f"{' | '.join(CACHE_TIERS)}: raw = decoded pixels; compressed = train images "
+                   f"kept as JPEGs (about a ninth of the bytes), val/test pixels exact; auto = raw if it fits "
+                   f"--cache-share, else compressed, else no cache (default {d.cache_tier})")
     g = p.add_argument_group("resources")
     g.add_argument("--gpus-per-member", type=float, help="0, a fraction (0.25, 0.5) or 1 GPU "
                                                          "(default: 1 if the cluster has or its autoscaler can add GPUs, else 0)")

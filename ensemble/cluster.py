@@ -151,11 +151,30 @@ class Capacity:
                    default=0.0)
 
 
-    def smallest_store(self) -> float:
-        """The object store (bytes) of the smallest alive node that can run members or voters (one
-        with CPUs): each such node reads the whole image cache into its own store."""
-        stores = [n.get("object_store_memory", 0.0) for n in self.nodes if n.get("CPU", 0) > 0]
-        return min(stores or [n.get("object_store_memory", 0.0) for n in self.nodes], default=0.0)
+    def smallest_store(self) -> tuple[float, str]:
+        """(bytes, which node) of the smallest object store of a node that decodes, trains or votes:
+        the image cache's decode tasks put its blocks (the primaries) in the stores of the alive
+        CPU nodes, and each node that trains or votes reads all of it into its own store. A node
+        type the autoscaler may add counts too: its store as declared (``object_store_memory``),
+        else Ray's default share of the memory it declares (``memory``, which `ray up` fills in
+        for AWS worker types); a type that declares neither is left out of the comparison."""
+        alive = [n for n in self.nodes if n.get("CPU", 0) > 0] or self.nodes
+        stores = [(n.get("object_store_memory", 0.0), "the smallest node's") for n in alive]
+        for resources, _ in self.node_types:
+            store = launchable_store(resources)
+            if resources.get("CPU", 0) > 0 and store is not None:
+                stores.append((store, "the smallest launchable node type's"))
+        return min(stores, default=(0.0, "the smallest node's"), key=lambda s: s[0])
+
+
+def launchable_store(resources: dict) -> Optional[float]:
+    """The object store (bytes) a node of a launchable type will have, or None if it declares no memory."""
+    if resources.get("object_store_memory"):
+        return float(resources["object_store_memory"])
+    if resources.get("memory"):
+        share = float(os.environ.get("RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION", 0.3))
+        return float(resources["memory"]) * share / (1 - share)  # "memory" is the rest of the node's RAM
+    return None
 
 
 def cluster_capacity() -> Capacity:

@@ -27,6 +27,7 @@ TTAS = ("none", "hflip")
 BAGGINGS = ("bootstrap", "full")
 CALIBRATE_ON = ("val", "oob")
 PRECISIONS = ("auto", "bf16", "fp32")
+CACHE_TIERS = ("auto", "raw", "compressed")  # image_cache.TIERS, or the first that fits
 
 
 def resize_side(image_size: int) -> int:
@@ -70,6 +71,7 @@ class EnsembleConfig:
     eval_resize: str = "squash"         # squash (the study's: S x S, then R x R, centre S) | short-side (keeps aspect)
     cache_side: Optional[int] = None    # short side of cached train images (augmentation source); None = round(S*256/224)
     cache_share: float = 0.5            # the image cache may take this share of the object store; 0 = no cache
+    cache_tier: str = "auto"            # auto = raw pixels if they fit, else compressed, else none; raw; compressed
     precision: str = "auto"             # auto = bf16 autocast on GPUs that support it; fp32; bf16
     # --- resources
     gpus_per_member: Optional[float] = None   # 0, a fraction (0.25, 0.5) or 1 GPU; None = 1 if the cluster has GPUs else 0
@@ -95,6 +97,7 @@ class EnsembleConfig:
         check_choice(self, "freeze", FREEZE_STAGES)
         check_choice(self, "augment", AUGMENTS)
         check_choice(self, "eval_resize", EVAL_RESIZES)
+        check_choice(self, "cache_tier", CACHE_TIERS)
         check_choice(self, "vote", VOTES)
         check_choice(self, "precision", PRECISIONS)
         check_choice(self, "tta", TTAS)

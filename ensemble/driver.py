@@ -69,7 +69,8 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False) -> dict:
 
     # image check + cache: every file decoded once in Ray tasks (unreadable ones skipped, or --strict
     # stops); the pixels stay in the object store for the members and voters when they fit
-    index, skipped, cache = cache_images(index, cfg, max_bytes=cfg.cache_share * capacity.smallest_store())
+    store, whose = capacity.smallest_store()
+    index, skipped, cache = cache_images(index, cfg, max_bytes=cfg.cache_share * store, budget_from=whose)
 
     # output folder: the first write, under the folder's lock (one driver per run folder, held until
     # the run ends); an earlier run there is resumed (same fingerprint) or refused

@@ -120,6 +120,21 @@ def test_smallest_store_is_the_smallest_node_that_can_train():
     cluster = Capacity(nodes=({"CPU": 0.0, "object_store_memory": 1e9},
                               {"CPU": 4.0, "object_store_memory": 8e9},
                               {"CPU": 2.0, "GPU": 1.0, "object_store_memory": 3e9}))
-    assert cluster.smallest_store() == 3e9
-    assert Capacity(nodes=({"CPU": 0.0, "object_store_memory": 2e9},)).smallest_store() == 2e9
-    assert Capacity(nodes=()).smallest_store() == 0.0
+    assert cluster.smallest_store() == (3e9, "the smallest node's")
+    assert Capacity(nodes=({"CPU": 0.0, "object_store_memory": 2e9},)).smallest_store()[0] == 2e9
+    assert Capacity(nodes=()).smallest_store()[0] == 0.0
+
+
+def test_smallest_store_counts_the_node_types_an_autoscaler_may_add():
+    """A fresh `ray up` cluster is its head alone when the cache is sized: the GPU workers that will
+    train join later, and their stores count. `ray up` fills in a worker type's "memory" (70% of its
+    RAM), so its store is Ray's default 30%: cluster.yaml's g5.xlarge workers (16 GiB) get ~5.2 GB,
+    under the m5.2xlarge head's ~10 GB (32 GiB). A type that declares no memory is left out."""
+    head = {"CPU": 8.0, "object_store_memory": 0.3 * 32 * 2**30}
+    g5 = ({"CPU": 4.0, "GPU": 1.0, "memory": 0.7 * 16 * 2**30}, 10)
+    store, whose = Capacity(nodes=(head,), node_types=(g5,)).smallest_store()
+    assert whose == "the smallest launchable node type's" and store == pytest.approx(0.3 * 16 * 2**30)
+    declared = ({"CPU": 4.0, "object_store_memory": 1e9}, 2)
+    assert Capacity(nodes=(head,), node_types=(g5, declared)).smallest_store()[0] == 1e9
+    assert Capacity(nodes=(head,), node_types=(({"CPU": 4.0, "GPU": 1.0}, 10),)).smallest_store() == (
+        0.3 * 32 * 2**30, "the smallest node's")

@@ -62,3 +62,62 @@ def test_decode_chunk_keeps_eval_pixels_and_shrunk_train_images_and_says_why_a_f
     check, evals_only, none = decode_chunk(paths[:1], image_size=16, resize="short-side", side=18, keep_train=False)
     assert none is None and check["bytes"] == evals_only.nbytes == 768
     np.testing.assert_array_equal(evals_only[0], eval_pixels(decoded[0], image_size=16, resize="short-side"))
+
+
+def test_the_compressed_tier_is_a_ninth_of_raw_for_photos_and_chosen_only_when_raw_does_not_fit():
+    """Estimates per tier (val/test eval pixels exact in both; train images raw, or JPEG at ~0.4
+    bytes a pixel), and the first tier that fits the budget; a forced tier that does not fit means
+    no cache, said with its size."""
+    from ensemble.image_cache import choose_tier
+
+    index = _index(21_000, 300, 2_300)  # the study's shape at 224 px
+    cfg = build_config(flag_values={"data": "x"})
+    raw, compressed = estimate_bytes(index, cfg, "raw"), estimate_bytes(index, cfg, "compressed")
+    assert raw == 23_600 * 224 * 224 * 3 + 21_000 * 256 * 342 * 3  # ~9 GB
+    assert compressed == 2_600 * 224 * 224 * 3 + int(21_000 * 256 * 342 * 0.4)  # ~1.1 GB
+    sizes = {"raw": raw, "compressed": compressed}
+    assert choose_tier(sizes, 10e9)[0] == "raw"
+    tier, why = choose_tier(sizes, 2.4e9, budget="--cache-share 0.5 of the smallest node's object store")
+    assert tier == "compressed" and why == ("raw pixels about 9.1 GB are over --cache-share 0.5 of the smallest "
+                                            "node's object store = 2.4 GB; compressed about 1.1 GB")
+    assert choose_tier(sizes, 10e9, "compressed")[0] == "compressed"
+    assert choose_tier(sizes, 2.4e9, "raw") == (None, "raw pixels about 9.1 GB, over the budget = 2.4 GB")
+    assert choose_tier(sizes, 0.5e9)[0] is None
+
+
+def test_the_compressed_tier_keeps_val_and_test_exact_and_train_images_as_jpegs(tmp_path):
+    """A train chunk holds one JPEG per image (no eval block); the reader decodes it to the cache-side
+    pixels within JPEG's error, and computes a train row's eval pixels from it. Val and test chunks
+    are the raw tier's, exactly. A file that fails takes no bytes."""
+    from ensemble.image_cache import BlockReader, ImageCache
+
+    rng = np.random.default_rng(0)
+    photo = tmp_path / "photo.jpg"  # a smooth 120 x 90 image, as photos are at the cache side
+    y, x = np.mgrid[0:90, 0:120]
+    smooth = np.stack([x * 2, y * 2, (x + y)], -1).astype(np.uint8) + rng.integers(0, 8, (90, 120, 3), dtype=np.uint8)
+    Image.fromarray(smooth).save(photo, quality=95)
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    paths = [str(photo), str(empty)]
+
+    check, evals, train = decode_chunk(paths, image_size=32, resize="squash", side=37, keep_train=True,
+                                       tier="compressed")
+    assert check["ok"].tolist() == [True, False] and evals is None and set(train) == {"jpeg", "offsets"}
+    assert train["offsets"][2] == train["offsets"][1] == check["bytes"] == train["jpeg"].nbytes
+    raw_check, raw_evals, raw_train = decode_chunk(paths, image_size=32, resize="squash", side=37, keep_train=True)
+    val_chunk = decode_chunk(paths, image_size=32, resize="squash", side=37, keep_train=False, tier="compressed")
+    np.testing.assert_array_equal(val_chunk[1], raw_evals)  # val/test: the raw tier's pixels, exactly
+
+    cache = ImageCache(eval_blocks=[None], train_blocks=["block-0"], image_size=32, side=37, resize="squash",
+                       tier="compressed")
+    reader = BlockReader(cache)
+    reader._blocks[("train", 0)] = train  # as ray.get would return it
+    source = reader.train(0, 0)
+    exact = raw_train["pixels"][:raw_train["offsets"][1]].reshape(*raw_train["shapes"][0], 3)
+    assert source.shape == exact.shape == (37, 49, 3)
+    error = np.abs(source.astype(int) - exact)
+    np.testing.assert_array_equal(reader.eval(0, 0), eval_pixels(Image.fromarray(source), image_size=32,
+                                                                resize="squash"))
+    assert 0 < error.mean() < 2 and error.max() <= 10  # JPEG at quality 90 of a smooth image (0.9 and 5 here)
+    derived = np.abs(reader.eval(0, 0).astype(int) - raw_evals[0])
+    assert derived.mean() < 2 and derived.max() <= 10  # vs the original's eval pixels (0.7 and 3 here)

@@ -22,13 +22,27 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]  # a deadlock fails her
 SMALL = [*RECIPE_FLAGS, "--image-size", "16", "--epochs", "1", "--members", "2", "--batch-size", "16"]
 
 
-def test_default_resources_finish_on_one_cpu(tiny_digits, tmp_path, capsys):
+def test_default_resources_finish_on_one_cpu(tiny_digits, tmp_path, caplog):
+    """Also: a --cache-share of the store too small for the raw pixels but not for the compressed
+    tier's caches them compressed (the tiers' pixels themselves: test_image_cache.py)."""
+    import logging
+
+    from ensemble.cli import config_from_argv
+    from ensemble.data import scan_layout
+    from ensemble.image_cache import estimate_bytes
+
     cpus = 1
     ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
     try:
-        assert main(["--data", tiny_digits, *SMALL, "--output", str(tmp_path / "out")]) == 0
+        store = min(n["Resources"]["object_store_memory"] for n in ray.nodes())
+        index, cfg = scan_layout(tiny_digits), config_from_argv(["--data", tiny_digits, *SMALL])[0]
+        share = (estimate_bytes(index, cfg, "raw") + estimate_bytes(index, cfg, "compressed")) / 2 / store
+        with caplog.at_level(logging.INFO, logger="ensemble.data"):
+            assert main(["--data", tiny_digits, *SMALL, "--cache-share", f"{share:.9f}",
+                         "--output", str(tmp_path / "out")]) == 0
     finally:
         ray.shutdown()
+    assert "image cache: compressed tier (raw pixels about" in caplog.text
     config = json.loads((tmp_path / "out" / "run.json").read_text())["config"]
     assert config["cpus_per_member"] == min(2.0, cpus)   # shrunk to the node, not waited for
     assert config["infer_actors"] == min(2, cpus)
