@@ -65,32 +65,46 @@ def write_flat_images(folder: str, *, n: int, classes: int = 10, size: int = 16,
 
 
 def write_photo_images(root: str, *, n_train: int, n_val: int, n_test: int, size: tuple = (500, 375),
-                       quality: int = 90, seed: int = 0) -> str:
+                       quality: int = 90, seed: int = 0, classes: int = 2) -> str:
     """A study-layout tree of camera-size JPEGs (``size`` = width, height; quality 90) cut from the
     two real photographs that ship with scikit-learn (``load_sample_images``: a temple in China, a
-    flower; 640x427 each). The class is the photo; each file is a random crop (60-100% of the
-    side), scaled to ``size`` and maybe mirrored, so files differ and decode like real photos."""
+    flower; 640x427 each). With two classes the class is the photo; with more, each class is its
+    own region of one photo (half its width and height, on a grid). Each file is a random crop
+    (60-100% of its class's region), scaled to ``size`` and maybe mirrored, so files differ and
+    decode like real photos."""
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
     photos = [Image.fromarray(p) for p in load_sample_images().images]
     rng = np.random.default_rng(seed)
+    per_photo = -(-classes // len(photos))
+    grid = max(1, int(np.ceil(np.sqrt(per_photo))))
+
+    def region(label: int) -> tuple:
+        """(left, top, width, height) of the class's region: the whole photo for two classes."""
+        photo = photos[label % len(photos)]
+        if classes <= len(photos):
+            return 0, 0, photo.width, photo.height
+        k, w, h = label // len(photos), photo.width // 2, photo.height // 2
+        col, row = k % grid, k // grid
+        return (col * (photo.width - w) // max(grid - 1, 1), row * (photo.height - h) // max(grid - 1, 1), w, h)
 
     def shot(label: int) -> Image.Image:
-        photo = photos[label]
+        photo = photos[label % len(photos)]
+        x0, y0, width, height = region(label)
         scale = rng.uniform(0.6, 1.0)
-        w, h = int(photo.width * scale), int(photo.height * scale)
-        left, top = int(rng.integers(0, photo.width - w + 1)), int(rng.integers(0, photo.height - h + 1))
+        w, h = int(width * scale), int(height * scale)
+        left, top = x0 + int(rng.integers(0, width - w + 1)), y0 + int(rng.integers(0, height - h + 1))
         img = photo.crop((left, top, left + w, top + h)).resize(size, Image.BILINEAR)
         return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
 
     for split, n in (("train", n_train), ("val", n_val)):
         for k in range(n):
-            label = k % len(photos)
+            label = k % classes
             folder = os.path.join(root, split, f"photo_{label}")
             os.makedirs(folder, exist_ok=True)
             shot(label).save(os.path.join(folder, f"{split}{k:06d}.jpg"), quality=quality)
     os.makedirs(os.path.join(root, "test"), exist_ok=True)
     for k in range(n_test):
-        shot(k % len(photos)).save(os.path.join(root, "test", f"test{k:06d}.jpg"), quality=quality)
+        shot(k % classes).save(os.path.join(root, "test", f"test{k:06d}.jpg"), quality=quality)
     return root
