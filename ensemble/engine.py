@@ -90,7 +90,12 @@ def train_one_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch
     optimizer state and the loss stay fp32.
     """
     model.train()
-    loss_sum, correct, seen = 0.0, 0, 0
+    # Summed on the device and read once, after the last step: reading a GPU scalar per step waits
+    # for that step to finish. float64, multiplied then added: the same roundings as the Python
+    # floats this summed before, so CPU results are unchanged to the bit.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
     start = time.perf_counter()
     for images, labels in batches:
         images = _to_device(images, device)
@@ -102,11 +107,12 @@ def train_one_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch
         loss.backward()
         optimizer.step()
         n = labels.shape[0]
-        loss_sum += float(loss.detach()) * n
-        correct += int((logits.detach().argmax(1) == labels).sum())
+        loss_sum += loss.detach().double() * n
+        correct += (logits.detach().argmax(1) == labels).sum()
         seen += n
+    total_loss, total_correct = float(loss_sum), int(correct)  # the epoch's one wait for the device
     seconds = time.perf_counter() - start
-    return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1), "images": seen,
+    return {"loss": total_loss / max(seen, 1), "acc": total_correct / max(seen, 1), "images": seen,
             "seconds": seconds, "images_per_s": seen / seconds if seconds > 0 else 0.0}
 
 
