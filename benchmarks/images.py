@@ -15,7 +15,8 @@ def write_digits_images(root: str, *, n_train: int, n_val: int, n_test: int, cla
                         size: int = 16, seed: int = 0) -> str:
     """A study-layout tree (train/<class>/, val/<class>/, flat test/) of real digit scans.
 
-    Rows are spread evenly over ``classes``; returns ``root``.
+    Rows are spread evenly over ``classes``: up to 10 digits, or up to 100 two-digit numbers (two
+    scans side by side, squeezed to a square); returns ``root``.
     """
     from PIL import Image
     from sklearn.datasets import load_digits
@@ -23,12 +24,16 @@ def write_digits_images(root: str, *, n_train: int, n_val: int, n_test: int, cla
     digits = load_digits()
     images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)  # (1797, 8, 8)
     rng = np.random.default_rng(seed)
-    by_class = [np.flatnonzero(digits.target == c) for c in range(classes)]
+    by_class = [np.flatnonzero(digits.target == c) for c in range(min(classes, 10))]
 
-    def scan(label: int) -> np.ndarray:
+    def digit(label: int) -> np.ndarray:
         i = rng.choice(by_class[label])
         shift = rng.integers(-1, 2, size=2)
         return np.roll(images[i], tuple(shift), axis=(0, 1))
+
+    def scan(label: int) -> np.ndarray:
+        """One scan of a digit; with more than 10 classes (up to 100) two scans side by side: a number."""
+        return digit(label) if classes <= 10 else np.hstack([digit(label // 10), digit(label % 10)])
 
     def save(pixels: np.ndarray, path: str) -> None:
         Image.fromarray(pixels, mode="L").resize((size, size)).convert("RGB").save(path)
