@@ -6,6 +6,7 @@ class of the soft-vote inference stage (Ray Data ``map_batches`` on an actor poo
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -27,6 +28,7 @@ from ensemble.data import decode_batch, quiet_ray_data
 from ensemble.engine import (eval_models, pick_device, resolve_precision, seed_everything, set_threads,
                              vote_member_probabilities)
 from ensemble.epochs import Best, EpochStats, build_trainee, eval_batches, fit, member_outputs, train_batches
+from ensemble.gpu_memory import check_fit, member_memory, out_of_memory_line
 from ensemble.image_cache import BlockReader, ImageCache
 from ensemble.member_files import BackgroundWriter, MemberFiles, MemberSummary
 from ensemble.scores.vote import soft_vote
@@ -133,6 +135,7 @@ class MemberTrainer:
         files = MemberFiles(plan.output, member, plan.fingerprint)
         node = ray.get_runtime_context().get_node_id()
         metrics = self.metrics.setdefault(member, MemberMetrics(member))
+        oom = self._check_gpu_memory(member, plan)  # a member that cannot fit stops here, in one line
         seed_everything(member_seed)  # the head's (or, from scratch, every layer's) initial weights
         initial_state = ray.get(plan.initial_state) if plan.initial_state is not None else None
         trainee = build_trainee(cfg, plan.num_classes, initial_state, self.device)
@@ -160,12 +163,13 @@ class MemberTrainer:
 
         writer = BackgroundWriter()  # serializing, hashing and writing a checkpoint overlap the next epoch
         try:
-            result = fit(trainee, epochs=cfg.epochs, train=train, saved=saved, on_epoch=on_epoch,
-                         val=lambda: eval_batches(val_images, batch_size=cfg.batch_size, threads=threads, pin=pin),
-                         commit=lambda snapshot: writer.submit(files.save_checkpoint, snapshot, node=node))
+            with oom:
+                result = fit(trainee, epochs=cfg.epochs, train=train, saved=saved, on_epoch=on_epoch,
+                             val=lambda: eval_batches(val_images, batch_size=cfg.batch_size, threads=threads, pin=pin),
+                             commit=lambda snapshot: writer.submit(files.save_checkpoint, snapshot, node=node))
             writer.wait()
         finally:
-            writer.close()
+            writer.close()  # waits for the epoch being written: committed epochs are kept
 
         best = result.best
         summary = MemberSummary(
@@ -182,6 +186,23 @@ class MemberTrainer:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # the slot's next member starts from an empty cache
         return summary, best.state, votes
+
+    def _check_gpu_memory(self, member: int, plan: MemberPlan):
+        """On a GPU: GpuMemoryError (one line, the batch size or share that fits) when the
+        member's estimated need exceeds its share of the GPU's memory (Ray's fractions do not
+        limit memory), and the context in which CUDA running out of memory becomes such a line.
+        On CPU: a context that changes nothing."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        cfg = plan.config
+        bf16 = resolve_precision(cfg.precision, self.device) is torch.bfloat16
+        memory = member_memory(cfg.arch, plan.num_classes, cfg.image_size, cfg.freeze, cfg.freeze_stem, bf16)
+        gpu_total = torch.cuda.get_device_properties(self.device).total_memory
+        gpus, precision = cfg.gpus_per_member or 1.0, "bf16" if bf16 else "fp32"
+        check_fit(memory, member=member, arch=cfg.arch, batch=cfg.batch_size, image_size=cfg.image_size,
+                  precision=precision, gpu_total=gpu_total, gpus_per_member=gpus)
+        return out_of_memory_line(memory, member=member, batch=cfg.batch_size, precision=precision,
+                                  gpu_total=gpu_total, gpus_per_member=gpus, output=plan.output)
 
     def vote(self, plan: MemberPlan, state: dict, vote_table: pa.Table) -> np.ndarray:
         """A member finished by an earlier run (``state``: its best weights): its outputs on

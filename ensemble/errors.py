@@ -10,6 +10,8 @@ Raised where the misuse is seen, printed once by ``run_cli``, the wrapper every 
     └── UserError          exit 2: what the user can fix; the message names the value and the fix
         ├── ConfigError    a bad setting: a flag, a YAML key, a path, more than the cluster holds
         ├── StallError     a stage made no progress; finished work is kept, a rerun resumes
+        ├── GpuMemoryError (gpu_memory) a member does not fit its share of a GPU's memory, or ran out
+        │                  of it; the line names the batch size or share that fits
         └── RunError       a run folder that cannot be used as it is: unfinished, or damaged
             ├── CheckpointError  (checkpoint) a saved file changed, unreadable, or from another config
             │   └── DamagedFile  (checkpoint) missing, torn or changed: the driver trains that member again
