@@ -124,18 +124,19 @@ def share_bytes(gpu_total: int, gpus_per_member: float) -> float:
 
 
 def _fix(memory: MemberMemory, batch: int, share: float, gpu_total: int, gpus_per_member: float) -> str:
-    """What fits: a batch size at this share, and/or the whole GPU."""
+    """What fits: a batch size at this share, and/or the whole GPU. Another batch size trains
+    other members (it is in the run's fingerprint), so it needs --fresh; a GPU share does not."""
     options = []
     at_share = memory.largest_batch(share)
     if 0 < at_share < batch:
-        options.append(f"--batch-size {at_share} or less")
+        options.append(f"--batch-size {at_share} or less with --fresh")
     if gpus_per_member < 1:
         whole = memory.largest_batch(gpu_total)
         if whole >= batch:
             options.append("--gpus-per-member 1")
         elif whole > 0 and at_share == 0:
-            options.append(f"--gpus-per-member 1 with --batch-size {whole} or less")
-    return ", or ".join(options) or "a GPU with more memory, a smaller --image-size or a later --freeze stage"
+            options.append(f"--gpus-per-member 1 with --batch-size {whole} or less and --fresh")
+    return ", or ".join(options) or "a GPU with more memory, or a smaller --image-size or a later --freeze stage with --fresh"
 
 
 def check_fit(memory: MemberMemory, *, member: int, arch: str, batch: int, image_size: int, precision: str,
@@ -155,18 +156,20 @@ def check_fit(memory: MemberMemory, *, member: int, arch: str, batch: int, image
 def out_of_memory_line(memory: Optional[MemberMemory], *, member: int, batch: int, precision: str,
                        gpu_total: int, gpus_per_member: float, output: str) -> Iterator[None]:
     """Inside: torch's OutOfMemoryError becomes one GpuMemoryError line (the member, its batch,
-    its share, the GPU and the fix), not a traceback. The estimate fitted, so the fix halves the
-    batch, or gives the member the whole GPU."""
+    its share, the GPU and the fix), not a traceback. The estimate fitted, so the fix gives the
+    member the whole GPU (the run resumes) or halves the batch (with --fresh)."""
     try:
         yield
     except torch.OutOfMemoryError:
         share = share_bytes(gpu_total, gpus_per_member)
-        options = [f"--batch-size {batch // 2}"] if batch > 1 else []
+        options = []
         if gpus_per_member < 1:
-            options.append("--gpus-per-member 1")
-        fix = " or ".join(options) or "a GPU with more memory or a smaller --image-size"
+            options.append(f"rerun the same command with --gpus-per-member 1 to resume (finished members and committed "
+                           f"epochs are kept in {output})")
+        if batch > 1:
+            options.append(f"{'with' if options else 'rerun with'} --batch-size {batch // 2} and --fresh")
+        fix = ", or ".join(options) or "it needs a GPU with more memory, or a smaller --image-size with --fresh"
         estimate = f", estimated {_gib(memory.need(batch))}" if memory is not None else ""
         raise GpuMemoryError(
             f"member {member} ran out of GPU memory at --batch-size {batch} ({precision}) in its share, "
-            f"{_gib(share)} ({gpus_per_member:g} of a {_gib(gpu_total)} GPU{estimate}); use {fix}, then rerun "
-            f"the same command to resume (finished members and committed epochs are kept in {output})") from None
+            f"{_gib(share)} ({gpus_per_member:g} of a {_gib(gpu_total)} GPU{estimate}); {fix}") from None

@@ -129,10 +129,10 @@ def test_need_and_the_largest_batch_that_fits():
 
 
 @pytest.mark.parametrize("gpu, share, fix", [
-    (24, 0.5, "use --batch-size 46 or less, or --gpus-per-member 1"),
-    (3, 0.5, "use --gpus-per-member 1 with --batch-size 4 or less"),
-    (12, 1.0, "use --batch-size 46 or less"),
-    (2, 1.0, "use a GPU with more memory, a smaller --image-size or a later --freeze stage"),
+    (24, 0.5, "use --batch-size 46 or less with --fresh, or --gpus-per-member 1"),
+    (3, 0.5, "use --gpus-per-member 1 with --batch-size 4 or less and --fresh"),
+    (12, 1.0, "use --batch-size 46 or less with --fresh"),
+    (2, 1.0, "use a GPU with more memory, or a smaller --image-size or a later --freeze stage with --fresh"),
 ])
 def test_a_packing_that_cannot_fit_is_refused_in_one_line_with_what_fits(gpu, share, fix, capsys):
     def start_member():
@@ -148,7 +148,7 @@ def test_a_packing_that_cannot_fit_is_refused_in_one_line_with_what_fits(gpu, sh
 def test_the_issue_s_packing_two_fp32_members_on_an_a10g_is_refused_and_bf16_fits():
     fp32 = member_memory("resnext101_64x4d", 100, 224, "layer1", False, False)
     with pytest.raises(GpuMemoryError, match=r"needs about 18\.5 GiB .* share, 11\.2 GiB \(0\.5 of a 22\.5 GiB "
-                                             r"GPU\); use --batch-size 35 or less, or --gpus-per-member 1$"):
+                                             r"GPU\); use --batch-size 35 or less with --fresh, or --gpus-per-member 1$"):
         check_fit(fp32, member=0, arch="resnext101_64x4d", batch=64, image_size=224, precision="fp32",
                   gpu_total=A10G, gpus_per_member=0.5)
     bf16 = member_memory("resnext101_64x4d", 100, 224, "layer1", False, True)
@@ -183,8 +183,12 @@ def test_running_out_of_gpu_memory_stops_the_member_in_one_line(capsys):
     assert run_cli(member) == 2
     assert capsys.readouterr().err == (
         "error: member 1 ran out of GPU memory at --batch-size 64 (bf16) in its share, 12.0 GiB (0.5 of a 24.0 GiB "
-        "GPU, estimated 15.9 GiB); use --batch-size 32 or --gpus-per-member 1, then rerun the same command to "
-        "resume (finished members and committed epochs are kept in runs/exp1)\n")
+        "GPU, estimated 15.9 GiB); rerun the same command with --gpus-per-member 1 to resume (finished members and "
+        "committed epochs are kept in runs/exp1), or with --batch-size 32 and --fresh\n")
+    with pytest.raises(GpuMemoryError, match=r"\(1 of a 24\.0 GiB GPU\); rerun with --batch-size 32 and --fresh$"):
+        with out_of_memory_line(None, member=1, batch=64, precision="bf16", gpu_total=24 * GIB, gpus_per_member=1.0,
+                                output="runs/exp1"):
+            raise torch.OutOfMemoryError("CUDA out of memory.")
     with pytest.raises(ValueError, match="boom"):
         with out_of_memory_line(None, member=1, batch=1, precision="fp32", gpu_total=GIB, gpus_per_member=1.0,
                                 output="runs/exp1"):
