@@ -34,9 +34,10 @@ GIB = 2**30
 # on current drivers, outside torch's allocator but inside the GPU's total) and the workspace
 # cuDNN's benchmark mode picks for a convolution (up to a few hundred MiB).
 CUDA_OVERHEAD = GIB
-# Inside it: the caching allocator's rounding and fragmentation (reserved over allocated is
-# typically 5-10% in a steady training loop), the batch's input on the device, and the gradients
-# of the activations that are alive at once during backward.
+# Inside it: what CUDA adds to the tensors' own peak (on CPU a whole step's peak, backward's
+# transient gradients included, is the estimate's core to 1%): the caching allocator's rounding
+# and fragmentation (reserved over allocated, typically 5-10% in a steady training loop) and
+# kernels' scratch buffers. Not yet checked on a GPU.
 SLACK = 0.10
 
 
