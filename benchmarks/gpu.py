@@ -53,10 +53,15 @@ def time_member(*, mode: str, arch: str = "resnext101_64x4d", batch: int = 64, s
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.time()
-    result = train_one_epoch(model, timed, optimizer, device, amp)  # float(loss) syncs each step
+    result = train_one_epoch(model, timed, optimizer, device, amp)  # reads the loss once, after the last step
     end = time.time()
+    from ensemble.gpu_memory import member_memory
+
+    estimate = member_memory(arch, num_classes, size, "layer1", False, mode == "bf16").need(batch)
     return {"images_per_s": result["images_per_s"], "images": result["images"], "start": start, "end": end,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")}
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
+            "reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else float("nan"),
+            "estimate_gib": estimate / 2**30}
 
 
 class _InMemoryImages:
@@ -133,7 +138,8 @@ def shared_gpu(processes: int, **kwargs) -> dict:
     span = max(r["end"] for r in results) - min(r["start"] for r in results)
     return {"aggregate_images_per_s": sum(r["images"] for r in results) / span,
             "per_member_images_per_s": [r["images_per_s"] for r in results],
-            "peak_gib": [r["peak_gib"] for r in results]}
+            "peak_gib": [r["peak_gib"] for r in results], "reserved_gib": [r["reserved_gib"] for r in results],
+            "estimate_gib": results[0]["estimate_gib"]}
 
 
 def run_gpu(*, steps: int = 20) -> dict | None:

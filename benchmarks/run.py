@@ -311,10 +311,13 @@ def gpu_section(args, results: dict) -> None:
         return
     say(f"device {g['device']}; resnext101_64x4d (layer1 frozen), 224 px, batch 64, train_one_epoch on "
         f"batches already on the GPU; model via prepare_for_device (channels_last)")
-    say(f"{'fp32 (--precision fp32)':<44}{g['fp32']['images_per_s']:8.1f} images/s  peak {g['fp32']['peak_gib']:.1f} GiB")
+    def memory(m: dict) -> str:  # torch's peak, what its allocator held, and gpu_memory's estimate (+ 1 GiB, 10%)
+        return (f"peak {m['peak_gib']:.1f} GiB allocated, {m['reserved_gib']:.1f} reserved; "
+                f"estimate {m['estimate_gib']:.1f} GiB")
+
+    say(f"{'fp32 (--precision fp32)':<44}{g['fp32']['images_per_s']:8.1f} images/s  {memory(g['fp32'])}")
     if g["bf16"]:
-        say(f"{'bf16 autocast (--precision auto)':<44}{g['bf16']['images_per_s']:8.1f} images/s  "
-            f"peak {g['bf16']['peak_gib']:.1f} GiB")
+        say(f"{'bf16 autocast (--precision auto)':<44}{g['bf16']['images_per_s']:8.1f} images/s  {memory(g['bf16'])}")
         r_prec = g["bf16"]["images_per_s"] / g["fp32"]["images_per_s"]
         g["bf16/fp32"] = ratio("gpu-bf16/fp32", r_prec, "> 1", r_prec > 1)
     else:
@@ -324,7 +327,9 @@ def gpu_section(args, results: dict) -> None:
         f"peak {g['alone']['peak_gib'][0]:.1f} GiB")
     say(f"{f'two members sharing the GPU ({mode})':<44}{g['two']['aggregate_images_per_s']:8.1f} images/s in all "
         f"({' + '.join(f'{x:.1f}' for x in g['two']['per_member_images_per_s'])}), peak "
-        f"{' + '.join(f'{x:.1f}' for x in g['two']['peak_gib'])} GiB")
+        f"{' + '.join(f'{x:.1f}' for x in g['two']['peak_gib'])} GiB allocated, "
+        f"{' + '.join(f'{x:.1f}' for x in g['two']['reserved_gib'])} reserved; estimate "
+        f"{g['two']['estimate_gib']:.1f} each")
     r_share = g["two"]["aggregate_images_per_s"] / g["alone"]["aggregate_images_per_s"]
     g["two/one"] = ratio("gpu-two-shared/one", r_share, ">= 1 (sharing costs nothing)", r_share >= 1)
     fed = g["fed"]

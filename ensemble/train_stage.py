@@ -88,7 +88,7 @@ def train_members(plan, *, seeds: list[int], train_table, val_table, gpus: float
         if vote_ref is not None and actors:
             for k, i in enumerate(loaded):
                 slot = k % len(actors)  # after the slot's own members
-                votes[i] = actors[slot].vote.options(name=f"ensemble-member-{i}.vote").remote(plan_ref, weights[i],
+                votes[i] = actors[slot].vote.options(name=f"ensemble-member-{i}.vote").remote(i, plan_ref, weights[i],
                                                                                                vote_ref)
                 voting[votes[i]] = (i, slot)
                 left[slot] += 1
