@@ -225,8 +225,9 @@ def main(argv=None) -> int:
         out = {"args": vars(args), "loader_s": b, "member_images": total, "tiers": results}
         first = results[tiers[0]]
         out["ratio"] = ratio = b / first["total_s"]
-        print(f"ratio a/b ({tiers[0]}, cache stage included) {ratio:.2f} (target >= 3: "
-              f"{'met' if ratio >= 3 else 'missed'})")
+        if not args.study:  # --study feeds a few of the rows it caches: its cache stage is not amortised
+            print(f"ratio a/b ({tiers[0]}, cache stage included) {ratio:.2f} (target >= 3: "
+                  f"{'met' if ratio >= 3 else 'missed'})")
         if "raw" in results and "compressed" in results:
             raw, small = results["raw"], results["compressed"]
             checks = {"bytes compressed/raw": (small["cache_bytes"] / raw["cache_bytes"], "<= 0.2", lambda r: r <= 0.2),
