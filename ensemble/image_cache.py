@@ -47,6 +47,7 @@ ASSUMED_ASPECT = 4 / 3  # for the size estimate made before decoding (camera pho
 TIERS = ("raw", "compressed")
 JPEG_QUALITY = 90     # the compressed tier's train images (PIL's default 4:2:0 chroma at this quality)
 JPEG_BYTES_PER_PIXEL = 0.4  # its size estimate: photos at a 256-px short side measured 0.34 (BENCHMARKS.md)
+JPEG_HEADER_BYTES = 640     # and per image: the headers and tables of PIL's JPEG (631 bytes for a 1x1 image)
 
 
 @dataclass(frozen=True)
@@ -66,12 +67,14 @@ class ImageCache:
 
 def estimate_bytes(index, cfg: EnsembleConfig, tier: str = "raw") -> int:
     """The cache's size in ``tier`` before decoding: exact for the eval pixels, train images assumed
-    4:3 at the cache side (their short side is at most that), JPEG at JPEG_BYTES_PER_PIXEL."""
-    s, side = cfg.image_size, cache_side(cfg)
-    n_eval = index.val.num_rows + index.test.num_rows + (index.train.num_rows if tier == "raw" else 0)
-    train_pixels = index.train.num_rows * side * math.ceil(side * ASSUMED_ASPECT)
-    per_pixel = 3 if tier == "raw" else JPEG_BYTES_PER_PIXEL
-    return n_eval * s * s * 3 + int(train_pixels * per_pixel)
+    4:3 at the cache side (their short side is at most that), JPEG at JPEG_BYTES_PER_PIXEL plus
+    its headers."""
+    s, side, n_train = cfg.image_size, cache_side(cfg), index.train.num_rows
+    n_eval = index.val.num_rows + index.test.num_rows + (n_train if tier == "raw" else 0)
+    train_pixels = n_train * side * math.ceil(side * ASSUMED_ASPECT)
+    if tier == "raw":
+        return n_eval * s * s * 3 + train_pixels * 3
+    return n_eval * s * s * 3 + int(train_pixels * JPEG_BYTES_PER_PIXEL) + n_train * JPEG_HEADER_BYTES
 
 
 def choose_tier(sizes: dict, max_bytes: float, wanted: str = "auto", budget: str = "the budget") -> tuple:
