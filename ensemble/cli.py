@@ -20,7 +20,8 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data and outputs")
     g.add_argument("--data", help="dataset root (local path or s3://...) with train/<class>/, val/<class>/, "
-                                  "test/ (default: bundled scikit-learn digits)")
+                                  "test/, or a manifest .csv / .parquet with columns path, label, split "
+                                  "(default: bundled scikit-learn digits)")
     g.add_argument("--output", help="results folder (default: runs/<timestamp>)")
     g.add_argument("--config", metavar="FILE.yaml", help="YAML with the same keys as these flags; flags override")
     g = p.add_argument_group("ensemble")

@@ -1,6 +1,7 @@
 """From a folder of images to decoded batches: layout scan, decoding, the recipe's transforms.
 
-Layout (as in the study): ROOT/train/<class>/*, ROOT/val/<class>/*, ROOT/test/* (flat).
+Layout (as in the study): ROOT/train/<class>/*, ROOT/val/<class>/*, ROOT/test/* (flat); or a
+manifest, a CSV or Parquet file with columns ``path``, ``label`` and ``split`` (``scan_manifest``).
 The driver only lists file names; images are read, decoded and transformed where they are used
 (a member's own process, a voter, a Ray Data task), never in the driver. Rows carry a stable ``id`` (position in sorted order), ``path``, ``image_name`` (file
 name without extension) and ``label`` (index of the class folder in sorted order; -1 for test).
@@ -109,15 +110,22 @@ def check_unique_names(table: pa.Table, what: str) -> None:
         seen[name] = path
 
 
+MANIFEST_EXTENSIONS = (".csv", ".parquet")
+SPLITS = ("train", "val", "test")
+
+
 def scan_layout(root: str) -> DatasetIndex:
     """List the three splits; ConfigError with one clear line for a layout we cannot use.
 
-    ``root`` is a local folder or a URI (``s3://bucket/prefix``); storage errors there (no such
-    bucket, no credentials, endpoint unreachable) also become one line.
+    ``root`` is a local folder or a URI (``s3://bucket/prefix``), or a manifest file there
+    (``scan_manifest``); storage errors there (no such bucket, no credentials, endpoint
+    unreachable) also become one line.
     """
     if storage.is_uri(root):
         root = root.rstrip("/")  # one spelling, so file paths (and the resume fingerprint) match
     try:
+        if root.lower().endswith(MANIFEST_EXTENSIONS):
+            return scan_manifest(root)
         return _scan_layout(root)
     except ConfigError:
         raise
@@ -146,6 +154,89 @@ def _scan_layout(root: str) -> DatasetIndex:
     if not storage.is_uri(root):
         root = os.path.abspath(root)
     return DatasetIndex(root=root, classes=tuple(classes), train=train, val=val, test=test)
+
+
+def scan_manifest(manifest: str) -> DatasetIndex:
+    """The three splits from a CSV or Parquet file (local or a URI) with columns ``path`` (relative
+    to the manifest's folder, absolute, or a URI), ``label`` (the class; ignored for test rows) and
+    ``split`` (train, val or test). Rows keep the file's order within each split. Classes are the
+    train rows' labels, in numeric order when every one is a whole number, else in text order.
+    Each problem is one ConfigError naming its row (a CSV's line, counting the header as line 1):
+    a missing column, an unknown split, a train or val row without a label, a val label no train
+    row has, a path named twice, a file that does not exist, a split without rows."""
+    from pyarrow import csv, parquet
+
+    flag = f"--data {manifest}"
+    if not storage.exists(manifest):
+        raise ConfigError(f"{flag}: no such manifest file")
+    data = io.BytesIO(storage.read_bytes(manifest))
+    is_csv = manifest.lower().endswith(".csv")
+    try:
+        if is_csv:  # as text: labels 1, 2, 10 stay the names they are, empty cells ""
+            table = csv.read_csv(data, convert_options=csv.ConvertOptions(
+                column_types={n: pa.string() for n in ("path", "label", "split")}, strings_can_be_null=False))
+        else:
+            table = parquet.read_table(data)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ConfigError(f"{flag}: cannot read it as {'CSV' if is_csv else 'Parquet'} "
+                          f"({str(exc).strip().splitlines()[0][:160]})") from None
+    missing = [c for c in ("path", "label", "split") if c not in table.column_names]
+    if missing:
+        raise ConfigError(f"{flag}: no column {', '.join(missing)}; a manifest has the columns path, label and "
+                          f"split (train, val or test)")
+
+    def row(k: int) -> str:
+        return f"line {k + 2}" if is_csv else f"row {k + 1}"
+
+    def text(column: str) -> list[str]:
+        return ["" if v is None else str(v).strip() for v in table.column(column).to_pylist()]
+
+    paths, labels, splits = text("path"), text("label"), text("split")
+    base = manifest.rsplit("/", 1)[0] if storage.is_uri(manifest) else os.path.dirname(os.path.abspath(manifest))
+    rows = {split: [] for split in SPLITS}
+    seen: dict = {}
+    for k, (path, label, split) in enumerate(zip(paths, labels, splits)):
+        if split not in SPLITS:
+            raise ConfigError(f"{flag}: {row(k)}: split {split!r} is not train, val or test")
+        if not path:
+            raise ConfigError(f"{flag}: {row(k)}: no path")
+        if split != "test" and not label:
+            raise ConfigError(f"{flag}: {row(k)}: a {split} row needs a label")
+        full = path if storage.is_uri(path) or os.path.isabs(path) else storage.join(base, path)
+        if full in seen:
+            raise ConfigError(f"{flag}: {row(seen[full])} and {row(k)} both name {path}; list each image once")
+        seen[full] = k
+        rows[split].append((k, full, label))
+    for split in SPLITS:
+        if not rows[split]:
+            raise ConfigError(f"{flag}: no {split} rows; the split column says train, val or test for each image")
+    found = sorted({label for _, _, label in rows["train"]})
+    if all(label.lstrip("-").isdigit() for label in found):
+        found = sorted(found, key=int)
+    classes = tuple(found)
+    taken = [c for c in classes if c in RESULT_COLUMNS]
+    if taken:
+        raise ConfigError(f"{flag}: label {taken[0]!r} has the name of a column of probabilities.parquet "
+                          f"({', '.join(RESULT_COLUMNS)}); rename it")
+    unknown = [(k, label) for k, _, label in rows["val"] if label not in classes]
+    if unknown:
+        raise ConfigError(f"{flag}: {row(unknown[0][0])}: val label {unknown[0][1]!r} is not the label of any "
+                          f"train row")
+    everything = [(k, full) for split in SPLITS for k, full, _ in rows[split]]
+    for remote in (True, False):
+        group = [(k, full) for k, full in everything if storage.is_uri(full) == remote]
+        stats = storage.file_stats([full for _, full in group])
+        absent = [(k, full) for (k, full), (size, _) in zip(group, stats) if size < 0]
+        if absent:
+            more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
+            raise ConfigError(f"{flag}: {row(absent[0][0])}: {absent[0][1]}: no such file{more}")
+    index = {c: i for i, c in enumerate(classes)}
+    tables = {split: _table([full for _, full, _ in rows[split]],
+                            [index[label] if split != "test" else -1 for _, _, label in rows[split]])
+              for split in SPLITS}
+    check_unique_names(tables["test"], f"{flag}: test rows")
+    root = manifest if storage.is_uri(manifest) else os.path.abspath(manifest)
+    return DatasetIndex(root=root, classes=classes, **tables)
 
 
 def scan_images(folder: str, classes) -> tuple[pa.Table, bool]:

@@ -161,6 +161,72 @@ def test_scan_layout_errors(tree, breakage, needle):
     assert needle in msg
 
 
+# ------------------------------------------------------------------ a manifest instead of folders
+
+def _csv_manifest_of(index, root) -> str:
+    """The folders' rows as a CSV manifest in ``root`` (their order; paths relative to it)."""
+    lines = ["path,label,split"]
+    for split in ("train", "val", "test"):
+        table = getattr(index, split).to_pydict()
+        for path, label in zip(table["path"], table["label"]):
+            lines.append(f"{os.path.relpath(path, root)},{index.classes[label] if label >= 0 else ''},{split}")
+    (root / "manifest.csv").write_text("\n".join(lines) + "\n")
+    return str(root / "manifest.csv")
+
+
+def test_a_manifest_of_the_folders_gives_their_index(tree):
+    """A CSV (relative paths) or Parquet (absolute) manifest listing the folders' images in their
+    order is the same index: the same rows, ids, labels and classes, so a run on it trains and
+    predicts what a run on the folders does (the index is all the pipeline reads of --data)."""
+    folders = scan_layout(str(tree))
+    from_csv = scan_layout(_csv_manifest_of(folders, tree))
+    table = pa.Table.from_pylist([
+        {"path": path, "label": folders.classes[label] if label >= 0 else None, "split": split}
+        for split in ("train", "val", "test")
+        for path, label in zip(getattr(folders, split).column("path").to_pylist(),
+                               getattr(folders, split).column("label").to_pylist())])
+    pq.write_table(table, tree / "manifest.parquet")
+    from_parquet = scan_layout(str(tree / "manifest.parquet"))
+    for index in (from_csv, from_parquet):
+        assert index.classes == folders.classes
+        for split in ("train", "val", "test"):
+            assert getattr(index, split).equals(getattr(folders, split)), split
+    assert from_csv.root == str(tree / "manifest.csv")
+
+
+def test_manifest_labels_that_are_numbers_keep_their_numeric_order(tmp_path):
+    for k in range(4):
+        _rgb(tmp_path / f"{k}.png", seed=k)
+    (tmp_path / "m.csv").write_text("path,label,split\n0.png,10,train\n1.png,2,train\n2.png,10,val\n3.png,,test\n")
+    index = scan_layout(str(tmp_path / "m.csv"))
+    assert index.classes == ("2", "10")
+    assert index.train.column("label").to_pylist() == [1, 0] and index.val.column("label").to_pylist() == [1]
+
+
+@pytest.mark.parametrize("body,needle", [
+    ("path,label\na.png,x\n", "no column split; a manifest has the columns path, label and split"),
+    ("path,label,split\na.png,x,trian\n", "line 2: split 'trian' is not train, val or test"),
+    ("path,label,split\na.png,,train\n", "line 2: a train row needs a label"),
+    ("path,label,split\na.png,x,train\nb.png,x,val\na.png,x,test\n", "line 2 and line 4 both name a.png"),
+    ("path,label,split\na.png,x,train\nb.png,y,val\nc.png,,test\n", "line 3: val label 'y' is not the label of any"),
+    ("path,label,split\na.png,x,train\nmissing.png,x,val\nc.png,,test\n", "line 3: "),
+    ("path,label,split\na.png,x,train\nb.png,x,val\n", "no test rows"),
+    ("path,label,split\na.png,x,train,extra\n", "cannot read it as CSV"),
+])
+def test_manifest_errors_name_the_row(tmp_path, body, needle):
+    for name in ("a.png", "b.png", "c.png"):
+        _rgb(tmp_path / name)
+    (tmp_path / "m.csv").write_text(body)
+    with pytest.raises(ConfigError) as info:
+        scan_layout(str(tmp_path / "m.csv"))
+    msg = str(info.value)
+    assert msg.startswith(f"--data {tmp_path / 'm.csv'}: ") and needle in msg and "\n" not in msg
+    if "missing" in body:
+        assert msg.endswith("missing.png: no such file")
+    with pytest.raises(ConfigError, match="no such manifest file"):
+        scan_layout(str(tmp_path / "other.csv"))
+
+
 # ------------------------------------------------------------------ read_image
 
 @pytest.mark.parametrize("rel", ["train/a/a1.jpg", "train/a/a2.png", "train/a/a3_gray.png",
