@@ -22,6 +22,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--data", help="dataset root (local path or s3://...) with train/<class>/, val/<class>/, "
                                   "test/, or a manifest .csv / .parquet with columns path, label, split "
                                   "(default: bundled scikit-learn digits)")
+    g.add_argument("--val-fraction", type=float, metavar="F",
+                   help="draw val from train instead: this share of each class's train images (0 < F <= 0.5, "
+                        "rounded half up, at least one image of each class left in train), seeded by --seed; "
+                        "the data must then have no val split (default: the data's own val split)")
     g.add_argument("--output", help="results folder (default: runs/<timestamp>)")
     g.add_argument("--config", metavar="FILE.yaml", help="YAML with the same keys as these flags; flags override")
     g = p.add_argument_group("ensemble")

@@ -47,6 +47,7 @@ def cache_side(cfg: "EnsembleConfig") -> int:
 class EnsembleConfig:
     # --- data and outputs
     data: Optional[str] = None          # dataset root with train/ val/ test/; None = bundled digits
+    val_fraction: Optional[float] = None  # share of each class's train images drawn (seeded) as val; None = the data's val
     output: Optional[str] = None        # results folder; None = runs/<timestamp>
     # --- ensemble
     members: int = 9                    # number of bagged models
@@ -110,6 +111,9 @@ class EnsembleConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ConfigError(f"--{flag(name)} {value!r}: must be a non-empty string")
+        if self.val_fraction is not None and self.data is None:
+            raise ConfigError(f"--val-fraction {self.val_fraction:g}: needs --data; the bundled digits come with "
+                              f"their own val split")
 
     def replace(self, **changes: Any) -> "EnsembleConfig":
         return dataclasses.replace(self, **changes)
@@ -139,6 +143,9 @@ NUMBER_RANGES = {
     "cpus_per_infer_actor": (False, 1024.0),
     "stall_timeout": (False, 7 * 24 * 3600.0),  # a week
     "cache_share": (True, 1.0),                # a share of the object store; 0 = no cache
+    # Half at most: rounded half up, a class of n >= 2 train images then always keeps one in train
+    # (data.stratified_val_rows), and val is never larger than what the members train on.
+    "val_fraction": (False, 0.5),
 }
 OPTIONAL = {f.name for f in fields(EnsembleConfig) if f.default is None}  # None = decided later (see each field)
 

@@ -25,3 +25,12 @@ def test_bad_flag_is_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: --lr -1.0: must be > 0"]
     assert not (tmp_path / "o").exists()
+
+
+def test_val_fraction_without_data_is_one_line_and_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "ensemble.driver", "--val-fraction", "0.2", "--output",
+                           str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: --val-fraction 0.2: needs --data; the bundled digits come with their own val split"]
+    assert not (tmp_path / "o").exists()

@@ -98,6 +98,29 @@ def test_valid_edge_values_accepted(name, value):
     assert getattr(EnsembleConfig(**{name: value}), name) == value
 
 
+@pytest.mark.parametrize("value,message", [
+    (0, "--val-fraction 0: must be > 0"), (-0.1, "--val-fraction -0.1: must be > 0"),
+    (0.51, "--val-fraction 0.51: must be <= 0.5"), (1, "--val-fraction 1: must be <= 0.5"),
+    (float("nan"), "--val-fraction nan: must be a number"), ("0.1", "--val-fraction '0.1': must be a number"),
+])
+def test_val_fraction_bounds(value, message):
+    with pytest.raises(ConfigError) as info:
+        EnsembleConfig(data="X", val_fraction=value)
+    assert str(info.value) == message
+
+
+def test_val_fraction_edges_and_default():
+    assert EnsembleConfig().val_fraction is None  # the data's own val split
+    assert EnsembleConfig(data="X", val_fraction=0.5).val_fraction == 0.5
+    assert EnsembleConfig(data="X", val_fraction=1e-6).val_fraction == 1e-6
+
+
+def test_val_fraction_needs_data():
+    with pytest.raises(ConfigError) as info:
+        EnsembleConfig(val_fraction=0.2)
+    assert str(info.value) == "--val-fraction 0.2: needs --data; the bundled digits come with their own val split"
+
+
 # ------------------------------------------------------------------ build_config
 
 def test_build_config_no_sources_is_defaults():
@@ -282,3 +305,14 @@ def test_more_than_one_gpu_per_member_is_refused_with_the_alternatives():
         build_config(flag_values={"gpus_per_member": 2})
     assert str(err.value) == ("--gpus-per-member 2: each actor uses one GPU; to use more GPUs, run more of them "
                               "at 1 GPU each (e.g. --members), or share GPUs with a fraction (0.5)")
+
+
+def test_cli_val_fraction(tmp_path):
+    cfg, _, _ = config_from_argv(["--data", "X", "--val-fraction", "0.2"])
+    assert cfg == EnsembleConfig(data="X", val_fraction=0.2)
+    path = tmp_path / "run.yaml"
+    path.write_text("data: X\nval-fraction: 0.1\n")
+    assert config_from_argv(["--config", str(path)])[0].val_fraction == 0.1
+    assert config_from_argv(["--config", str(path), "--val-fraction", "0.3"])[0].val_fraction == 0.3  # flag over file
+    with pytest.raises(ConfigError, match=r"^--val-fraction 0.6: must be <= 0.5$"):
+        config_from_argv(["--data", "X", "--val-fraction", "0.6"])
