@@ -2,6 +2,7 @@
 
 Layout (as in the study): ROOT/train/<class>/*, ROOT/val/<class>/*, ROOT/test/* (flat); or a
 manifest, a CSV or Parquet file with columns ``path``, ``label`` and ``split`` (``scan_manifest``).
+With ``--val-fraction`` the data has no val split and val is drawn from train (``stratified_val_rows``).
 The driver only lists file names; images are read, decoded and transformed where they are used
 (a member's own process, a voter, a Ray Data task), never in the driver. Rows carry a stable ``id`` (position in sorted order), ``path``, ``image_name`` (file
 name without extension) and ``label`` (index of the class folder in sorted order; -1 for test).
@@ -69,7 +70,8 @@ def _table(paths: list[str], labels: list[int], names: Optional[list[str]] = Non
 def _labelled_split(root: str, split: str, classes: Optional[list[str]]) -> tuple[list[str], pa.Table]:
     split_dir = storage.join(root, split)
     if not storage.is_dir(split_dir):
-        raise ConfigError(f"--data {root}: no {split}/ folder; expected {split}/<class>/<images>")
+        instead = f", or pass --val-fraction F (e.g. 0.1) to draw {VAL_FROM_TRAIN}" if split == "val" else ""
+        raise ConfigError(f"--data {root}: no {split}/ folder; expected {split}/<class>/<images>{instead}")
     found = _class_dirs(split_dir)
     if not found:
         raise ConfigError(f"--data {root}: {split}/ has no class folders; expected {split}/<class>/<images>")
@@ -112,21 +114,67 @@ def check_unique_names(table: pa.Table, what: str) -> None:
 
 MANIFEST_EXTENSIONS = (".csv", ".parquet")
 SPLITS = ("train", "val", "test")
+VAL_FROM_TRAIN = "a stratified val split from train"
+# The val draw's own random stream, apart from the members' (bootstrap.member_seeds spawns from the
+# bare seed): the draw's entropy is [seed, VAL_DRAW_STREAM].
+VAL_DRAW_STREAM = 0x76616C  # "val"
 
 
-def scan_layout(root: str) -> DatasetIndex:
+def stratified_val_rows(labels, fraction: float, seed: int) -> np.ndarray:
+    """Which train rows become val: a bool mask, shape (n,), a pure function of (labels, fraction, seed).
+
+    Per class, of its n_c rows: none when n_c is 1 (the class stays in train), otherwise
+    floor(fraction * n_c + 1/2) (``fraction * n_c`` rounded half up: at least 1 once
+    fraction * n_c >= 0.5), never more than n_c - 1, so no class leaves train (with fraction <= 0.5,
+    config's bound, the cap only matters for n_c = 1). Which rows: the first of the class in one
+    seeded permutation of all rows. The caller keeps each split in file order (the mask's order).
+    """
+    labels = np.asarray(labels, dtype=np.int64)  # (n,)
+    n = len(labels)
+    shuffled = np.random.default_rng([seed, VAL_DRAW_STREAM]).permutation(n)
+    grouped = shuffled[np.argsort(labels[shuffled], kind="stable")]  # rows by class, each class in seeded order
+    _, starts, counts = np.unique(labels[grouped], return_index=True, return_counts=True)  # per class
+    # 1e-9: a half that floating point puts just below (0.29 * 50 = 14.499999999999998) still rounds up
+    take = np.minimum(counts - 1, np.floor(fraction * counts + 0.5 + 1e-9).astype(np.int64))
+    rank = np.arange(n) - np.repeat(starts, counts)  # position of each grouped row within its class
+    is_val = np.zeros(n, dtype=bool)
+    is_val[grouped[rank < np.repeat(take, counts)]] = True
+    return is_val
+
+
+def _split_off_val(train: pa.Table, fraction: float, seed: int, where: str) -> tuple[pa.Table, pa.Table]:
+    """(train, val) file rows: ``stratified_val_rows`` of ``train``, each split in file order with
+    ids numbered from 0 again, as every split's are. ``where`` names the data in the one-line error
+    for a fraction that draws no image at all."""
+    is_val = stratified_val_rows(train.column("label").to_numpy(), fraction, seed)
+    if not is_val.any():
+        raise ConfigError(f"--val-fraction {fraction:g} draws no val images from {where}'s {train.num_rows} train "
+                          f"images (each class of n gives fraction x n, rounded; a class of one gives none); "
+                          f"use a larger fraction")
+
+    def renumbered(table: pa.Table) -> pa.Table:
+        ids = pa.array(np.arange(table.num_rows, dtype=np.int64))
+        return table.set_column(table.schema.get_field_index("id"), "id", ids)
+
+    return renumbered(train.filter(pa.array(~is_val))), renumbered(train.filter(pa.array(is_val)))
+
+
+def scan_layout(root: str, *, val_fraction: Optional[float] = None, seed: int = 0) -> DatasetIndex:
     """List the three splits; ConfigError with one clear line for a layout we cannot use.
 
     ``root`` is a local folder or a URI (``s3://bucket/prefix``), or a manifest file there
     (``scan_manifest``); storage errors there (no such bucket, no credentials, endpoint
-    unreachable) also become one line.
+    unreachable) also become one line. With ``val_fraction`` (``--val-fraction``) the data must
+    have no val split (no val/ folder, no val rows) and val is drawn from train,
+    ``stratified_val_rows(labels, val_fraction, seed)`` with the run's ``seed``: the same data,
+    fraction and seed give the same index, so a resumed run trains on the same rows.
     """
     if storage.is_uri(root):
         root = root.rstrip("/")  # one spelling, so file paths (and the resume fingerprint) match
     try:
         if root.lower().endswith(MANIFEST_EXTENSIONS):
-            return scan_manifest(root)
-        return _scan_layout(root)
+            return scan_manifest(root, val_fraction=val_fraction, seed=seed)
+        return _scan_layout(root, val_fraction, seed)
     except ConfigError:
         raise
     except (OSError, ValueError) as exc:  # ValueError: a URI storage cannot resolve
@@ -134,7 +182,7 @@ def scan_layout(root: str) -> DatasetIndex:
         raise ConfigError(f"--data {root}: cannot read it ({reason})") from None
 
 
-def _scan_layout(root: str) -> DatasetIndex:
+def _scan_layout(root: str, val_fraction: Optional[float], seed: int) -> DatasetIndex:
     if not storage.is_dir(root):
         raise ConfigError(f"--data {root}: no such folder")
     classes, train = _labelled_split(root, "train", None)
@@ -142,7 +190,13 @@ def _scan_layout(root: str) -> DatasetIndex:
     if taken:
         raise ConfigError(f"--data {root}: class folder train/{taken[0]}/ has the name of a column of "
                           f"probabilities.parquet ({', '.join(RESULT_COLUMNS)}); rename the folder")
-    _, val = _labelled_split(root, "val", classes)
+    if val_fraction is None:
+        _, val = _labelled_split(root, "val", classes)
+    elif storage.is_dir(storage.join(root, "val")):
+        raise ConfigError(f"--data {root} has a val/ folder and --val-fraction {val_fraction:g} draws val from "
+                          f"train/; drop --val-fraction to use val/, or move val/'s images into train/")
+    else:
+        train, val = _split_off_val(train, val_fraction, seed, f"--data {root}")
     test_dir = storage.join(root, "test")
     if not storage.is_dir(test_dir):
         raise ConfigError(f"--data {root}: no test/ folder; expected test/<images> (flat, unlabelled)")
@@ -156,14 +210,16 @@ def _scan_layout(root: str) -> DatasetIndex:
     return DatasetIndex(root=root, classes=tuple(classes), train=train, val=val, test=test)
 
 
-def scan_manifest(manifest: str) -> DatasetIndex:
+def scan_manifest(manifest: str, *, val_fraction: Optional[float] = None, seed: int = 0) -> DatasetIndex:
     """The three splits from a CSV or Parquet file (local or a URI) with columns ``path`` (relative
     to the manifest's folder, absolute, or a URI), ``label`` (the class; ignored for test rows) and
     ``split`` (train, val or test). Rows keep the file's order within each split. Classes are the
     train rows' labels, in numeric order when every one is a whole number, else in text order.
     Each problem is one ConfigError naming its row (a CSV's line, counting the header as line 1):
     a missing column, an unknown split, a train or val row without a label, a val label no train
-    row has, a path named twice, a file that does not exist, a split without rows."""
+    row has, a path named twice, a file that does not exist, a split without rows. With
+    ``val_fraction`` the manifest has no val rows (one is an error) and val is drawn from the
+    train rows (``scan_layout``)."""
     from pyarrow import csv, parquet
 
     flag = f"--data {manifest}"
@@ -207,9 +263,16 @@ def scan_manifest(manifest: str) -> DatasetIndex:
             raise ConfigError(f"{flag}: {row(seen[full])} and {row(k)} both name {path}; list each image once")
         seen[full] = k
         rows[split].append((k, full, label))
+    if val_fraction is not None and rows["val"]:
+        raise ConfigError(f"{flag} has {len(rows['val'])} val rows ({row(rows['val'][0][0])} the first) and "
+                          f"--val-fraction {val_fraction:g} draws val from the train rows; drop --val-fraction to "
+                          f"use the manifest's val rows, or mark them train")
     for split in SPLITS:
-        if not rows[split]:
-            raise ConfigError(f"{flag}: no {split} rows; the split column says train, val or test for each image")
+        if not rows[split] and not (split == "val" and val_fraction is not None):
+            instead = (f", or pass --val-fraction F (e.g. 0.1) to draw {VAL_FROM_TRAIN}" if split == "val"
+                       else "")
+            raise ConfigError(f"{flag}: no {split} rows; the split column says train, val or test for each "
+                              f"image{instead}")
     found = sorted({label for _, _, label in rows["train"]})
     if all(label.lstrip("-").isdigit() for label in found):
         found = sorted(found, key=int)
@@ -235,6 +298,8 @@ def scan_manifest(manifest: str) -> DatasetIndex:
                             [index[label] if split != "test" else -1 for _, _, label in rows[split]])
               for split in SPLITS}
     check_unique_names(tables["test"], f"{flag}: test rows")
+    if val_fraction is not None:
+        tables["train"], tables["val"] = _split_off_val(tables["train"], val_fraction, seed, flag)
     root = manifest if storage.is_uri(manifest) else os.path.abspath(manifest)
     return DatasetIndex(root=root, classes=classes, **tables)
 

@@ -31,6 +31,11 @@ RESULT_FILES = ("predictions.csv", "probabilities.parquet", "report.json", REPOR
                 "run.json")
 
 
+# What ``python -m ensemble.distill`` adds to a student's run folder: the teacher's soft vote on the
+# training rows, and the comparison of student and ensemble.
+STUDENT_FILES = ("teacher.npz", "distill.json", "distill.md")
+
+
 def check_output(output: str) -> str:
     """Refuse an --output that is a file or lies in an unwritable place. Writes nothing."""
     if storage.is_uri(output):
@@ -82,14 +87,18 @@ def training_fingerprint(cfg: EnsembleConfig, index, n_samples: int, inputs=None
     """What a finished member depends on; a run may reuse members only when this matches: the
     settings that change training, the files (``inputs``, default ``input_files(index)``: their
     paths, labels, sizes and modification times), the sha256 of a --weights file and the versions
-    of the packages that change the numbers."""
+    of the packages that change the numbers. ``index`` is the one the run trains on (with
+    --val-fraction, its val drawn from train)."""
     inputs = input_files(index) if inputs is None else inputs
     digest = hashlib.sha256()
     for column in INPUT_COLUMNS:
         digest.update("\n".join(map(str, inputs.column(column).to_pylist())).encode() + b"\0")
     keys = ("arch", "weights", "freeze", "freeze_stem", "epochs", "batch_size", "lr", "image_size", "augment", "eval_resize", "cache_side", "seed",
             "bagging", "precision")
-    return {**{k: getattr(cfg, k) for k in keys}, "bootstrap_size": n_samples, "classes": list(index.classes),
+    # --val-fraction picks the train rows (the files above show it too, but not as a setting). Only
+    # when set, so a run from before the flag keeps its fingerprint and resumes.
+    drawn = {"val_fraction": cfg.val_fraction} if cfg.val_fraction is not None else {}
+    return {**{k: getattr(cfg, k) for k in keys}, **drawn, "bootstrap_size": n_samples, "classes": list(index.classes),
             "files_sha256": digest.hexdigest(), "weights_sha256": weights_sha256(cfg.weights),
             "versions": result_versions()}
 
@@ -136,7 +145,7 @@ def open_output(output: str, fingerprint: dict, *, fresh: bool, inputs=None) -> 
     if storage.exists(previous):
         if fresh:
             storage.remove_tree(storage.join(output, "members"))
-            for name in (*RESULT_FILES, INPUTS_FILE):
+            for name in (*RESULT_FILES, INPUTS_FILE, *STUDENT_FILES):
                 if storage.exists(storage.join(output, name)):
                     storage.remove(storage.join(output, name))
         else:
@@ -171,6 +180,9 @@ def _differences(output: str, old: dict, new: dict, inputs) -> list[str]:
                                                 for p in sorted(set(then) | set(now)) if then.get(p) != now.get(p)) + ")")
         elif key == "weights_sha256" and then is not None and now is not None:
             out.append("weights_sha256 (the --weights file changed)")
+        elif key == "teacher" and isinstance(then, dict) and isinstance(now, dict):
+            out.append("teacher (" + ", ".join(f"{k} {then.get(k)} then, {now.get(k)} now"
+                                               for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)) + ")")
         else:
             out.append(key)
     return out

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from ensemble.config import ConfigError
-from ensemble.data import decode_batch, read_image, scan_layout
+from ensemble.data import decode_batch, read_image, scan_layout, stratified_val_rows
 from ensemble.digits import ensure_digits
 from ensemble.report import predictions_csv, probabilities_table
 
@@ -225,6 +225,126 @@ def test_manifest_errors_name_the_row(tmp_path, body, needle):
         assert msg.endswith("missing.png: no such file")
     with pytest.raises(ConfigError, match="no such manifest file"):
         scan_layout(str(tmp_path / "other.csv"))
+
+
+# ------------------------------------------------------------------ --val-fraction: val drawn from train
+
+@pytest.mark.parametrize("fraction,expected", [
+    # class sizes 1, 2, 3, 4, 10, 11: fraction x n rounded half up, a class of one stays whole
+    (0.1, [0, 0, 0, 0, 1, 1]),
+    (0.25, [0, 1, 1, 1, 3, 3]),   # 2 x 0.25 = 0.5 -> 1; 10 x 0.25 = 2.5 -> 3
+    (0.5, [0, 1, 2, 2, 5, 6]),    # every class of >= 2 keeps at least one in train
+])
+def test_stratified_val_rows_per_class_counts(fraction, expected):
+    sizes = [1, 2, 3, 4, 10, 11]
+    labels = np.random.default_rng(7).permutation(np.repeat(np.arange(len(sizes)), sizes))  # classes interleaved
+    is_val = stratified_val_rows(labels, fraction, seed=3)
+    assert is_val.shape == labels.shape and is_val.dtype == bool
+    assert np.bincount(labels[is_val], minlength=len(sizes)).tolist() == expected
+    assert (np.bincount(labels[~is_val], minlength=len(sizes)) >= 1).all()  # no class leaves train
+
+
+def test_stratified_val_rows_rounds_a_half_up_despite_floating_point():
+    assert 0.29 * 50 < 14.5  # what floating point makes of it
+    assert stratified_val_rows(np.zeros(50, np.int64), 0.29, seed=0).sum() == 15
+
+
+def test_stratified_val_rows_is_a_pure_function_of_labels_fraction_and_seed():
+    labels = np.array([0, 1, 0, 2, 1, 0, 2, 2, 1, 0, 3, 2, 0, 1, 2, 0, 2, 0, 1, 0])
+    first = stratified_val_rows(labels, 0.25, seed=0)
+    assert np.flatnonzero(first).tolist() == [1, 3, 6, 17, 19]  # pinned: a resumed run draws the same rows
+    assert np.array_equal(stratified_val_rows(labels.tolist(), 0.25, seed=0), first)  # same seed -> same rows
+    assert np.flatnonzero(stratified_val_rows(labels, 0.25, seed=1)).tolist() == [2, 3, 7, 8, 17]
+    big = np.arange(1000) % 4
+    assert not np.array_equal(stratified_val_rows(big, 0.2, seed=0), stratified_val_rows(big, 0.2, seed=1))
+    assert stratified_val_rows(np.array([], np.int64), 0.5, seed=0).shape == (0,)
+
+
+def _no_val(tree):
+    shutil.rmtree(tree / "val")
+    return tree
+
+
+def test_scan_layout_val_fraction_draws_val_from_train_folders(tree):
+    """train/a has 3 images, train/b 2: at 0.5, 2 of a and 1 of b become val; each split keeps the
+    folders' order, ids count from 0 in each, and the same seed gives the same index."""
+    whole = scan_layout(str(tree)).train
+    index = scan_layout(str(_no_val(tree)), val_fraction=0.5, seed=0)
+    assert index.classes == ("a", "b")
+    assert index.sizes() == {"classes": 2, "train": 2, "val": 3, "test": 3}
+    train, val = index.train.to_pydict(), index.val.to_pydict()
+    assert train["id"] == [0, 1] and val["id"] == [0, 1, 2]
+    assert sorted(train["label"]) == [0, 1] and sorted(val["label"]) == [0, 0, 1]
+    order = whole.column("path").to_pylist()
+    for split in (train, val):
+        assert split["path"] == sorted(split["path"], key=order.index)  # file order kept
+    assert sorted(train["path"] + val["path"]) == sorted(order)
+    rows = dict(zip(whole.column("path").to_pylist(), zip(whole.column("image_name").to_pylist(),
+                                                          whole.column("label").to_pylist())))
+    for split in (train, val):  # each row keeps its name and label
+        assert [rows[p] for p in split["path"]] == list(zip(split["image_name"], split["label"]))
+    again = scan_layout(str(tree), val_fraction=0.5, seed=0)
+    assert again.train.equals(index.train) and again.val.equals(index.val)
+    other = [scan_layout(str(tree), val_fraction=0.5, seed=s).val.column("path").to_pylist() for s in range(8)]
+    assert len({tuple(v) for v in other}) > 1  # the seed picks the rows
+
+
+def test_scan_layout_val_fraction_manifest_gives_the_folders_draw(tree):
+    """A manifest with no val rows draws the rows the folders draw: the draw sees only the train
+    rows' labels and order."""
+    folders = scan_layout(str(tree))
+    manifest = _csv_manifest_of(folders, tree)
+    lines = (tree / "manifest.csv").read_text().splitlines()
+    (tree / "manifest.csv").write_text("\n".join(line for line in lines if not line.endswith(",val")) + "\n")
+    from_csv = scan_layout(manifest, val_fraction=0.5, seed=4)
+    from_folders = scan_layout(str(_no_val(tree)), val_fraction=0.5, seed=4)
+    for split in ("train", "val", "test"):
+        assert getattr(from_csv, split).equals(getattr(from_folders, split)), split
+
+
+def test_val_fraction_errors_are_one_line_naming_the_fix(tree):
+    root = str(tree)
+    with pytest.raises(ConfigError) as info:
+        scan_layout(root, val_fraction=0.2)
+    assert str(info.value) == (f"--data {root} has a val/ folder and --val-fraction 0.2 draws val from train/; "
+                               f"drop --val-fraction to use val/, or move val/'s images into train/")
+    manifest = _csv_manifest_of(scan_layout(root), tree)
+    with pytest.raises(ConfigError) as info:
+        scan_layout(manifest, val_fraction=0.2)
+    assert str(info.value) == (f"--data {manifest} has 2 val rows (line 7 the first) and --val-fraction 0.2 draws "
+                               f"val from the train rows; drop --val-fraction to use the manifest's val rows, or "
+                               f"mark them train")
+    lines = (tree / "manifest.csv").read_text().splitlines()
+    (tree / "manifest.csv").write_text("\n".join(line for line in lines if not line.endswith(",val")) + "\n")
+    with pytest.raises(ConfigError) as info:
+        scan_layout(manifest)
+    assert str(info.value) == (f"--data {manifest}: no val rows; the split column says train, val or test for each "
+                               f"image, or pass --val-fraction F (e.g. 0.1) to draw a stratified val split from train")
+    _no_val(tree)
+    with pytest.raises(ConfigError) as info:
+        scan_layout(root)
+    assert str(info.value) == (f"--data {root}: no val/ folder; expected val/<class>/<images>, or pass "
+                               f"--val-fraction F (e.g. 0.1) to draw a stratified val split from train")
+    with pytest.raises(ConfigError) as info:
+        scan_layout(root, val_fraction=0.1)  # 3 x 0.1 and 2 x 0.1 both round to 0
+    assert str(info.value) == (f"--val-fraction 0.1 draws no val images from --data {root}'s 5 train images (each "
+                               f"class of n gives fraction x n, rounded; a class of one gives none); use a larger "
+                               f"fraction")
+
+
+def test_val_fraction_is_in_the_fingerprint(tree):
+    """Another fraction trains the members on other rows: a rerun with it must not resume. A run
+    without the flag has the fingerprint it had before the flag existed (no val_fraction key)."""
+    from ensemble.config import EnsembleConfig
+    from ensemble.run_folder import training_fingerprint
+
+    plain = training_fingerprint(EnsembleConfig(data=str(tree)), scan_layout(str(tree)), 5)
+    assert "val_fraction" not in plain
+    _no_val(tree)
+    prints = [training_fingerprint(EnsembleConfig(data=str(tree), val_fraction=f),
+                                   scan_layout(str(tree), val_fraction=f), 5) for f in (0.4, 0.5)]
+    assert [p["val_fraction"] for p in prints] == [0.4, 0.5]
+    assert prints[0]["files_sha256"] != prints[1]["files_sha256"]  # 1 of a at 0.4, 2 at 0.5
 
 
 # ------------------------------------------------------------------ read_image
