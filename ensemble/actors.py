@@ -25,8 +25,8 @@ from ensemble.batches import SplitImages
 from ensemble.bootstrap import member_counts
 from ensemble.config import EnsembleConfig, cache_side
 from ensemble.data import decode_batch, quiet_ray_data
-from ensemble.engine import (eval_models, pick_device, resolve_precision, seed_everything, set_threads,
-                             vote_member_probabilities)
+from ensemble.engine import (cross_entropy, distillation_loss, eval_models, pick_device, resolve_precision,
+                             seed_everything, set_threads, vote_member_probabilities)
 from ensemble.epochs import Best, EpochStats, build_trainee, eval_batches, fit, member_outputs, train_batches
 from ensemble.gpu_memory import check_fit, member_memory, out_of_memory_line
 from ensemble.image_cache import BlockReader, ImageCache
@@ -89,11 +89,25 @@ class MemberPlan:
     initial_state: Any = None        # ObjectRef of the initial state dict shared by the members, or None
     progress: bool = False           # draw a progress bar per epoch in the driver's terminal
     cache: Optional[ImageCache] = None  # the run's decoded pixels (None: members decode the files)
+    teacher: Optional["Teacher"] = None  # a distilled student's: its targets and loss (None: a member's)
 
     def images(self, table: pa.Table) -> SplitImages:
         """A split's images in this process: from the cache, or decoded from its files."""
         cfg = self.config
         return SplitImages(table, self.cache, image_size=cfg.image_size, resize=cfg.eval_resize, side=cache_side(cfg))
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """What a distilled student learns from (``distill.py``): an ensemble's probabilities on every
+    training row, and the loss's temperature and label weight (``engine.distillation_loss``)."""
+
+    targets: Any                     # ObjectRef of an ``epochs.Targets``
+    temperature: float
+    alpha: float
+
+    def loss(self):
+        return functools.partial(distillation_loss, temperature=self.temperature, alpha=self.alpha)
 
 
 @ray.remote
@@ -146,9 +160,11 @@ class MemberTrainer:
         train_images, val_images = plan.images(train_table), plan.images(val_table)
         threads, pin = max(1, int(cfg.cpus_per_member)), self.device.type == "cuda"
 
+        targets = ray.get(plan.teacher.targets) if plan.teacher is not None else None
+
         def train(epoch: int):
             batches = train_batches(train_images, counts, member_seed, epoch, batch_size=cfg.batch_size,
-                                    augment=cfg.augment, threads=threads, pin=pin)
+                                    augment=cfg.augment, threads=threads, pin=pin, targets=targets)
             if plan.progress:
                 return _progress(batches, total=-(-int(counts.sum()) // cfg.batch_size),
                                  desc=f"member {member} epoch {epoch}/{cfg.epochs}")
@@ -165,6 +181,7 @@ class MemberTrainer:
         try:
             with oom:
                 result = fit(trainee, epochs=cfg.epochs, train=train, saved=saved, on_epoch=on_epoch,
+                             loss=plan.teacher.loss() if plan.teacher is not None else cross_entropy,
                              val=lambda: eval_batches(val_images, batch_size=cfg.batch_size, threads=threads, pin=pin),
                              commit=lambda snapshot: writer.submit(files.save_checkpoint, snapshot, node=node))
             writer.wait()

@@ -27,11 +27,13 @@ from ensemble.run_lock import RunLock
 
 log = logging.getLogger("ensemble.driver")
 
-def run(cfg: EnsembleConfig, *, fresh: bool = False) -> dict:
+def run(cfg: EnsembleConfig, *, fresh: bool = False, distillation=None) -> dict:
     """The whole pipeline; returns the report.
 
     Raises a UserError (errors.py) for what the user can fix, before anything is written
     to the output folder. ``fresh`` discards an earlier run in that folder instead of resuming it.
+    ``distillation`` (``distill.Distillation``): the run is a student of that finished run, its
+    one member trained on the run's soft vote (``python -m ensemble.distill``).
     """
     import numpy as np
     import ray
@@ -50,7 +52,7 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False) -> dict:
     started = time.time()
     cfg = cfg.replace(cache_side=cache_side(cfg))  # resolved: part of what a finished member depends on
     # inputs: the data index (names only), the initial weights, the output folder (nothing written yet)
-    index = scan_layout(cfg.data or ensure_digits())
+    index = scan_layout(cfg.data or ensure_digits(), val_fraction=cfg.val_fraction, seed=cfg.seed)
     num_classes = len(index.classes)
     if cfg.num_classes is not None and cfg.num_classes != num_classes:
         raise ConfigError(f"--num-classes {cfg.num_classes} but the data has {num_classes} classes")
@@ -77,6 +79,8 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False) -> dict:
     n_samples = cfg.bootstrap_size or index.train.num_rows
     inputs = input_files(index)  # the train and val files' sizes and modification times
     fingerprint = training_fingerprint(cfg, index, n_samples, inputs)
+    if distillation is not None:  # another teacher, or another loss, trains another student
+        fingerprint = {**fingerprint, "teacher": distillation.identity()}
     with RunLock(output):
         resuming = open_output(output, fingerprint, fresh=fresh, inputs=inputs)
         resolved = sized.replace(data=index.root, output=output)
@@ -94,11 +98,15 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False) -> dict:
         log.info("running up to %d member(s) at once on %g CPU / %g GPU%s", window, capacity.most("CPU"),
                  capacity.most("GPU"), grows)
 
+        # teacher (a student only): the run's soft vote on every training row, once
+        teacher = distillation.teacher(resolved, index, cache, output) if distillation is not None else None
+        _Stop.check()
+
         # train: each member augments its bootstrap rows from the cache with threads of its own CPUs
         t_train = time.time()
         plan = MemberPlan(config=resolved, output=output, fingerprint=fingerprint, num_classes=num_classes,
                           initial_state=ray.put(initial_state) if initial_state is not None else None,
-                          progress=show_progress(), cache=cache)
+                          progress=show_progress(), cache=cache, teacher=teacher)
         summaries, weight_refs, vote_refs = train_members(
             plan, seeds=seeds, train_table=index.train, val_table=index.val, gpus=resolved.gpus_per_member,
             window=window, resuming=resuming, vote_table=vote_table)
@@ -141,7 +149,7 @@ def dry_run(cfg: EnsembleConfig) -> int:
 
     sizes = None
     if cfg.data is not None or cfg.num_classes is None:
-        sizes = scan_layout(cfg.data or ensure_digits()).sizes()
+        sizes = scan_layout(cfg.data or ensure_digits(), val_fraction=cfg.val_fraction, seed=cfg.seed).sizes()
         if cfg.num_classes is not None and cfg.num_classes != sizes["classes"]:
             raise ConfigError(f"--num-classes {cfg.num_classes} but the data has {sizes['classes']} classes")
         check_bootstrap_size(cfg.bootstrap_size, sizes["train"])

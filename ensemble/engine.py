@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
@@ -82,12 +82,33 @@ def _to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return images
 
 
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """A member's loss: cross-entropy on the labels (``logits`` fp32 (B, classes))."""
+    return F.cross_entropy(logits, labels)
+
+
+def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor, *,
+                      temperature: float, alpha: float) -> torch.Tensor:
+    """A student's loss (Hinton et al. 2015): T^2 * KL(teacher_T || student_T) + alpha * CE(labels).
+
+    ``teacher``: (B, classes) probabilities (the ensemble's soft vote). Softened at ``temperature``
+    as logits would be: softmax(log(p) / T), so p^(1/T) renormalised; the student's logits / T.
+    T^2 keeps the soft term's gradients at the size they have at T = 1 (Hinton's section 2)."""
+    soft_teacher = torch.softmax(torch.log(teacher.clamp_min(1e-12)) / temperature, dim=1)
+    log_student = torch.log_softmax(logits / temperature, dim=1)
+    kl = F.kl_div(log_student, soft_teacher, reduction="batchmean")
+    return temperature ** 2 * kl + alpha * F.cross_entropy(logits, labels)
+
+
 def train_one_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch.optim.Optimizer,
-                    device: torch.device, autocast_dtype: Optional[torch.dtype] = None) -> dict:
+                    device: torch.device, autocast_dtype: Optional[torch.dtype] = None,
+                    loss_fn: Callable[..., torch.Tensor] = cross_entropy) -> dict:
     """One pass over ``batches``. Returns mean loss, accuracy, images and images/s.
 
     ``autocast_dtype`` (bf16 on GPUs) runs the forward pass in mixed precision; weights,
-    optimizer state and the loss stay fp32.
+    optimizer state and the loss stay fp32. A batch is (images, labels, *targets): the loss is
+    ``loss_fn(logits, labels, *targets)`` with the targets on the device (a student's teacher
+    probabilities; a member has none).
     """
     model.train()
     # Summed on the device and read once, after the last step: reading a GPU scalar per step waits
@@ -97,12 +118,13 @@ def train_one_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0
     start = time.perf_counter()
-    for images, labels in batches:
+    for images, labels, *targets in batches:
         images = _to_device(images, device)
         labels = labels.to(device, non_blocking=True)
+        targets = [t.to(device, non_blocking=True) for t in targets]
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             logits = model(images)
-        loss = F.cross_entropy(logits.float(), labels)
+        loss = loss_fn(logits.float(), labels, *targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -19,8 +19,8 @@ from torch import nn
 from ensemble.bootstrap import epoch_rows, epoch_seed
 from ensemble.checkpoint import rng_state, set_rng_state
 from ensemble.config import EnsembleConfig
-from ensemble.engine import (cpu_copy, evaluate, make_optimizer, prepare_for_device, resolve_precision,
-                             train_one_epoch)
+from ensemble.engine import (cpu_copy, cross_entropy, evaluate, make_optimizer, prepare_for_device,
+                             resolve_precision, train_one_epoch)
 from ensemble.models import make_member_model
 
 
@@ -80,16 +80,34 @@ def build_trainee(cfg: EnsembleConfig, num_classes: int, initial_state: Optional
 
 
 def train_batches(images, counts: np.ndarray, member_seed: int, epoch: int, *, batch_size: int, augment: str,
-                  threads: int, pin: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                  threads: int, pin: bool = False, targets: Optional["Targets"] = None) -> Iterator[tuple]:
     """(uint8 images (B, S, S, 3), labels) of one epoch: row ``i`` of ``images`` (a
     ``batches.SplitImages``) ``counts[i]`` times, in the epoch's seeded order, augmented with
-    draws from the epoch's seed; pinned for asynchronous copies to a GPU when ``pin``."""
+    draws from the epoch's seed; pinned for asynchronous copies to a GPU when ``pin``. With
+    ``targets`` (a student's teacher), each batch also carries its rows' teacher probabilities."""
     from ensemble.batches import batches
 
     seed = epoch_seed(member_seed, epoch)
     for b in batches(images, epoch_rows(counts, seed), batch_size=batch_size, augment=augment, seed=seed,
                      threads=threads):
-        yield _pinned(b, pin), torch.from_numpy(b["label"])
+        if targets is None:
+            yield _pinned(b, pin), torch.from_numpy(b["label"])
+        else:
+            yield _pinned(b, pin), torch.from_numpy(b["label"]), torch.from_numpy(targets.of(b["id"]))
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Soft targets per training row: a teacher's probabilities, looked up by row id."""
+
+    ids: np.ndarray      # (n,) row ids, sorted
+    probs: np.ndarray    # (n, classes) float32
+
+    def of(self, ids: np.ndarray) -> np.ndarray:
+        at = np.searchsorted(self.ids, ids)
+        if np.any(at >= len(self.ids)) or np.any(self.ids[np.minimum(at, len(self.ids) - 1)] != ids):
+            raise ValueError("a training row has no teacher probabilities")
+        return self.probs[at]
 
 
 def eval_batches(images, *, batch_size: int, threads: int,
@@ -123,16 +141,17 @@ def _pinned(batch: dict, pin: bool) -> torch.Tensor:
 
 def fit(trainee: Trainee, *, epochs: int, train: Callable[[int], Iterable], val: Callable[[], Iterable],
         saved: Optional[dict] = None, on_epoch: Callable[[EpochStats, Best], None] = lambda stats, best: None,
-        commit: Optional[Callable[[dict], None]] = None) -> FitResult:
+        commit: Optional[Callable[[dict], None]] = None, loss: Callable[..., torch.Tensor] = cross_entropy) -> FitResult:
     """Train epochs ``len(history) + 1 .. epochs``: ``train(epoch)`` gives the epoch's (images,
-    labels) batches, ``val()`` the (ids, images, labels) batches scored after it. ``saved``: a
-    snapshot to resume from (``commit``'s argument, as loaded back). After each epoch
-    ``on_epoch(stats, best)``; before every epoch but the last, ``commit(snapshot)`` (the model,
-    optimizer, RNG states, history and best so far, on CPU)."""
+    labels, *targets) batches, trained on with ``loss(logits, labels, *targets)``, ``val()`` the
+    (ids, images, labels) batches scored after it. ``saved``: a snapshot to resume from
+    (``commit``'s argument, as loaded back). After each epoch ``on_epoch(stats, best)``; before
+    every epoch but the last, ``commit(snapshot)`` (the model, optimizer, RNG states, history and
+    best so far, on CPU)."""
     model, optimizer = trainee.model, trainee.optimizer
     history, best, resumed = _restore(saved, model, optimizer) if saved is not None else ([], None, [])
     for epoch in range(len(history) + 1, epochs + 1):
-        done = train_one_epoch(model, train(epoch), optimizer, trainee.device, trainee.amp)
+        done = train_one_epoch(model, train(epoch), optimizer, trainee.device, trainee.amp, loss)
         ev = evaluate(model, val(), trainee.device, trainee.amp)
         stats = EpochStats(epoch=epoch, train_loss=done["loss"], train_acc=done["acc"], val_loss=ev["loss"],
                            val_acc=ev["acc"], images=done["images"], images_per_s=done["images_per_s"],

@@ -109,9 +109,10 @@ def test_ensemble_val_acc_equals_sequential_soft_vote(run, tiny_digits):
         assert m["val_acc"] == pytest.approx(accuracy(p, labels), abs=1e-12)
 
 
-def _sequential_test_probs(cfg, index, output, *, hflip=False) -> np.ndarray:
+def _sequential_test_probs(cfg, index, output, *, hflip=False, split="test") -> np.ndarray:
     """The saved members run one after another in this process on the test images: (members, n, classes)."""
-    batch = {k: index.test.column(k).to_numpy(zero_copy_only=False) for k in ("id", "path", "label")}
+    table = getattr(index, split)
+    batch = {k: table.column(k).to_numpy(zero_copy_only=False) for k in ("id", "path", "label")}
     images = model_input(torch.from_numpy(decode_batch(batch, image_size=cfg.image_size, side=cache_side(cfg))["image"]),
                          torch.device("cpu"))
     member_probs = []
@@ -142,6 +143,40 @@ def test_test_probabilities_equal_sequential_inference(run, tiny_digits):
     order = {n: k for k, n in enumerate(table.column("image_name").to_pylist())}
     got = got[[order[n] for n in index.test.column("image_name").to_pylist()]]
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_distilled_student_is_a_one_member_run(run, tiny_digits, tmp_path, capsys):
+    """``ensemble.distill`` on the shared run: the teacher's targets are its members' soft vote on
+    the training rows (as run in this process), the student is a run predict's loader takes, and
+    the same folder with another temperature is refused in one line. (Resuming is the driver's:
+    test_stop_resume.py; the saved targets' read-back: test_distill.py.)"""
+    from ensemble.distill import distill, main
+    from ensemble.run_folder import load_run
+
+    cfg, report, teacher = run
+    out = str(tmp_path / "student")
+    summary = distill(teacher, out, {"epochs": 1, "arch": "resnet18"}, temperature=2.0, alpha=0.5, speed_images=4)
+    student = load_run(out)
+    assert (student.config.members, student.config.bagging, len(student.states)) == (1, "full", 1)
+    assert student.classes == report["data"]["class_names"]
+    index = scan_layout(tiny_digits)
+    saved = np.load(os.path.join(out, "teacher.npz"))
+    assert saved["ids"].tolist() == list(range(index.train.num_rows))
+    expected = soft_vote(_sequential_test_probs(cfg, index, teacher, split="train"))
+    np.testing.assert_allclose(saved["probs"], expected, atol=1e-5)
+    student_report = json.load(open(os.path.join(out, "report.json")))
+    assert student_report["members"][0]["history"][0]["epoch"] == 1
+    assert summary["val"]["student"]["accuracy"] == student_report["members"][0]["val_acc"]
+    assert summary["val"]["ensemble"]["accuracy"] == report["ensemble"]["val_acc"]
+    assert summary["inference"]["batch"] == 4 and summary["inference"]["ratio"] > 1
+    assert json.load(open(os.path.join(out, "distill.json")))["gain_kept"] == summary["gain_kept"]
+    assert "Distilled student of" in open(os.path.join(out, "distill.md")).read()
+    capsys.readouterr()
+    assert main(["--run", teacher, "--output", out, "--epochs", "1", "--kd-temperature", "3"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error:") and "teacher (kd_temperature 2.0 then, 3.0 now)" in line
+    assert main(["--run", teacher, "--output", os.path.join(teacher, "student")]) == 2
+    assert "inside the run folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("request_, message", [
