@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -75,6 +76,19 @@ def eval_pixels(img: Image.Image, *, image_size: int, resize: str = "squash") ->
     w, h = img.size  # torchvision's CenterCrop offsets
     top, left = int(round((h - s) / 2.0)), int(round((w - s) / 2.0))
     return np.array(img.crop((left, top, left + s, top + s)))
+
+
+def load_eval_pixels(path: str, *, image_size: int, resize: str = "squash", side: Optional[int] = None) -> np.ndarray:
+    """One image file (a local path or ``s3://...``) -> (S, S, 3) uint8: the pixels predict, serve
+    and the run's own vote give its members for that file. Decoded as ``data.read_image`` decodes
+    (RGB; a JPEG far larger than needed at a reduced scale, never below ``side``), then
+    ``eval_pixels``. Pass the run's ``image_size``, ``eval_resize`` and ``side`` =
+    ``config.cache_side`` of its config; a file written by ``python -m ensemble.export`` records
+    them in its metadata (``image_size``, ``eval_resize``, ``decode_side``), and takes a batch of
+    these stacked, (N, S, S, 3). ImageTooLarge as ``eval_pixels``; PIL's errors as they are."""
+    from ensemble.data import read_image  # data imports this module
+
+    return eval_pixels(read_image(path, min_size=side or image_size), image_size=image_size, resize=resize)
 
 
 def crop_box(height: int, width: int, scale: tuple, rng: np.random.Generator) -> tuple[int, int, int, int]:
