@@ -7,6 +7,8 @@ Raised where the misuse is seen, printed once by ``run_cli``, the wrapper every 
     ├── StorageError       a file could not be written (a full disk, an object store failing
     │                      after its retries); also an OSError. Finished work is kept
     ├── SearchFailed       (trials) no Tune trial produced a result
+    ├── ParityError        (export) an exported ONNX file that ONNX Runtime runs to other numbers
+    │                      than the members in torch; nothing is kept
     └── UserError          exit 2: what the user can fix; the message names the value and the fix
         ├── ConfigError    a bad setting: a flag, a YAML key, a path, more than the cluster holds
         ├── StallError     a stage made no progress; finished work is kept, a rerun resumes

@@ -9,10 +9,13 @@ from tests.helpers import write_digits_tree
 
 def pytest_collection_modifyitems(config, items):
     """Pure tests first, then those that start Ray (-x stops on a cheap failure before the slow
-    part); GPU-only tests skip cleanly where torch sees no CUDA device (CI, laptops)."""
+    part), then those that only read the session's finished tiny run (``reuses_tiny_run``: by then
+    a module before them has made it, so they start no cluster of their own); GPU-only tests skip
+    cleanly where torch sees no CUDA device (CI, laptops)."""
     import torch
 
-    items.sort(key=lambda item: "ray" in item.keywords)  # stable: file order kept within each group
+    # stable: file order kept within each group
+    items.sort(key=lambda item: 2 if "reuses_tiny_run" in item.keywords else int("ray" in item.keywords))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
