@@ -94,16 +94,18 @@ class EnsembleGraph(nn.Module):
 
         x = pixels.permute(0, 3, 1, 2).to(torch.float32) * (1.0 / 255)  # model_input's order of operations
         x = (x - self.mean) / self.std
-        probs = self.member_probs(x)
-        if self.hflip:
-            probs = (probs + self.member_probs(torch.flip(x, dims=[3]))) / 2
+        if self.hflip:  # each member once on the images and their mirrors: one copy of its weights in the file
+            both = self.member_probs(torch.cat([x, torch.flip(x, dims=[3])]))  # (members, 2N, C)
+            probs = both.unflatten(1, (2, -1)).mean(1)  # (image + mirror) / 2
+        else:
+            probs = self.member_probs(x)
         vote = (probs * self.weights).sum(0) if self.weighted else probs.mean(0)  # (N, C)
         scaled = torch.softmax(torch.log(vote.clamp_min(PROB_FLOOR)) / self.temperature, dim=1)
         if self.hard:  # vote.hard_vote: most top-1 votes, ties to the larger summed probability
             classes = torch.arange(probs.shape[2])
             votes = (probs.argmax(2).unsqueeze(2) == classes).to(torch.int64).sum(0)  # (N, C)
             tied = votes == votes.max(dim=1, keepdim=True).values
-            label = torch.where(tied, probs.sum(0), torch.full_like(vote, -float("inf"))).argmax(1)
+            label = probs.sum(0).masked_fill(~tied, -float("inf")).argmax(1)  # a scalar fill: no traced shape
         else:
             label = vote.argmax(1)
         return scaled, label
@@ -241,7 +243,12 @@ def export_run(run: str, output: str, *, members: str = "all", external_data_ove
                                f"nothing was kept") from None
         diff = None
         if has_onnxruntime():
-            got = run_onnx(staged, pixels)[0]
+            try:
+                got = run_onnx(staged, pixels)[0]
+            except Exception as exc:  # onnxruntime's own errors share no base class of their own
+                raise ParityError(f"ONNX Runtime could not run the exported graph on {what} ("
+                                  f"{exc.__class__.__name__}: {' '.join(str(exc).split())[:300]}); nothing was "
+                                  f"written") from None
             diff = float(np.abs(got - expected["probs"]).max())
             if not diff <= PARITY_TOLERANCE:
                 raise ParityError(f"the exported graph's probabilities differ from the members run in torch by up to "
