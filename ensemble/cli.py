@@ -84,6 +84,12 @@ def _parser() -> argparse.ArgumentParser:
                                                        f"the run stops with a line saying why (default {d.stall_timeout:g})")
     g.add_argument("--address", help="Ray cluster address (ray://..., host:port, auto); default: the running "
                                      "local cluster or RAY_ADDRESS if any, else start a local one")
+    g = p.add_argument_group("tracking")
+    g.add_argument("--mlflow", action="store_true", help="log the run to MLflow: a parent run (config, the ensemble's "
+                   "scores, report.md and figures) and a child run per member (its settings, per-epoch metrics)")
+    g.add_argument("--mlflow-uri", metavar="URI", help="MLflow tracking URI (a server, http://HOST:5000, or "
+                   "sqlite:///PATH.db) (default: MLFLOW_TRACKING_URI, else sqlite:///<output>/mlflow.db)")
+    g.add_argument("--mlflow-experiment", metavar="NAME", help=f"the MLflow experiment (default {d.mlflow_experiment})")
     g = p.add_argument_group("runs")
     g.add_argument("--strict", action="store_true", help="stop before training if any image file is unreadable "
                                                        "(default: skip such files and list them in report.json)")

@@ -84,6 +84,10 @@ class EnsembleConfig:
     address: Optional[str] = None       # Ray address; None = join the local cluster if any, else start one
     strict: bool = False                # unreadable image files stop the run (default: skipped, listed)
     stall_timeout: float = 600.0        # seconds with no member able to start before the run stops, saying why
+    # --- tracking (not in the fingerprint: a tracked run trains the same members, and resumes an untracked one)
+    mlflow: bool = False                # log the run (a parent run) and its members (child runs) to MLflow
+    mlflow_uri: Optional[str] = None    # tracking URI; None = MLFLOW_TRACKING_URI, else sqlite:///<output>/mlflow.db
+    mlflow_experiment: str = "ensemble"  # the MLflow experiment the runs go to
 
     def __post_init__(self) -> None:
         for name, (low, high) in INT_RANGES.items():
@@ -104,13 +108,16 @@ class EnsembleConfig:
         check_choice(self, "tta", TTAS)
         check_choice(self, "bagging", BAGGINGS)
         check_choice(self, "calibrate_on", CALIBRATE_ON)
-        for name in ("freeze_stem", "strict"):
+        for name in ("freeze_stem", "strict", "mlflow"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"--{flag(name)} {getattr(self, name)!r}: must be true or false")
-        for name in ("data", "output", "weights", "address"):
+        for name in ("data", "output", "weights", "address", "mlflow_uri", "mlflow_experiment"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or not value):
+            if (value is not None or name == "mlflow_experiment") and (not isinstance(value, str) or not value):
                 raise ConfigError(f"--{flag(name)} {value!r}: must be a non-empty string")
+        if not self.mlflow and (self.mlflow_uri is not None or self.mlflow_experiment != "ensemble"):
+            name = "mlflow_uri" if self.mlflow_uri is not None else "mlflow_experiment"
+            raise ConfigError(f"--{flag(name)} {getattr(self, name)}: needs --mlflow (tracking is off without it)")
         if self.val_fraction is not None and self.data is None:
             raise ConfigError(f"--val-fraction {self.val_fraction:g}: needs --data; the bundled digits come with "
                               f"their own val split")
