@@ -32,6 +32,7 @@ from ensemble.gpu_memory import check_fit, member_memory, out_of_memory_line
 from ensemble.image_cache import BlockReader, ImageCache
 from ensemble.member_files import BackgroundWriter, MemberFiles, MemberSummary
 from ensemble.scores.vote import soft_vote
+from ensemble.tracking import MemberRun, MemberTracking, member_params
 
 log = logging.getLogger("ensemble.member")
 
@@ -90,6 +91,7 @@ class MemberPlan:
     progress: bool = False           # draw a progress bar per epoch in the driver's terminal
     cache: Optional[ImageCache] = None  # the run's decoded pixels (None: members decode the files)
     teacher: Optional["Teacher"] = None  # a distilled student's: its targets and loss (None: a member's)
+    tracking: Optional[MemberTracking] = None  # --mlflow: where each member logs its child run (None: untracked)
 
     def images(self, table: pa.Table) -> SplitImages:
         """A split's images in this process: from the cache, or decoded from its files."""
@@ -156,6 +158,7 @@ class MemberTrainer:
         saved = files.load_checkpoint()
         if saved is not None:
             log.info("member %d resumes after epoch %d/%d", member, saved["epoch"], cfg.epochs)
+        tracked = MemberRun(plan.tracking, member, member_params(cfg, plan.fingerprint, member, member_seed))
         counts = member_counts(cfg.bagging, member_seed, train_table.num_rows, plan.fingerprint["bootstrap_size"])
         train_images, val_images = plan.images(train_table), plan.images(val_table)
         threads, pin = max(1, int(cfg.cpus_per_member)), self.device.type == "cuda"
@@ -176,6 +179,7 @@ class MemberTrainer:
             log.info("member %d epoch %d/%d train_loss %.4f train_acc %.4f val_loss %.4f val_acc %.4f "
                      "images/s %.1f", member, stats.epoch, cfg.epochs, stats.train_loss, stats.train_acc,
                      stats.val_loss, stats.val_acc, stats.images_per_s)
+            tracked.epoch(stats)
 
         writer = BackgroundWriter()  # serializing, hashing and writing a checkpoint overlap the next epoch
         try:
@@ -195,6 +199,7 @@ class MemberTrainer:
             device=str(self.device), gpu_ids=[str(g) for g in ray.get_gpu_ids()], seconds=time.time() - start,
             started=start, finished=time.time())
         summary = files.save_final(summary, best.state, best.val_ids, best.val_probs, cfg.to_dict())
+        tracked.finish(summary)
         votes = None
         if vote_table is not None:
             trainee.model.load_state_dict(best.state)

@@ -46,6 +46,7 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False, distillation=None) -> dict:
     from ensemble.scores.scoring import score_run
     from ensemble.models import count_parameters, make_member_model, resolve_weights
     from ensemble.report import build_report, format_table, plan_lines, write_report
+    from ensemble.tracking import RunTracking, tracking_uri
     from ensemble.train_stage import train_members
     from ensemble.vote_stage import stack_splits, vote_splits
 
@@ -61,6 +62,7 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False, distillation=None) -> dict:
     # builds the model once: a weights file for another arch fails here
     params = count_parameters(make_member_model(cfg.arch, num_classes, initial_state, cfg.freeze, cfg.freeze_stem))
     output = check_output(cfg.output or default_output())
+    tracked = RunTracking(tracking_uri(cfg, output), cfg.mlflow_experiment)  # --mlflow: tracking.py; else inert
 
     # cluster: join or start one, size GPU use and member slots to it
     connect(cfg.address)
@@ -81,9 +83,10 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False, distillation=None) -> dict:
     fingerprint = training_fingerprint(cfg, index, n_samples, inputs)
     if distillation is not None:  # another teacher, or another loss, trains another student
         fingerprint = {**fingerprint, "teacher": distillation.identity()}
-    with RunLock(output):
+    with RunLock(output), tracked:
         resuming = open_output(output, fingerprint, fresh=fresh, inputs=inputs)
         resolved = sized.replace(data=index.root, output=output)
+        tracked.start(resolved, output, fingerprint, fresh=fresh)  # the MLflow parent run (continued on resume)
         seeds = member_seeds(cfg.seed, cfg.members)
         save_run_config(output, resolved, seeds, fingerprint, inputs)
         # vote: val (report), test (predictions) and, for out-of-bag scores, train. With the pixels in
@@ -106,7 +109,7 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False, distillation=None) -> dict:
         t_train = time.time()
         plan = MemberPlan(config=resolved, output=output, fingerprint=fingerprint, num_classes=num_classes,
                           initial_state=ray.put(initial_state) if initial_state is not None else None,
-                          progress=show_progress(), cache=cache, teacher=teacher)
+                          progress=show_progress(), cache=cache, teacher=teacher, tracking=tracked.members())
         summaries, weight_refs, vote_refs = train_members(
             plan, seeds=seeds, train_table=index.train, val_table=index.val, gpus=resolved.gpus_per_member,
             window=window, resuming=resuming, vote_table=vote_table)
@@ -132,6 +135,7 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False, distillation=None) -> dict:
                               seconds={"train": t_vote - t_train, "vote": t_report - t_vote})
         write_report(output, report, val=voted["val"], test=voted["test"], classes=index.classes,
                      started=started)
+        tracked.finish(report, output)
         print(format_table(report["members"], report["ensemble"]["val_acc"], cfg.vote))
         if skipped:
             print(f"skipped {len(skipped)} unreadable image file(s); listed in report.json under skipped_files")

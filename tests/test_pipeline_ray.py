@@ -8,6 +8,7 @@ from the saved member weights run in this process.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -258,7 +259,8 @@ def test_hard_vote_hflip_tta_full_bagging_beside_taken_trainer_names(cluster, ti
     from ensemble.driver import run as run_pipeline
     from ensemble.scores.vote import hard_vote
 
-    cfg = _config(tiny_digits, tmp_path, members=3, epochs=1, vote="hard", tta="hflip", bagging="full")
+    cfg = _config(tiny_digits, tmp_path, members=3, epochs=1, vote="hard", tta="hflip", bagging="full",
+                  mlflow=importlib.util.find_spec("mlflow") is not None)  # tracked too: see _check_mlflow_runs
     with _trainer_names_taken(cfg.members) as names:
         assert "ensemble-member-0" in names and "ensemble-members-0-1-2" in names
         report = run_pipeline(cfg)
@@ -269,6 +271,34 @@ def test_hard_vote_hflip_tta_full_bagging_beside_taken_trainer_names(cluster, ti
     rows = [line.split(",") for line in (tmp_path / "predictions.csv").read_text().splitlines()[1:]]
     by_name = dict(rows)
     assert [by_name[n] for n in index.test.column("image_name").to_pylist()] == expected
+    if cfg.mlflow:
+        _check_mlflow_runs(tmp_path, report)
+
+
+def _check_mlflow_runs(output, report):
+    """--mlflow (default store: SQLite in the run folder), read back with MLflow's client: one
+    parent run with the run's config, the ensemble's scores and report.md + figures, and a child
+    run per member, logged from the member's process, with its settings and each epoch's metrics."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{output}/mlflow.db")
+    experiment = client.get_experiment_by_name("ensemble")
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = sorted((r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
+                      key=lambda r: int(r.data.params["member"]))
+    assert parent.info.status == "FINISHED" and parent.data.params["vote"] == "hard"
+    assert parent.data.metrics["val_acc"] == pytest.approx(report["ensemble"]["val_acc"])
+    assert parent.data.metrics["val_nll"] == pytest.approx(report["ensemble"]["metrics"]["nll"])
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {"report.md", "figures"}
+    assert len(client.list_artifacts(parent.info.run_id, "figures")) == 4
+    assert [r.data.params["member"] for r in children] == ["0", "1", "2"] and len(runs) == 4
+    for child, member in zip(children, report["members"]):
+        assert child.info.status == "FINISHED" and child.data.params["arch"] == "resnet18"
+        assert child.data.params["member_seed"] == str(member["seed"])
+        history = client.get_metric_history(child.info.run_id, "val_acc")
+        assert [(m.step, m.value) for m in history] == [(1, pytest.approx(member["history"][0]["val_acc"]))]
+        assert set(child.data.metrics) >= {"train_loss", "train_acc", "val_loss", "images_per_s", "epoch_seconds"}
 
 
 def test_member_metrics_on_the_metrics_endpoint(cluster):
