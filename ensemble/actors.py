@@ -87,7 +87,7 @@ class MemberPlan:
     output: str                      # the run's folder (local or a URI every node can reach)
     fingerprint: dict                # what a saved checkpoint must match (run_folder.training_fingerprint)
     num_classes: int
-    initial_state: Any = None        # ObjectRef of the initial state dict shared by the members, or None
+    initial_state: Optional[dict] = None  # {arch: ObjectRef of the initial state dict its members share}; None: none
     progress: bool = False           # draw a progress bar per epoch in the driver's terminal
     cache: Optional[ImageCache] = None  # the run's decoded pixels (None: members decode the files)
     teacher: Optional["Teacher"] = None  # a distilled student's: its targets and loss (None: a member's)
@@ -147,13 +147,14 @@ class MemberTrainer:
         Input work runs in this process: ``cpus_per_member`` threads augment the epoch's images
         (from the cache, or decoded from the files) ahead of the training step.
         """
-        cfg, start = plan.config, time.time()
+        cfg, start = plan.config.member_config(member), time.time()  # its architecture and that one's recipe
         files = MemberFiles(plan.output, member, plan.fingerprint)
         node = ray.get_runtime_context().get_node_id()
         metrics = self.metrics.setdefault(member, MemberMetrics(member))
         oom = self._check_gpu_memory(member, plan)  # a member that cannot fit stops here, in one line
         seed_everything(member_seed)  # the head's (or, from scratch, every layer's) initial weights
-        initial_state = ray.get(plan.initial_state) if plan.initial_state is not None else None
+        initial_ref = (plan.initial_state or {}).get(cfg.arch)
+        initial_state = ray.get(initial_ref) if initial_ref is not None else None
         trainee = build_trainee(cfg, plan.num_classes, initial_state, self.device)
         saved = files.load_checkpoint()
         if saved is not None:
@@ -216,7 +217,7 @@ class MemberTrainer:
         On CPU: a context that changes nothing."""
         if self.device.type != "cuda":
             return contextlib.nullcontext()
-        cfg = plan.config
+        cfg = plan.config.member_config(member)
         bf16 = resolve_precision(cfg.precision, self.device) is torch.bfloat16
         memory = member_memory(cfg.arch, plan.num_classes, cfg.image_size, cfg.freeze, cfg.freeze_stem, bf16)
         gpu_total = torch.cuda.get_device_properties(self.device).total_memory
@@ -230,14 +231,14 @@ class MemberTrainer:
         """A member finished by an earlier run (``state``: its best weights): its outputs on
         ``vote_table``, as ``fit`` returns them for the members it trains. The driver queues these
         on the slots it starts anyway, so a resumed run starts no voter pool."""
-        cfg = plan.config
+        cfg = plan.config.member_config(member)
         model = eval_models(cfg.arch, plan.num_classes, [state], self.device)[0]
         return self._outputs(member, model, plan, vote_table)
 
     def _outputs(self, member: int, model: torch.nn.Module, plan: MemberPlan, vote_table: pa.Table) -> np.ndarray:
         """The member's softmax outputs on ``vote_table``, said in a line first: on large data (the
         study's 23.6k rows, on CPUs) this takes as long as an epoch, and is not a silent wait."""
-        cfg = plan.config
+        cfg = plan.config.member_config(member)
         log.info("member %d: scoring the vote's %d rows with its best weights", member, vote_table.num_rows)
         batches = eval_batches(plan.images(vote_table), batch_size=cfg.batch_size,
                                threads=max(1, int(cfg.cpus_per_member)), pin=self.device.type == "cuda")
@@ -266,7 +267,7 @@ class SoftVoter:
     Output per row: ``probs`` (classes,) the soft vote, ``member_probs`` (members, classes).
     """
 
-    def __init__(self, *, arch: str, num_classes: int, weight_refs: list, image_size: int,
+    def __init__(self, *, arch, num_classes: int, weight_refs: list, image_size: int,
                  threads: float, tta: str = "none", precision: str = "auto", resize: str = "squash",
                  side: Optional[int] = None, cache: Optional[ImageCache] = None):
         set_threads(threads)

@@ -41,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
                                           "scores cross-fitted); oob: on out-of-bag training rows, which each "
                                           f"vote with only the members that never drew them (default {d.calibrate_on})")
     g = p.add_argument_group("model")
-    g.add_argument("--arch", help=f"one of {', '.join(ARCHS)} (default {d.arch})")
+    g.add_argument("--arch", help=f"one of {', '.join(ARCHS)}, or several comma-separated: members take them in "
+                                  f"turn; a --config YAML's 'recipes' sets lr, weights, freeze, freeze_stem or "
+                                  f"batch_size per architecture (default {d.arch})")
     g.add_argument("--weights", help="none, a torchvision weights name (IMAGENET1K_V1, DEFAULT) or a "
                                      f"state-dict file (default {d.weights})")
     g.add_argument("--freeze", help=f"freeze residual stages layer1..this one; one of {', '.join(FREEZE_STAGES)}; "

@@ -58,7 +58,8 @@ class EnsembleConfig:
     tta: str = "none"                   # none | hflip: average each member over the image and its mirror
     calibrate_on: str = "val"           # val | oob: the rows the ensemble's temperature is fitted on
     # --- model
-    arch: str = "resnext101_64x4d"      # torchvision ResNet-family name (see ARCHS)
+    arch: str = "resnext101_64x4d"      # torchvision ResNet-family name (see ARCHS); several, comma-separated: members take them in turn
+    recipes: Optional[dict] = None      # per architecture, what differs from the flags: {arch: {lr, weights, freeze, freeze_stem, batch_size}} (YAML)
     weights: str = "DEFAULT"            # "none", a torchvision weights name, or a state-dict file
     freeze: str = "layer1"              # freeze residual stages layer1..this one; "stem" = stem only
     freeze_stem: bool = False           # also freeze the stem (conv1 + bn1)
@@ -98,7 +99,7 @@ class EnsembleConfig:
                 check_number(self, name, positive=not zero_ok, high=high)
         for name in ("gpus_per_member", "gpus_per_infer_actor"):
             check_gpus(self, name)
-        check_choice(self, "arch", ARCHS)
+        check_archs(self)
         check_choice(self, "freeze", FREEZE_STAGES)
         check_choice(self, "augment", AUGMENTS)
         check_choice(self, "eval_resize", EVAL_RESIZES)
@@ -124,6 +125,26 @@ class EnsembleConfig:
 
     def replace(self, **changes: Any) -> "EnsembleConfig":
         return dataclasses.replace(self, **changes)
+
+    @property
+    def archs(self) -> tuple:
+        """The architectures ``arch`` lists (one, or several comma-separated), in order."""
+        return tuple(a.strip() for a in str(self.arch).split(","))
+
+    def arch_of(self, member: int) -> str:
+        """Member ``member``'s architecture: the listed ones in turn."""
+        archs = self.archs
+        return archs[member % len(archs)]
+
+    def member_config(self, member: int) -> "EnsembleConfig":
+        """What member ``member`` trains with: its architecture and that architecture's recipe
+        (``recipes``) over the run's settings; the config itself when there is one architecture and
+        no recipe."""
+        if len(self.archs) == 1 and not self.recipes:
+            return self
+        arch = self.arch_of(member)
+        recipe = {k: _coerce(k, v) for k, v in ((self.recipes or {}).get(arch) or {}).items()}
+        return self.replace(arch=arch, recipes=None, **recipe)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -186,6 +207,8 @@ def build_config(*, preset: Optional[Mapping[str, Any]] = None,
                 raise ConfigError(
                     f"{source}: unknown key {key!r}; known keys: {', '.join(FIELD_NAMES)}")
             merged[name] = value
+    if isinstance(merged.get("arch"), (list, tuple)):  # YAML: arch: [resnet50, wide_resnet50_2]
+        merged["arch"] = ",".join(map(str, merged["arch"]))
     merged = {k: _coerce(k, v) for k, v in merged.items()}
     return EnsembleConfig(**merged)
 
@@ -278,6 +301,40 @@ def check_choice(obj, name: str, allowed: tuple) -> None:
     value = getattr(obj, name)
     if value not in allowed:
         raise ConfigError(f"--{flag(name)} {value!r}: choose one of {', '.join(allowed)}")
+
+
+# What an architecture's recipe (``recipes`` in a --config YAML) may set for its members.
+RECIPE_KEYS = ("lr", "weights", "freeze", "freeze_stem", "batch_size")
+
+
+def check_archs(cfg: "EnsembleConfig") -> None:
+    """``arch``: one architecture or several, comma-separated, each listed once and at most as many
+    as members; ``recipes``: per listed architecture, RECIPE_KEYS only, each value as valid as its
+    flag's. One line (ConfigError) naming the entry otherwise."""
+    archs = cfg.archs
+    for arch in archs:
+        if arch not in ARCHS:
+            raise ConfigError(f"--arch {cfg.arch!r}: {arch!r} is not one of {', '.join(ARCHS)} "
+                              f"(several: comma-separated, e.g. resnet50,wide_resnet50_2)")
+    if len(set(archs)) != len(archs):
+        raise ConfigError(f"--arch {cfg.arch!r}: lists an architecture twice; list each once")
+    if len(archs) > cfg.members:
+        raise ConfigError(f"--arch {cfg.arch!r}: {len(archs)} architectures for {cfg.members} member(s); list at most "
+                          f"--members architectures")
+    if cfg.recipes is None:
+        return
+    if not isinstance(cfg.recipes, dict):
+        raise ConfigError(f"recipes: {cfg.recipes!r}: must map architectures to settings, e.g. "
+                          f"{{resnet50: {{lr: 1.0e-4}}}}")
+    for arch, recipe in cfg.recipes.items():
+        if arch not in archs:
+            raise ConfigError(f"recipes: {arch!r} is not one of --arch's ({', '.join(archs)})")
+        if not isinstance(recipe, dict) or set(recipe) - set(RECIPE_KEYS):
+            raise ConfigError(f"recipes.{arch}: {recipe!r}: may set only {', '.join(RECIPE_KEYS)}")
+        try:
+            cfg.member_config(archs.index(arch))
+        except ConfigError as exc:
+            raise ConfigError(f"recipes.{arch}: {exc.message}") from None
 
 
 def check_gpus(obj, name: str) -> None:

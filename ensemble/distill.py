@@ -126,7 +126,10 @@ def _read_targets(path: str, ids: np.ndarray, identity: str):
 def student_config(teacher: EnsembleConfig, flags: dict, output: str) -> EnsembleConfig:
     """The teacher run's config with the student's flags: one member on the whole train set, the
     teacher's data and eval geometry. Flag values are checked as the driver checks its own."""
-    values = {k: v for k, v in teacher.to_dict().items()}
+    # the teacher's first member's architecture and recipe (or the named architecture's, when the
+    # run has it), flattened: the student's own flags then override them
+    arch = flags.get("arch", teacher.archs[0])
+    values = teacher.member_config(teacher.archs.index(arch) if arch in teacher.archs else 0).to_dict()
     values.update(flags)
     values.update(output=output, members=1, bagging="full", bootstrap_size=None, calibrate_on="val", vote="soft")
     return build_config(flag_values=values)
@@ -146,7 +149,8 @@ def check_kd(name: str, value: float) -> float:
 def distill_summary(teacher_report: dict, student_report: dict, *, teacher_params: int, student_params: int,
                     teacher_gflops: float, student_gflops: float, speed: Optional[dict] = None) -> dict:
     """distill.json: the student against the ensemble, its mean and its best member on val
-    (accuracy, NLL, ECE), and the share of the ensemble's accuracy gain over the mean member the
+    (accuracy, NLL, ECE), the parameters and GFLOPs per image of each (the ensemble's: all its
+    members' together), and the share of the ensemble's accuracy gain over the mean member the
     student keeps: (student - mean) / (ensemble - mean)."""
     members = teacher_report["members"]
 
@@ -167,8 +171,8 @@ def distill_summary(teacher_report: dict, student_report: dict, *, teacher_param
         "val_after_temperature": calibrated,
         "gain_kept": kept,
         "members": len(members),
-        "params": {"student": int(student_params), "ensemble": int(teacher_params) * len(members)},
-        "gflops_per_image": {"student": student_gflops, "ensemble": teacher_gflops * len(members)},
+        "params": {"student": int(student_params), "ensemble": int(teacher_params)},
+        "gflops_per_image": {"student": student_gflops, "ensemble": teacher_gflops},
         "inference": speed,
     }
 
@@ -186,7 +190,8 @@ def summary_markdown(summary: dict, *, run: str, output: str, arch: str, teacher
     """distill.md: the summary as a page."""
     v = summary["val"]
     rows = [[f"student ({arch})", *_cells(v["student"])],
-            [f"ensemble ({summary['members']} x {teacher_arch}, soft vote)", *_cells(v["ensemble"])],
+            [f"ensemble ({summary['members']} x {teacher_arch}, soft vote)" if "," not in teacher_arch else
+             f"ensemble ({summary['members']} members: {teacher_arch}, soft vote)", *_cells(v["ensemble"])],
             ["mean member", *_cells(v["mean_member"])],
             [f"best member ({v['best_member']['member']})", *_cells(v["best_member"])]]
     kept = summary["gain_kept"]
@@ -257,7 +262,7 @@ def inference_speed(teacher: "object", student: "object", pixels: np.ndarray, *,
     images = torch.from_numpy(pixels)
     out = {"batch": int(len(pixels)), "device": str(device), "threads": torch.get_num_threads()}
     for who, finished in (("ensemble", teacher), ("student", student)):
-        models = eval_models(finished.config.arch, len(finished.classes), finished.states, device)
+        models = eval_models(finished.archs, len(finished.classes), finished.states, device)
         seconds = []
         for k in range(repeats + 1):
             start = time.perf_counter()
@@ -318,15 +323,17 @@ def distill(run: str, output: str, flags: dict, *, temperature: float, alpha: fl
 
     student = load_run(output)
     nclass = len(teacher.classes)
-    t_params = count_parameters(make_member_model(teacher.config.arch, nclass, None, "none"))["total"]
-    s_params = count_parameters(make_member_model(cfg.arch, nclass, None, "none"))["total"]
+    def params(arch: str) -> int:
+        return count_parameters(make_member_model(arch, nclass, None, "none"))["total"]
+
+    t_params = sum(params(a) for a in teacher.archs)
     speed = None
     if speed_images:
         log.info("timing inference: the ensemble's %d members, then the student, on %d val images",
                  len(teacher.states), min(speed_images, index.val.num_rows))
         speed = inference_speed(teacher, student, val_pixels(index, cfg, speed_images))
-    summary = distill_summary(teacher_report, report, teacher_params=t_params, student_params=s_params,
-                              teacher_gflops=gflops_per_image(teacher.config.arch, nclass, cfg.image_size),
+    summary = distill_summary(teacher_report, report, teacher_params=t_params, student_params=params(cfg.arch),
+                              teacher_gflops=sum(gflops_per_image(a, nclass, cfg.image_size) for a in teacher.archs),
                               student_gflops=gflops_per_image(cfg.arch, nclass, cfg.image_size), speed=speed)
     summary = {"run": run, "output": output, "arch": cfg.arch, "teacher_arch": teacher.config.arch,
                "kd_temperature": temperature, "kd_alpha": alpha, "teacher_targets": "soft vote, eval view, once",

@@ -44,7 +44,6 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False, distillation=None) -> dict:
     from ensemble.image_cache import cache_images
     from ensemble.digits import ensure_digits
     from ensemble.scores.scoring import score_run
-    from ensemble.models import count_parameters, make_member_model, resolve_weights
     from ensemble.report import build_report, format_table, plan_lines, write_report
     from ensemble.tracking import RunTracking, tracking_uri
     from ensemble.train_stage import train_members
@@ -58,9 +57,9 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False, distillation=None) -> dict:
     if cfg.num_classes is not None and cfg.num_classes != num_classes:
         raise ConfigError(f"--num-classes {cfg.num_classes} but the data has {num_classes} classes")
     check_bootstrap_size(cfg.bootstrap_size, index.train.num_rows)
-    initial_state = resolve_weights(cfg.arch, cfg.weights)
-    # builds the model once: a weights file for another arch fails here
-    params = count_parameters(make_member_model(cfg.arch, num_classes, initial_state, cfg.freeze, cfg.freeze_stem))
+    # per architecture, its initial weights and parameter counts (each model built once: a weights
+    # file for another arch fails here)
+    initial_states, params = arch_weights_and_params(cfg, num_classes)
     output = check_output(cfg.output or default_output())
     tracked = RunTracking(tracking_uri(cfg, output), cfg.mlflow_experiment)  # --mlflow: tracking.py; else inert
 
@@ -108,7 +107,7 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False, distillation=None) -> dict:
         # train: each member augments its bootstrap rows from the cache with threads of its own CPUs
         t_train = time.time()
         plan = MemberPlan(config=resolved, output=output, fingerprint=fingerprint, num_classes=num_classes,
-                          initial_state=ray.put(initial_state) if initial_state is not None else None,
+                          initial_state={a: ray.put(s) for a, s in initial_states.items() if s is not None},
                           progress=show_progress(), cache=cache, teacher=teacher, tracking=tracked.members())
         summaries, weight_refs, vote_refs = train_members(
             plan, seeds=seeds, train_table=index.train, val_table=index.val, gpus=resolved.gpus_per_member,
@@ -129,7 +128,7 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False, distillation=None) -> dict:
             oob = {"train_member_probs": voted["train"]["member_probs"], "train_labels": voted["train"]["label"],
                    "counts": counts}
         scores = score_run(voted["val"]["member_probs"], voted["val"]["label"], rule=cfg.vote, seed=cfg.seed,
-                            calibrate_on=cfg.calibrate_on, **oob)
+                            calibrate_on=cfg.calibrate_on, archs=[cfg.arch_of(i) for i in range(cfg.members)], **oob)
         report = build_report(resolved, summaries=summaries, scores=scores, params=params, index=index,
                               skipped=skipped, seeds=seeds, fingerprint=fingerprint, versions=versions(),
                               seconds={"train": t_vote - t_train, "vote": t_report - t_vote})
@@ -148,7 +147,6 @@ def dry_run(cfg: EnsembleConfig) -> int:
     """Print the plan and the parameter counts; trains nothing, starts no cluster."""
     from ensemble.data import scan_layout
     from ensemble.digits import ensure_digits
-    from ensemble.models import count_parameters, make_member_model
     from ensemble.report import plan_lines
 
     sizes = None
@@ -158,9 +156,24 @@ def dry_run(cfg: EnsembleConfig) -> int:
             raise ConfigError(f"--num-classes {cfg.num_classes} but the data has {sizes['classes']} classes")
         check_bootstrap_size(cfg.bootstrap_size, sizes["train"])
     num_classes = sizes["classes"] if sizes else cfg.num_classes
-    params = count_parameters(make_member_model(cfg.arch, num_classes, None, cfg.freeze, cfg.freeze_stem))
+    params = arch_weights_and_params(cfg, num_classes, load_weights=False)[1]
     print("\n".join(plan_lines(cfg, params, sizes, num_classes)))
     return 0
+
+
+def arch_weights_and_params(cfg: EnsembleConfig, num_classes: int, *, load_weights: bool = True) -> tuple[dict, dict]:
+    """({arch: its initial state dict or None}, the parameter counts): per architecture of the run,
+    with its recipe's weights and frozen stages. The counts are the one architecture's
+    (``total``, ``trainable``), or ``by_arch`` of each when there are several."""
+    from ensemble.models import count_parameters, make_member_model, resolve_weights
+
+    states, counts = {}, {}
+    for i, arch in enumerate(cfg.archs):
+        member_cfg = cfg.member_config(i)  # member i has the i-th architecture
+        states[arch] = resolve_weights(arch, member_cfg.weights) if load_weights else None
+        counts[arch] = count_parameters(make_member_model(arch, num_classes, states[arch], member_cfg.freeze,
+                                                          member_cfg.freeze_stem))
+    return states, (counts[cfg.archs[0]] if len(counts) == 1 else {"by_arch": counts})
 
 
 class _Stop:

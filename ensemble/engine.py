@@ -186,12 +186,14 @@ def vote_member_probabilities(models: list[nn.Module], images: torch.Tensor,
     return probs
 
 
-def eval_models(arch: str, num_classes: int, states: list[dict], device: torch.device) -> list[nn.Module]:
-    """The members as eval-mode models on ``device``, from their state dicts."""
+def eval_models(arch, num_classes: int, states: list[dict], device: torch.device) -> list[nn.Module]:
+    """The members as eval-mode models on ``device``, from their state dicts. ``arch``: the
+    architecture of all of them, or a list with each one's."""
     from ensemble.models import make_member_model
 
+    archs = [arch] * len(states) if isinstance(arch, str) else list(arch)
     models = []
-    for state in states:
+    for arch, state in zip(archs, states, strict=True):
         with torch.device("meta"):  # no random init of weights the state dict replaces (~0.25 s per resnet18)
             model = make_member_model(arch, num_classes, None, "none")
         model.load_state_dict(state, assign=True)

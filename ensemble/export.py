@@ -216,7 +216,7 @@ def export_run(run: str, output: str, *, members: str = "all", external_data_ove
     weight_bytes = sum(t.numel() * t.element_size() for state in finished.states for t in state.values()
                        if torch.is_floating_point(t))
     external = weight_bytes > external_data_over
-    models = eval_models(cfg.arch, len(finished.classes), finished.states, torch.device("cpu"))
+    models = eval_models(finished.archs, len(finished.classes), finished.states, torch.device("cpu"))
     finished = dataclasses.replace(finished, states=[])  # the models hold the weights now
     graph = EnsembleGraph(models, rule=cfg.vote, tta=cfg.tta, temperature=finished.temperature,
                           weights=finished.weights).eval()

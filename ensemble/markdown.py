@@ -48,6 +48,8 @@ def render_report_md(report: Mapping[str, Any], figures: Mapping[str, str]) -> s
     lines = ["# Ensemble report", ""]
     lines += _headline(members, ensemble, vote, bagging, report.get("data"))
     lines += ["", "## Members vs ensemble", ""] + _score_table(members, ensemble, vote)
+    if ensemble.get("by_arch"):
+        lines += ["", "## Architectures", ""] + _arch_table(ensemble["by_arch"], vote)
     curve = ensemble.get("size_curve")
     if curve and curve.get("k"):
         lines += ["", "## Ensemble size", ""] + _size_table(curve)
@@ -98,6 +100,7 @@ def _headline(members: list, ensemble: Mapping, vote: str, bagging: str, data) -
 
 def _score_table(members: list, ensemble: Mapping, vote: str) -> list[str]:
     has_oob = any(m.get("oob_acc") is not None for m in members) or bool(ensemble.get("oob"))
+    archs = {m.get("arch") for m in members}
     header = ["", "seed", "best epoch", "val acc"] + [title for _, title in METRIC_COLUMNS]
     header += ["OOB acc"] if has_oob else []
     rows = [header, ["---"] + ["---:"] * (len(header) - 1)]
@@ -108,7 +111,7 @@ def _score_table(members: list, ensemble: Mapping, vote: str) -> list[str]:
             [_num(oob)] if has_oob else [])
 
     for m in members:
-        rows.append([f"member {m.get('member', '–')}", _cell(m.get("seed")), _cell(m.get("best_epoch"))]
+        rows.append([f"member {m.get('member', '–')}" + (f" ({m['arch']})" if len(archs) > 1 else ""), _cell(m.get("seed")), _cell(m.get("best_epoch"))]
                     + scores(m, m.get("oob_acc")))
     if len(members) > 1:
         mean = {"val_acc": _mean([m.get("val_acc") for m in members]),
@@ -117,6 +120,17 @@ def _score_table(members: list, ensemble: Mapping, vote: str) -> list[str]:
     oob = (ensemble.get("oob") or {}).get("acc")
     rows.append([f"**ensemble ({vote} vote)**", "", ""] + [f"**{s}**" for s in scores(ensemble, oob)])
     return ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _arch_table(by_arch: Mapping[str, Any], vote: str) -> list[str]:
+    """Per architecture: its members, their mean val accuracy, and its own sub-ensemble's scores."""
+    rows = [f"| architecture | members | mean member val acc | its {vote} vote: val acc | NLL | ECE |",
+            "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for arch, a in by_arch.items():
+        m = a.get("metrics") or {}
+        rows.append(f"| {arch} | {', '.join(map(str, a.get('members') or []))} | {_num(a.get('mean_member_val_acc'))} "
+                    f"| {_num(a.get('val_acc'))} | {_num(m.get('nll'))} | {_num(m.get('ece'))} |")
+    return rows
 
 
 def _size_table(curve: Mapping[str, Any]) -> list[str]:

@@ -67,7 +67,7 @@ def predict(run: str, images: str, output: str, *, address: Optional[str] = None
     checked, skipped = check_files({"images": table}, flag="--images", root=images, strict=strict,
                                    stall_timeout=cfg.stall_timeout, image_size=cfg.image_size, resize=cfg.eval_resize)
     voted = vote_splits(sized, {"images": checked["images"]}, weight_refs=[ray.put(s) for s in finished.states],
-                        num_classes=len(classes), gpus=sized.gpus_per_infer_actor)["images"]
+                        num_classes=len(classes), gpus=sized.gpus_per_infer_actor, archs=finished.archs)["images"]
     storage.makedirs(output)
     write_predictions(output, voted, classes, cfg.vote, temperature, finished.weights)
     weights = finished.weights or [1 / len(finished.members)] * len(finished.members)

@@ -90,7 +90,8 @@ def write_json(path: str, value) -> None:
 def build_report(cfg: EnsembleConfig, *, summaries: list, scores: dict, params: dict, index, skipped: list,
                  seeds: list, fingerprint: dict, versions: dict, seconds: dict) -> dict:
     """report.json's content: each member's summary with its scores, the ensemble's scores, the run."""
-    members = [{**summary.to_dict(), **scored} for summary, scored in zip(summaries, scores["members"])]
+    members = [{**summary.to_dict(), "arch": cfg.arch_of(summary.member), **scored}
+               for summary, scored in zip(summaries, scores["members"])]
     ensemble = {**scores["ensemble"], "vote": cfg.vote, "tta": cfg.tta, "bagging": cfg.bagging,
                 "mean_member_val_acc": float(np.mean([s.val_acc for s in summaries]))}
     return {"members": members, "ensemble": ensemble, "params": params,
@@ -138,6 +139,14 @@ def format_table(members: list[dict], ensemble_val_acc: float, rule: str = "soft
                       f"{rule_title(rule):>32}  {ensemble_val_acc:>8.4f}"])
 
 
+def _members_plan(cfg: EnsembleConfig) -> str:
+    """``9 x resnet50``, or with several architectures ``9: 5 x resnet50, 4 x wide_resnet50_2``."""
+    if len(cfg.archs) == 1:
+        return f"{cfg.members} x {cfg.arch}"
+    counts = [sum(cfg.arch_of(i) == a for i in range(cfg.members)) for a in cfg.archs]
+    return f"{cfg.members}: " + ", ".join(f"{n} x {a}" for n, a in zip(counts, cfg.archs))
+
+
 def _vote_plan(cfg: EnsembleConfig, members_vote: Optional[bool]) -> str:
     pool = f"{cfg.infer_actors} actor(s) x batch {cfg.infer_batch_size}"
     if members_vote is None:
@@ -157,13 +166,21 @@ def plan_lines(cfg: EnsembleConfig, params: dict, sizes: Optional[dict], num_cla
     gpus = "auto (1 if the cluster has GPUs)" if cfg.gpus_per_member is None else f"{cfg.gpus_per_member:g}"
     cpus = "auto (2, or a node's all if fewer)" if cfg.cpus_per_member is None else f"{cfg.cpus_per_member:g}"
     lines = [
-        f"members          {cfg.members} x {cfg.arch} ({num_classes} classes), weights {cfg.weights}, "
+        f"members          {_members_plan(cfg)} ({num_classes} classes), weights {cfg.weights}, "
         f"freeze {cfg.freeze}{' + stem' if cfg.freeze_stem else ''}",
         f"per member       {gpus} GPU, {cpus} CPU; {cfg.epochs} epochs, batch {cfg.batch_size}, "
         f"Adam lr {cfg.lr:g}, image {cfg.image_size}, augment {cfg.augment}, eval resize {cfg.eval_resize}",
         f"soft vote        {_vote_plan(cfg, members_vote)}",
-        f"parameters       {params['total']:,} total, {params['trainable']:,} trainable",
     ]
+    if "by_arch" in params:
+        lines += [f"parameters       {arch}: {p['total']:,} total, {p['trainable']:,} trainable"
+                  for arch, p in params["by_arch"].items()]
+    else:
+        lines.append(f"parameters       {params['total']:,} total, {params['trainable']:,} trainable")
+    for i, arch in enumerate(cfg.archs):
+        recipe = (cfg.recipes or {}).get(arch)
+        if recipe:
+            lines.append(f"recipe           {arch}: " + ", ".join(f"{k} {v}" for k, v in sorted(recipe.items())))
     if sizes:
         lines.insert(1, f"data             {sizes['classes']} classes; train {sizes['train']}, val {sizes['val']}, "
                         f"test {sizes['test']} images; bootstrap {n_boot} rows per member")

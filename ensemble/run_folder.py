@@ -98,6 +98,10 @@ def training_fingerprint(cfg: EnsembleConfig, index, n_samples: int, inputs=None
     # --val-fraction picks the train rows (the files above show it too, but not as a setting). Only
     # when set, so a run from before the flag keeps its fingerprint and resumes.
     drawn = {"val_fraction": cfg.val_fraction} if cfg.val_fraction is not None else {}
+    if cfg.recipes:  # per-architecture recipes, and the sha256 of any weights file they name
+        drawn["recipes"] = {arch: dict(sorted(r.items())) for arch, r in sorted(cfg.recipes.items())}
+        drawn["recipes_weights_sha256"] = {arch: weights_sha256(str(r["weights"])) for arch, r in
+                                           sorted(cfg.recipes.items()) if "weights" in r}
     return {**{k: getattr(cfg, k) for k in keys}, **drawn, "bootstrap_size": n_samples, "classes": list(index.classes),
             "files_sha256": digest.hexdigest(), "weights_sha256": weights_sha256(cfg.weights),
             "versions": result_versions()}
@@ -261,6 +265,11 @@ class FinishedRun:
     @property
     def classes(self) -> list:
         return list(self.fingerprint["classes"])
+
+    @property
+    def archs(self) -> list:
+        """The used members' architectures, in ``members`` order."""
+        return [self.config.arch_of(i) for i in self.members]
 
 
 def load_run(run: str, members: str = "all") -> FinishedRun:

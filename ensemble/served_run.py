@@ -232,7 +232,7 @@ class ServedRun:
         cfg = self.finished.config
         self.device = device or torch.device("cpu")
         self.amp = resolve_precision(cfg.precision, self.device)
-        self.models = eval_models(cfg.arch, len(self.finished.classes), self.finished.states, self.device)
+        self.models = eval_models(self.finished.archs, len(self.finished.classes), self.finished.states, self.device)
         self.finished = dataclasses.replace(self.finished, states=[])  # the models hold the weights now
 
     def decode(self, data: bytes) -> np.ndarray:
@@ -266,7 +266,8 @@ class ServedRun:
                 "member_choice": o.members,
                 "weights": self.finished.weights or [1 / len(self.finished.members)] * len(self.finished.members),
                 "vote": cfg.vote if self.finished.weights is None else "weighted soft",
-                "temperature": self.finished.temperature, "arch": cfg.arch, "image_size": cfg.image_size,
+                "temperature": self.finished.temperature, "arch": cfg.arch, "member_archs": self.finished.archs,
+                "image_size": cfg.image_size,
                 "eval_resize": cfg.eval_resize, "tta": cfg.tta, "device": str(self.device),
                 "limits": {"max_upload_mb": o.max_upload_mb, "max_megapixels": o.max_megapixels,
                            "max_batch_size": o.max_batch_size, "batch_wait_s": o.batch_wait_s,

@@ -178,6 +178,9 @@ def run_search(base: EnsembleConfig, search: SearchSettings) -> dict:
     Raises a UserError (errors.py) for what the user can fix, before anything is written to
     --output; SearchFailed when no trial reported a result.
     """
+    if len(base.archs) > 1 or base.recipes:
+        raise ConfigError(f"--arch {base.arch}: a search tunes one architecture's recipe; search each one "
+                          f"(--arch {base.archs[0]}), then give the driver their results as recipes in its --config")
     import yaml
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler

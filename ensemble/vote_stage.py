@@ -21,9 +21,10 @@ def voter_names():
 
 
 def soft_vote_stage(cfg: EnsembleConfig, table, *, weight_refs: list, num_classes: int, gpus: float,
-                    cache=None) -> dict:
+                    cache=None, archs: Optional[list] = None) -> dict:
     """Ray Data inference: an actor pool of SoftVoters over file rows (their pixels read from the
-    run's image ``cache`` when the rows carry block/row, else decoded by the voters).
+    run's image ``cache`` when the rows carry block/row, else decoded by the voters). ``archs``:
+    each weight ref's architecture (default: the run's members', in order).
 
     Returns arrays sorted by row id: id, image_name, label, probs (n, classes) = soft vote,
     member_probs (n, members, classes).
@@ -38,6 +39,7 @@ def soft_vote_stage(cfg: EnsembleConfig, table, *, weight_refs: list, num_classe
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = show_progress()  # the vote's own bar (a dataset keeps the context it was made in)
     pool = max(1, min(cfg.infer_actors, -(-table.num_rows // cfg.infer_batch_size)))  # no more voters than batches
+    archs = list(archs) if archs is not None else [cfg.arch_of(i) for i in range(len(weight_refs))]
 
     def batches():
         with warnings.catch_warnings():  # deprecated from Ray 2.60 (removal planned for 2.64); names the pool's actors
@@ -46,7 +48,7 @@ def soft_vote_stage(cfg: EnsembleConfig, table, *, weight_refs: list, num_classe
                 SoftVoter, batch_size=cfg.infer_batch_size, batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(size=pool),  # each voter starts a process, loads every member
                 num_cpus=cfg.cpus_per_infer_actor, num_gpus=gpus, ray_remote_args_fn=voter_names(),
-                fn_constructor_kwargs={"arch": cfg.arch, "num_classes": num_classes, "weight_refs": weight_refs,
+                fn_constructor_kwargs={"arch": archs, "num_classes": num_classes, "weight_refs": weight_refs,
                                        "image_size": cfg.image_size, "threads": cfg.cpus_per_infer_actor,
                                        "tta": cfg.tta, "precision": cfg.precision, "resize": cfg.eval_resize,
                                        "side": cache_side(cfg), "cache": cache})
@@ -91,7 +93,7 @@ def stack_splits(tables: dict):
 
 
 def vote_splits(cfg: EnsembleConfig, splits: dict, *, weight_refs: list, num_classes: int, gpus: float,
-                cache=None, member_votes: Optional[list] = None) -> dict:
+                cache=None, member_votes: Optional[list] = None, archs: Optional[list] = None) -> dict:
     """Every split through one pass of the voter pool: {name: arrays of that split}, each with
     id, image_name, label, probs (n, classes) and member_probs (members, n, classes).
 
@@ -103,7 +105,8 @@ def vote_splits(cfg: EnsembleConfig, splits: dict, *, weight_refs: list, num_cla
     if member_votes and all(ref is not None for ref in member_votes):
         voted = _members_votes(table, member_votes, num_classes)
     else:
-        voted = soft_vote_stage(cfg, table, weight_refs=weight_refs, num_classes=num_classes, gpus=gpus, cache=cache)
+        voted = soft_vote_stage(cfg, table, weight_refs=weight_refs, num_classes=num_classes, gpus=gpus, cache=cache,
+                                archs=archs)
     out = {}
     for name, (lo, hi) in ranges.items():
         part = {k: v[lo:hi] for k, v in voted.items()}

@@ -45,7 +45,9 @@ def write_digits_tree(root, *, per_class_train: int, per_class_val: int, n_test:
 
 
 def tiny_run_config(data, output, **overrides):
-    """The small pipeline config of the shared finished run (3 resnet18 members, 2 epochs, 16 px).
+    """The small pipeline config of the shared finished run (3 members, 2 epochs, 16 px): two
+    architectures, resnet18 (members 0 and 2) and resnet34 (member 1, its own learning rate), so
+    everything that reads the run (predict, serve, export, distill, resume) takes mixed members.
 
     Its temperature is fitted on the out-of-bag rows: on its 20 val rows a fit runs to the lower
     bound (T = 1 is kept), and the tests that follow the temperature into probabilities.parquet,
@@ -53,7 +55,8 @@ def tiny_run_config(data, output, **overrides):
     from ensemble.config import CPU_PRESET, build_config
 
     values = {**CPU_PRESET, "image_size": 16, "epochs": 2, "members": 3, "batch_size": 16, "gpus_per_member": 0,
-              "gpus_per_infer_actor": 0, "infer_batch_size": 16, "seed": 7, "calibrate_on": "oob", **overrides}
+              "gpus_per_infer_actor": 0, "infer_batch_size": 16, "seed": 7, "calibrate_on": "oob",
+              "arch": "resnet18,resnet34", "recipes": {"resnet34": {"lr": 2e-3}}, **overrides}
     return build_config(flag_values={"data": data, "output": str(output), **values})
 
 

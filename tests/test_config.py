@@ -316,3 +316,29 @@ def test_cli_val_fraction(tmp_path):
     assert config_from_argv(["--config", str(path), "--val-fraction", "0.3"])[0].val_fraction == 0.3  # flag over file
     with pytest.raises(ConfigError, match=r"^--val-fraction 0.6: must be <= 0.5$"):
         config_from_argv(["--data", "X", "--val-fraction", "0.6"])
+
+
+def test_several_architectures_take_turns_with_their_own_recipes():
+    cfg = build_config(flag_values={"arch": ["resnet50", "wide_resnet50_2"], "members": 5, "lr": 1e-4,
+                                    "recipes": {"wide_resnet50_2": {"lr": 0.5, "freeze": "layer2", "batch_size": 8}}})
+    assert cfg.arch == "resnet50,wide_resnet50_2" and cfg.archs == ("resnet50", "wide_resnet50_2")
+    assert [cfg.arch_of(i) for i in range(5)] == ["resnet50", "wide_resnet50_2"] * 2 + ["resnet50"]
+    first, second = cfg.member_config(0), cfg.member_config(3)
+    assert (first.arch, first.lr, first.freeze, first.batch_size, first.recipes) == ("resnet50", 1e-4, "layer1", 64, None)
+    assert (second.arch, second.lr, second.freeze, second.batch_size) == ("wide_resnet50_2", 0.5, "layer2", 8)
+    one = build_config(flag_values={"arch": "resnet18"})
+    assert one.member_config(4) is one  # one architecture, no recipe: the config itself
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"arch": "resnet18,vgg16"}, r"'vgg16' is not one of resnet18, "),
+    ({"arch": "resnet18, resnet18"}, "lists an architecture twice"),
+    ({"arch": "resnet18,resnet34", "members": 1}, "2 architectures for 1 member"),
+    ({"arch": "resnet18", "recipes": {"resnet50": {"lr": 0.1}}}, r"recipes: 'resnet50' is not one of --arch's"),
+    ({"arch": "resnet18", "recipes": {"resnet18": {"epochs": 3}}}, r"recipes.resnet18: .* may set only lr, weights"),
+    ({"arch": "resnet18", "recipes": {"resnet18": {"lr": 2}}}, r"recipes.resnet18: --lr 2: must be <= 1"),
+    ({"arch": "resnet18", "recipes": ["resnet18"]}, "must map architectures to settings"),
+])
+def test_bad_architecture_lists_and_recipes_are_one_line(values, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(flag_values=values)

@@ -85,7 +85,7 @@ def _report(accs, ensemble_acc, temperature=0.5):
 
 def test_summary_gives_the_share_of_the_ensembles_gain_the_student_keeps():
     teacher, student = _report([0.80, 0.84, 0.82], 0.90), _report([0.88], 0.88, temperature=0.7)
-    s = distill_summary(teacher, student, teacher_params=100, student_params=10, teacher_gflops=2.0,
+    s = distill_summary(teacher, student, teacher_params=300, student_params=10, teacher_gflops=6.0,
                         student_gflops=0.5)
     assert s["val"]["mean_member"]["accuracy"] == pytest.approx(0.82)
     assert s["val"]["best_member"]["member"] == 1

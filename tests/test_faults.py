@@ -121,6 +121,7 @@ def test_rerun_with_other_config_is_refused_unless_fresh(cluster, data, clean_ru
     shutil.copytree(clean_output, tmp_path / "copy")
     with pytest.raises(ConfigError, match=r"another config \(lr differ\).*--fresh"):
         run(tiny_run_config(data, tmp_path / "copy", lr=5e-3))
-    report = run(tiny_run_config(data, tmp_path / "copy", lr=5e-3, epochs=1, members=1), fresh=True)
+    report = run(tiny_run_config(data, tmp_path / "copy", lr=5e-3, epochs=1, members=1, arch="resnet18", recipes=None),
+                 fresh=True)
     assert report["config"]["lr"] == 5e-3
     assert sorted(os.listdir(tmp_path / "copy" / "members")) == ["member-0"]

@@ -63,7 +63,8 @@ def test_outputs_exist(run):
         assert sorted(os.listdir(folder)) == ["member.json", "model.pt", "val_probs.npz"]
     on_disk = json.load(open(os.path.join(output, "report.json")))
     assert on_disk["ensemble"]["val_acc"] == report["ensemble"]["val_acc"]
-    assert on_disk["params"]["total"] == on_disk["params"]["trainable"] > 0
+    params = on_disk["params"]["by_arch"]  # one count per architecture
+    assert params["resnet34"]["total"] > params["resnet18"]["total"] == params["resnet18"]["trainable"] > 0
     assert on_disk["config"]["members"] == 3 and on_disk["config"]["data"] == os.path.abspath(cfg.data)
 
 
@@ -72,6 +73,15 @@ def test_members_recorded(run, tiny_digits):
     members = report["members"]
     assert [m["member"] for m in members] == list(range(cfg.members))
     assert [m["seed"] for m in members] == member_seeds(7, cfg.members)
+    # two architectures in turn, member 1 with resnet34's own recipe (lr), recorded where it trained
+    assert [m["arch"] for m in members] == ["resnet18", "resnet34", "resnet18"]
+    saved = [json.load(open(os.path.join(run[2], "members", f"member-{i}", "member.json"))) for i in range(3)]
+    assert [(s["config"]["arch"], s["config"]["lr"]) for s in saved] == [("resnet18", 1e-3), ("resnet34", 2e-3),
+                                                                         ("resnet18", 1e-3)]
+    by_arch = report["ensemble"]["by_arch"]
+    assert {a: b["members"] for a, b in by_arch.items()} == {"resnet18": [0, 2], "resnet34": [1]}
+    assert by_arch["resnet34"]["val_acc"] == pytest.approx(members[1]["val_acc"])
+    assert "## Architectures" in open(os.path.join(run[2], "report.md")).read()
     for m in members:
         assert [h["epoch"] for h in m["history"]] == [1, 2]
         assert m["val_acc"] == max(h["val_acc"] for h in m["history"])
@@ -118,7 +128,7 @@ def _sequential_test_probs(cfg, index, output, *, hflip=False, split="test") -> 
                          torch.device("cpu"))
     member_probs = []
     for i in range(cfg.members):
-        model = make_member_model(cfg.arch, len(index.classes), None, "none")
+        model = make_member_model(cfg.arch_of(i), len(index.classes), None, "none")
         model.load_state_dict(torch.load(os.path.join(output, "members", f"member-{i}", "model.pt"),
                                          weights_only=True))
         with torch.no_grad():

@@ -18,7 +18,7 @@ def test_build_report_carries_calibration_and_selection_into_report_json():
     index = SimpleNamespace(root="/data", classes=["a", "b"], sizes=lambda: {"train": 10, "val": 4, "test": 2})
     report = build_report(EnsembleConfig(members=4), summaries=summaries, scores=scores, params={}, index=index,
                           skipped=[], seeds=[0, 1, 2, 3], fingerprint={}, versions={}, seconds={})
-    assert report["members"][2] == {**summaries[2].to_dict(), "metrics": {"accuracy": 0.8}}
+    assert report["members"][2] == {**summaries[2].to_dict(), "arch": "resnext101_64x4d", "metrics": {"accuracy": 0.8}}
     assert report["ensemble"]["mean_member_val_acc"] == 0.8
     assert report["ensemble"]["calibration"] == CALIBRATION
     assert report["ensemble"]["selection"] == SELECTION

@@ -71,7 +71,7 @@ def _member_probs_in_process(output: str, image_paths: list[str], cfg, num_class
                                                        side=cache_side(cfg))["image"]), torch.device("cpu"))
     states = [torch.load(os.path.join(output, "members", f"member-{i}", "model.pt"), weights_only=True)
               for i in range(cfg.members)]
-    models = eval_models(cfg.arch, num_classes, states, torch.device("cpu"))
+    models = eval_models([cfg.arch_of(i) for i in range(cfg.members)], num_classes, states, torch.device("cpu"))
     with torch.no_grad():
         return np.stack([torch.softmax(m(images), dim=1).numpy() for m in models])
 

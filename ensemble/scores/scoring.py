@@ -12,13 +12,14 @@ from ensemble.scores.vote import check_member_probs, ensemble_labels, ensemble_p
 
 
 def score_run(val_member_probs, val_labels, *, rule: str, seed: int, train_member_probs=None, train_labels=None,
-              counts=None, calibrate_on: str = "val") -> dict:
+              counts=None, calibrate_on: str = "val", archs=None) -> dict:
     """Members vs ensemble on val (accuracy under ``rule``, NLL, ECE, Brier), the size curve,
     temperature scaling and greedy ensemble selection and, with the members' probabilities on the
     training rows and their bootstrap ``counts`` (members, n_train), out-of-bag scores. The
     temperature is fitted where ``calibrate_on`` says (``calibration_scores``); with counts the
     selection is fitted on out-of-bag rows, so val stays unseen by it; without (full bagging) on
-    val. Data only: report.py lays it out.
+    val. Data only: report.py lays it out. ``archs``: each member's architecture; with several,
+    ``ensemble.by_arch`` scores each one's members (``arch_scores``).
 
     val_member_probs: (members, n_val, classes); val_labels: (n_val,). Returns
       "ensemble": val_acc, metrics (on the vote's probabilities), size_curve, calibration
@@ -38,11 +39,29 @@ def score_run(val_member_probs, val_labels, *, rule: str, seed: int, train_membe
                                                   **held_out),
                 "selection": selection_scores(val_member_probs, val_labels, seed=seed, **held_out)}
     members = [{"metrics": summary_metrics(p, val_labels)} for p in val_member_probs]
+    if archs is not None and len(set(archs)) > 1:
+        ensemble["by_arch"] = arch_scores(val_member_probs, val_labels, archs, rule=rule)
     if counts is not None:
         ensemble["oob"] = oob_scores(train_member_probs, counts, train_labels)
         for m, acc in zip(members, ensemble["oob"]["member_acc"]):
             m["oob_acc"] = acc
     return {"ensemble": ensemble, "members": members}
+
+
+def arch_scores(val_member_probs, val_labels, archs, *, rule: str) -> dict:
+    """Per architecture, in first-member order: its members, their mean val accuracy, and the
+    architecture's own sub-ensemble under ``rule`` (val_acc, and metrics on its averaged
+    probabilities). val_member_probs: (members, n_val, classes); archs: (members,) names."""
+    val_member_probs, labels = check_member_probs(val_member_probs), np.asarray(val_labels)
+    out = {}
+    for arch in dict.fromkeys(archs):
+        idx = [i for i, a in enumerate(archs) if a == arch]
+        sub = val_member_probs[idx]
+        out[arch] = {"members": idx,
+                     "mean_member_val_acc": float(np.mean([(p.argmax(1) == labels).mean() for p in sub])),
+                     "val_acc": float((ensemble_labels(sub, rule) == labels).mean()),
+                     "metrics": summary_metrics(ensemble_probs(sub), labels)}
+    return out
 
 
 CROSS_FIT_FOLDS = 5  # val rows are split this many ways to score a temperature fitted on val
