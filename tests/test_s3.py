@@ -203,6 +203,28 @@ def test_scan_layout_s3_matches_local(s3_data):
     assert on_s3.test.num_rows == N_TEST
 
 
+def test_manifest_on_s3_indexes_what_the_folders_do(s3_data):
+    """A CSV manifest in the bucket, its paths relative to it: the same index as the folders."""
+    from ensemble import storage
+
+    local, uri = s3_data
+    folders = scan_layout(uri)
+    rows = ["path,label,split"]
+    for split in ("train", "val", "test"):
+        table = getattr(folders, split)
+        labels = table.column("label").to_pylist()
+        for path, label in zip(table.column("path").to_pylist(), labels):
+            name = folders.classes[label] if split != "test" else ""
+            rows.append(f"{path[len(uri) + 1:]},{name},{split}")
+    storage.write_text(f"{uri}/labels.csv", "\n".join(rows) + "\n")
+    listed = scan_layout(f"{uri}/labels.csv")
+    assert listed.classes == folders.classes
+    for split in ("train", "val", "test"):
+        a, b = getattr(listed, split), getattr(folders, split)
+        for column in ("path", "label", "image_name"):
+            assert a.column(column).to_pylist() == b.column(column).to_pylist(), (split, column)
+
+
 def test_scan_layout_missing_bucket_is_one_line(s3_endpoint):
     with pytest.raises(ConfigError, match=r"^--data s3://no-such-bucket/data: ") as info:
         scan_layout("s3://no-such-bucket/data")
