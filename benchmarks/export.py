@@ -81,9 +81,7 @@ def main(argv=None) -> int:
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        # each member's own architecture where the package records one per member (mixed runs)
-        archs = getattr(finished, "archs", cfg.arch)
-        models = eval_models(archs, len(finished.classes), finished.states, torch.device("cpu"))
+        models = eval_models(finished.archs, len(finished.classes), finished.states, torch.device("cpu"))
 
         def torch_path(pixels):
             with torch.no_grad():
