@@ -314,8 +314,9 @@ def check_archs(cfg: "EnsembleConfig") -> None:
     archs = cfg.archs
     for arch in archs:
         if arch not in ARCHS:
-            raise ConfigError(f"--arch {cfg.arch!r}: {arch!r} is not one of {', '.join(ARCHS)} "
-                              f"(several: comma-separated, e.g. resnet50,wide_resnet50_2)")
+            named = "" if arch == cfg.arch else f" ({arch!r} is not one)"
+            raise ConfigError(f"--arch {cfg.arch!r}: choose one of {', '.join(ARCHS)}, or several comma-separated "
+                              f"(e.g. resnet50,wide_resnet50_2){named}")
     if len(set(archs)) != len(archs):
         raise ConfigError(f"--arch {cfg.arch!r}: lists an architecture twice; list each once")
     if len(archs) > cfg.members:
