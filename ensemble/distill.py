@@ -296,8 +296,7 @@ def distill(run: str, output: str, flags: dict, *, temperature: float, alpha: fl
     from ensemble.data import scan_layout
     from ensemble.driver import run as run_pipeline
     from ensemble.models import count_parameters, make_member_model
-    from ensemble.predict import _check_outside
-    from ensemble.run_folder import REPORT_SHA256, _read_report, check_output, load_run
+    from ensemble.run_folder import REPORT_SHA256, _read_report, check_output, check_outside, load_run
     from ensemble.report import write_json
 
     temperature, alpha = check_kd("kd_temperature", temperature), check_kd("kd_alpha", alpha)
@@ -311,7 +310,7 @@ def distill(run: str, output: str, flags: dict, *, temperature: float, alpha: fl
         raise RunError(f"--run {run}: no report.json with its sha256; rerun the driver with --output {run} "
                        f"to finish the run first")
     check_output(output)
-    _check_outside(run, output)
+    check_outside(run, output)
     cfg = student_config(teacher.config, flags, output)
     index = scan_layout(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
     if list(index.classes) != teacher.classes:

@@ -114,20 +114,16 @@ class EnsembleGraph(nn.Module):
 def check_onnx_output(run: str, output: str) -> str:
     """The --output path, refused in one line (ConfigError) before anything is loaded: not ``.onnx``,
     an object-store URI, inside the run's folder, a folder, or in a place that cannot be written."""
-    from ensemble.predict import _check_outside
+    from ensemble.run_folder import check_outside, check_writable_place
 
     if not output.endswith(".onnx"):
         raise ConfigError(f"--output {output}: name the file *.onnx (ONNX Runtime and others look for it)")
     if storage.is_uri(output):
         raise ConfigError(f"--output {output}: write it to a local path, then copy it where it goes")
-    _check_outside(run, output)
+    check_outside(run, output)
     if os.path.isdir(output):
         raise ConfigError(f"--output {output}: is a folder; name a file *.onnx")
-    parent = os.path.dirname(os.path.abspath(output))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise ConfigError(f"--output {output}: {parent} is not a writable folder; pick another place")
+    check_writable_place(output, folder=False)
     return output
 
 

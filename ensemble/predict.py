@@ -24,19 +24,7 @@ from typing import Optional, Sequence
 from ensemble import storage
 from ensemble.config import ConfigError
 from ensemble.errors import run_cli
-from ensemble.run_folder import MEMBER_CHOICES, check_output, load_run, versions
-
-
-def _check_outside(run: str, output: str) -> None:
-    """ConfigError when ``output`` is the run's folder or lies inside it (predict would overwrite
-    the run's own predictions.csv, or write among its members)."""
-    if storage.is_uri(run) or storage.is_uri(output):
-        run_path, out_path, sep = run.rstrip("/"), output.rstrip("/"), "/"
-    else:
-        run_path, out_path, sep = os.path.realpath(run), os.path.realpath(output), os.sep
-    if out_path == run_path or out_path.startswith(run_path + sep):
-        raise ConfigError(f"--output {output}: inside the run folder {run}, whose own files it would overwrite; "
-                          f"pick a folder outside it")
+from ensemble.run_folder import MEMBER_CHOICES, check_output, check_outside, load_run, versions
 
 
 def predict(run: str, images: str, output: str, *, address: Optional[str] = None, infer_actors: Optional[int] = None,
@@ -57,7 +45,7 @@ def predict(run: str, images: str, output: str, *, address: Optional[str] = None
     cfg, classes, temperature = finished.config, finished.classes, finished.temperature
     table, labelled = scan_images(images, classes)
     output = check_output(output)
-    _check_outside(run, output)
+    check_outside(run, output)
 
     connect(address)
     quiet_ray_data()

@@ -48,12 +48,30 @@ def check_output(output: str) -> str:
         return output
     if os.path.isfile(output):
         raise ConfigError(f"--output {output}: is a file; pass a folder")
-    parent = os.path.abspath(output)
+    check_writable_place(output)
+    return output
+
+
+def check_writable_place(output: str, *, folder: bool = True) -> None:
+    """ConfigError unless the nearest existing folder at or above local ``output`` (a folder to
+    create, or with ``folder=False`` a file to write) is writable."""
+    parent = os.path.abspath(output if folder else os.path.dirname(os.path.abspath(output)))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
         raise ConfigError(f"--output {output}: {parent} is not a writable folder; pick another place")
-    return output
+
+
+def check_outside(run: str, output: str) -> None:
+    """ConfigError when ``output`` is the run's folder or lies inside it (predict would overwrite
+    the run's own predictions.csv; distill or export would write among its members)."""
+    if storage.is_uri(run) or storage.is_uri(output):
+        run_path, out_path, sep = run.rstrip("/"), output.rstrip("/"), "/"
+    else:
+        run_path, out_path, sep = os.path.realpath(run), os.path.realpath(output), os.sep
+    if out_path == run_path or out_path.startswith(run_path + sep):
+        raise ConfigError(f"--output {output}: inside the run folder {run}, whose own files it would overwrite; "
+                          f"pick a folder outside it")
 
 
 def default_output() -> str:
