@@ -24,6 +24,28 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_sessionfinish(session, exitstatus):
+    session.config.stash[_EXIT_STATUS] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """End the test process as the package's commands end theirs (``errors.exit_process``): Ray
+    disconnected, output flushed, then ``os._exit`` with pytest's own status, after its report. The
+    interpreter's teardown of the native libraries one process has loaded by then (Ray's core
+    worker, torch, ONNX Runtime, SQLAlchemy) is skipped: once, in CI, it crashed (SIGSEGV, exit
+    139) after every test had passed, which would have failed a green run."""
+    status = config.stash.get(_EXIT_STATUS, None)
+    if status is None:  # ended before the session ran (a usage error): pytest's own exit
+        return
+    from ensemble.errors import exit_process
+
+    exit_process(status)
+
+
+_EXIT_STATUS = pytest.StashKey[int]()
+
+
 @pytest.fixture(scope="session")
 def tiny_digits(tmp_path_factory) -> str:
     return write_digits_tree(tmp_path_factory.mktemp("tiny_digits"), per_class_train=12,
