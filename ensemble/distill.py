@@ -234,6 +234,14 @@ def _speed(summary: dict, who: str) -> str:
     return f"{speed[who]:.1f}" if speed else "-"
 
 
+def total_params(report: dict, archs: Sequence[str]) -> int:
+    """The parameters of members of ``archs`` (one entry per member), from their run's report.json,
+    which counted them when it trained (``params``: its one architecture's, or ``by_arch``)."""
+    params = report["params"]
+    by_arch = params.get("by_arch") or {archs[0]: params}
+    return sum(int(by_arch[a]["total"]) for a in archs)
+
+
 def gflops_per_image(arch: str, num_classes: int, image_size: int) -> float:
     """One forward pass of ``arch`` on one S x S image, in GFLOPs (a multiply-add is 2), counted
     by torch on the meta device: no weights allocated, nothing computed."""
@@ -295,7 +303,6 @@ def distill(run: str, output: str, flags: dict, *, temperature: float, alpha: fl
     """Train the student of ``run`` into ``output``; write distill.json and distill.md; return the summary."""
     from ensemble.data import scan_layout
     from ensemble.driver import run as run_pipeline
-    from ensemble.models import count_parameters, make_member_model
     from ensemble.run_folder import REPORT_SHA256, _read_report, check_output, check_outside, load_run
     from ensemble.report import write_json
 
@@ -321,19 +328,17 @@ def distill(run: str, output: str, flags: dict, *, temperature: float, alpha: fl
     report = run_pipeline(cfg, fresh=fresh, distillation=spec)
 
     student = load_run(output)
-    nclass = len(teacher.classes)
-    def params(arch: str) -> int:
-        return count_parameters(make_member_model(arch, nclass, None, "none"))["total"]
-
-    t_params = sum(params(a) for a in teacher.archs)
+    # per architecture, once: the ensemble's members share a few (the study's: one, nine times)
+    gflops = {a: gflops_per_image(a, len(teacher.classes), cfg.image_size) for a in {*teacher.archs, cfg.arch}}
     speed = None
     if speed_images:
         log.info("timing inference: the ensemble's %d members, then the student, on %d val images",
                  len(teacher.states), min(speed_images, index.val.num_rows))
         speed = inference_speed(teacher, student, val_pixels(index, cfg, speed_images))
-    summary = distill_summary(teacher_report, report, teacher_params=t_params, student_params=params(cfg.arch),
-                              teacher_gflops=sum(gflops_per_image(a, nclass, cfg.image_size) for a in teacher.archs),
-                              student_gflops=gflops_per_image(cfg.arch, nclass, cfg.image_size), speed=speed)
+    summary = distill_summary(teacher_report, report, teacher_params=total_params(teacher_report, teacher.archs),
+                              student_params=total_params(report, [cfg.arch]),
+                              teacher_gflops=sum(gflops[a] for a in teacher.archs), student_gflops=gflops[cfg.arch],
+                              speed=speed)
     summary = {"run": run, "output": output, "arch": cfg.arch, "teacher_arch": teacher.config.arch,
                "kd_temperature": temperature, "kd_alpha": alpha, "teacher_targets": "soft vote, eval view, once",
                **summary}

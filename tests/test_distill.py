@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from ensemble.config import ConfigError, build_config
-from ensemble.distill import Distillation, _read_targets, check_kd, distill_summary, gflops_per_image, main, student_config
+from ensemble.distill import (Distillation, _read_targets, check_kd, distill_summary, gflops_per_image, main,
+                              student_config, total_params)
 from ensemble.engine import distillation_loss
 from ensemble.epochs import Targets
 
@@ -122,3 +123,10 @@ def test_saved_targets_are_read_back_only_for_the_same_teacher_and_rows(tmp_path
     assert _read_targets(str(tmp_path / "none.npz"), ids, identity) is None
     path.write_bytes(b"torn")
     assert _read_targets(str(path), ids, identity) is None
+
+
+def test_parameters_come_from_the_runs_report_per_member():
+    mixed = {"params": {"by_arch": {"resnet18": {"total": 3, "trainable": 1}, "resnet34": {"total": 5, "trainable": 5}}}}
+    assert total_params(mixed, ["resnet18", "resnet34", "resnet18"]) == 11
+    one = {"params": {"total": 7, "trainable": 2}}  # a run of one architecture
+    assert total_params(one, ["resnet50"] * 3) == 21

@@ -180,6 +180,9 @@ def test_distilled_student_is_a_one_member_run(run, tiny_digits, tmp_path, capsy
     assert summary["val"]["student"]["accuracy"] == student_report["members"][0]["val_acc"]
     assert summary["val"]["ensemble"]["accuracy"] == report["ensemble"]["val_acc"]
     assert summary["inference"]["batch"] == 4 and summary["inference"]["ratio"] > 1
+    counted = report["params"]["by_arch"]
+    assert summary["params"] == {"student": student_report["params"]["total"],
+                                 "ensemble": 2 * counted["resnet18"]["total"] + counted["resnet34"]["total"]}
     assert json.load(open(os.path.join(out, "distill.json")))["gain_kept"] == summary["gain_kept"]
     assert "Distilled student of" in open(os.path.join(out, "distill.md")).read()
     capsys.readouterr()
