@@ -251,9 +251,9 @@ def export_run(run: str, output: str, *, members: str = "all", external_data_ove
                                   f"{diff:.2e} on {what} (allowed {PARITY_TOLERANCE:g}); nothing was written")
         files = [(staged + ".data", output + ".data")] if external else []
         for src, dst in files + [(staged, output)]:  # the .onnx file last: it names the data file
-            _fsync(src)
+            storage.fsync_local(src)
             os.replace(src, dst)
-        _fsync(parent)
+        storage.fsync_local(parent)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     sizes = {path: os.path.getsize(path) for path in [output] + ([output + ".data"] if external else [])}
@@ -303,14 +303,6 @@ def run_onnx(path: str, pixels: np.ndarray, threads: Optional[int] = None) -> li
         options.intra_op_num_threads = threads
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     return session.run(list(OUTPUTS), {INPUT: np.ascontiguousarray(pixels, dtype=np.uint8)})
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _megabytes(n: int) -> str:

@@ -177,7 +177,7 @@ def plan_lines(cfg: EnsembleConfig, params: dict, sizes: Optional[dict], num_cla
                   for arch, p in params["by_arch"].items()]
     else:
         lines.append(f"parameters       {params['total']:,} total, {params['trainable']:,} trainable")
-    for i, arch in enumerate(cfg.archs):
+    for arch in cfg.archs:
         recipe = (cfg.recipes or {}).get(arch)
         if recipe:
             lines.append(f"recipe           {arch}: " + ", ".join(f"{k} {v}" for k, v in sorted(recipe.items())))

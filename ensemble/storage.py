@@ -187,11 +187,12 @@ def _write_local(path: str, data: bytes) -> None:
         except OSError:
             pass
         raise
-    _fsync_folder(folder)  # and the rename itself
+    fsync_local(folder)  # and the rename itself
 
 
-def _fsync_folder(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+def fsync_local(path: str) -> None:
+    """A local file's bytes, or a folder's entries (a rename in it), on disk before the caller goes on."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     except OSError as exc:  # some filesystems (network, FUSE) cannot sync a folder: nothing more to do
@@ -249,7 +250,7 @@ def create_new(path: str, data: bytes) -> bool:
             os.link(tmp, inner)
         except FileExistsError:
             return False
-        _fsync_folder(os.path.dirname(inner))
+        fsync_local(os.path.dirname(inner))
         return True
     except OSError as exc:
         raise StorageError(f"could not write {path}: {_reason(exc)}") from exc
