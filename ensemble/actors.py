@@ -32,6 +32,7 @@ from ensemble.gpu_memory import check_fit, member_memory, out_of_memory_line
 from ensemble.image_cache import BlockReader, ImageCache
 from ensemble.member_files import BackgroundWriter, MemberFiles, MemberSummary
 from ensemble.scores.vote import soft_vote
+from ensemble.shared_storage import NodeStorage
 from ensemble.tracking import MemberRun, MemberTracking, member_params
 
 log = logging.getLogger("ensemble.member")
@@ -92,6 +93,7 @@ class MemberPlan:
     cache: Optional[ImageCache] = None  # the run's decoded pixels (None: members decode the files)
     teacher: Optional["Teacher"] = None  # a distilled student's: its targets and loss (None: a member's)
     tracking: Optional[MemberTracking] = None  # --mlflow: where each member logs its child run (None: untracked)
+    storage: Optional[NodeStorage] = None  # what this node must see before it trains (None: not checked)
 
     def images(self, table: pa.Table) -> SplitImages:
         """A split's images in this process: from the cache, or decoded from its files."""
@@ -148,6 +150,8 @@ class MemberTrainer:
         (from the cache, or decoded from the files) ahead of the training step.
         """
         cfg, start = plan.config.member_config(member), time.time()  # its architecture and that one's recipe
+        if plan.storage is not None:  # a node that joined after the driver's storage check, or any other
+            plan.storage.check_here(f"member {member}")
         files = MemberFiles(plan.output, member, plan.fingerprint)
         node = ray.get_runtime_context().get_node_id()
         metrics = self.metrics.setdefault(member, MemberMetrics(member))

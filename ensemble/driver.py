@@ -44,6 +44,7 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False, distillation=None) -> dict:
     from ensemble.image_cache import cache_images
     from ensemble.digits import ensure_digits
     from ensemble.scores.scoring import score_run
+    from ensemble.shared_storage import check_nodes_see_storage, node_storage
     from ensemble.report import build_report, format_table, plan_lines, write_report
     from ensemble.tracking import RunTracking, tracking_uri
     from ensemble.train_stage import train_members
@@ -60,7 +61,9 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False, distillation=None) -> dict:
     # per architecture, its initial weights and parameter counts (each model built once: a weights
     # file for another arch fails here)
     initial_states, params = arch_weights_and_params(cfg, num_classes)
-    output = check_output(cfg.output or default_output())
+    needs = node_storage(check_output(cfg.output or default_output()), cfg.data or index.root, index,
+                         bundled=cfg.data is None)
+    output = needs.output  # absolute: members on every node name the same folder
     tracked = RunTracking(tracking_uri(cfg, output), cfg.mlflow_experiment)  # --mlflow: tracking.py; else inert
 
     # cluster: join or start one, size GPU use and member slots to it
@@ -69,6 +72,9 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False, distillation=None) -> dict:
     capacity = cluster_capacity()
     sized = resolve_resources(cfg, capacity)  # CPUs and GPUs per member and voter, the voter pool
     window = member_window(sized, capacity, sized.gpus_per_member)
+    # storage: every alive node sees --output and --data (a local folder only this node has would
+    # keep the members' files on their own nodes' disks); nodes that join later: each trainer checks
+    check_nodes_see_storage(needs, timeout_s=cfg.stall_timeout)
 
     # image check + cache: every file decoded once in Ray tasks (unreadable ones skipped, or --strict
     # stops); the pixels stay in the object store for the members and voters when they fit
@@ -108,7 +114,8 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False, distillation=None) -> dict:
         t_train = time.time()
         plan = MemberPlan(config=resolved, output=output, fingerprint=fingerprint, num_classes=num_classes,
                           initial_state={a: ray.put(s) for a, s in initial_states.items() if s is not None},
-                          progress=show_progress(), cache=cache, teacher=teacher, tracking=tracked.members())
+                          progress=show_progress(), cache=cache, teacher=teacher, tracking=tracked.members(),
+                          storage=needs)
         summaries, weight_refs, vote_refs = train_members(
             plan, seeds=seeds, train_table=index.train, val_table=index.val, gpus=resolved.gpus_per_member,
             window=window, resuming=resuming, vote_table=vote_table)
