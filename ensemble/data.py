@@ -14,7 +14,7 @@ import io
 import os
 import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -57,7 +57,10 @@ def _class_dirs(split_dir: str) -> list[str]:
 
 
 def _table(paths: list[str], labels: list[int], names: Optional[list[str]] = None) -> pa.Table:
-    """File rows; ``image_name`` is the file name without its extension unless ``names`` says."""
+    """File rows; ``image_name`` is the file name without its extension unless ``names`` says.
+    Local paths are made absolute: the Ray workers that read them run in other folders (a notebook's
+    cluster, a job's working directory), where a relative path names another file or none."""
+    paths = [p if storage.is_uri(p) else os.path.abspath(p) for p in paths]
     names = names or [os.path.splitext(os.path.basename(p))[0] for p in paths]
     return pa.table({
         "id": pa.array(np.arange(len(paths), dtype=np.int64)),
@@ -334,6 +337,31 @@ def scan_images(folder: str, classes) -> tuple[pa.Table, bool]:
         raise ConfigError(f"--images {folder}: no images ({', '.join(IMG_EXTENSIONS)}), flat or in class folders")
     check_unique_names(table, f"--images {folder}")
     return table, True
+
+
+def image_rows(paths: Sequence[str]) -> pa.Table:
+    """The rows of a list of image files to label (unlabelled, named by file name as a flat
+    folder's are). ConfigError, one line, for a path that is not an image file or not there, a
+    list that mixes object-store and local paths, and two files that would share a row name."""
+    paths = [str(p).rstrip("/") if storage.is_uri(str(p)) else str(p) for p in paths]
+    if not paths:
+        raise ConfigError("--images: no image files given; pass a folder or at least one image file")
+    if len({storage.is_uri(p) for p in paths}) > 1:
+        raise ConfigError("--images: the list mixes object-store URIs and local paths; label each kind in its own call")
+    for path in paths:
+        if not _is_image(path):
+            raise ConfigError(f"--images {path}: not an image file ({', '.join(IMG_EXTENSIONS)})")
+    try:
+        stats = storage.file_stats(paths)
+    except OSError as exc:
+        raise ConfigError(f"--images {paths[0]}: cannot read it ({str(exc).splitlines()[0][:200]})") from None
+    missing = [p for p, (size, _) in zip(paths, stats) if size < 0]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ConfigError(f"--images {missing[0]}: no such file{more}")
+    table = _table(paths, [-1] * len(paths))
+    check_unique_names(table, "--images")
+    return table
 
 
 # ---------------------------------------------------------------- Ray Data stages

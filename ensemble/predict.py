@@ -19,7 +19,7 @@ import argparse
 import logging
 import os
 import time
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 from ensemble import storage
 from ensemble.config import ConfigError
@@ -27,14 +27,17 @@ from ensemble.errors import run_cli
 from ensemble.run_folder import MEMBER_CHOICES, check_output, check_outside, load_run, versions
 
 
-def predict(run: str, images: str, output: str, *, address: Optional[str] = None, infer_actors: Optional[int] = None,
-            strict: bool = False, members: str = "all") -> dict:
-    """Vote the run's members (``members``: all, or the report's selection, weighted) on ``images``;
-    write the outputs to ``output``; return predict.json's content."""
+def predict(run: str, images: Union[str, Sequence[str]], output: str, *, address: Optional[str] = None,
+            infer_actors: Optional[int] = None, strict: bool = False, members: str = "all",
+            kept: bool = True) -> dict:
+    """Vote the run's members (``members``: all, or the report's selection, weighted) on ``images``
+    (a folder, flat or of class folders, or a list of image files); write the outputs to
+    ``output``; return predict.json's content. ``kept=False`` (the Python API's temporary
+    folder): the summary line does not name a folder that is about to be removed."""
     import ray
 
     from ensemble.cluster import cluster_capacity, connect, resolve_resources
-    from ensemble.data import quiet_ray_data, scan_images
+    from ensemble.data import image_rows, quiet_ray_data, scan_images
     from ensemble.image_check import check_files
     from ensemble.report import write_json, write_predictions
     from ensemble.scores.vote import vote_outputs
@@ -43,7 +46,12 @@ def predict(run: str, images: str, output: str, *, address: Optional[str] = None
     started = time.time()
     finished = load_run(run, members)
     cfg, classes, temperature = finished.config, finished.classes, finished.temperature
-    table, labelled = scan_images(images, classes)
+    if isinstance(images, str):
+        table, labelled = scan_images(images, classes)
+    else:  # the Python API's list of files (ensemble.api.Run.predict)
+        table, labelled = image_rows(images), False
+        images = list(images)
+    root = images if isinstance(images, str) else f"({len(images)} files)"
     output = check_output(output)
     check_outside(run, output)
 
@@ -52,7 +60,7 @@ def predict(run: str, images: str, output: str, *, address: Optional[str] = None
     # The run's vote recipe (image size, eval resize, TTA, rule) on this cluster's resources.
     sized = resolve_resources(cfg.replace(cpus_per_member=None, gpus_per_member=0.0, gpus_per_infer_actor=None,
                                           infer_actors=infer_actors or cfg.infer_actors), cluster_capacity())
-    checked, skipped = check_files({"images": table}, flag="--images", root=images, strict=strict,
+    checked, skipped = check_files({"images": table}, flag="--images", root=root, strict=strict,
                                    stall_timeout=cfg.stall_timeout, image_size=cfg.image_size, resize=cfg.eval_resize)
     voted = vote_splits(sized, {"images": checked["images"]}, weight_refs=[ray.put(s) for s in finished.states],
                         num_classes=len(classes), gpus=sized.gpus_per_infer_actor, archs=finished.archs)["images"]
@@ -71,10 +79,11 @@ def predict(run: str, images: str, output: str, *, address: Optional[str] = None
     scored = f"; accuracy {summary['accuracy']:.4f}" if labelled else ""
     used = f"{len(finished.members)} members" if finished.weights is None else \
         f"{len(finished.members)} of {cfg.members} members (the report's selection, weighted)"
-    print(f"labelled {summary['n_images']} image(s) with {used}{scored}; "
-          f"outputs in {output}: predictions.csv, probabilities.parquet, predict.json")
+    where = f"; outputs in {output}: predictions.csv, probabilities.parquet, predict.json" if kept else ""
+    print(f"labelled {summary['n_images']} image(s) with {used}{scored}{where}")
     if skipped:
-        print(f"skipped {len(skipped)} unreadable image file(s); listed in predict.json under skipped_files")
+        listed = "listed in predict.json under skipped_files" if kept else "pass output= to keep their list"
+        print(f"skipped {len(skipped)} unreadable image file(s); {listed}")
     return summary
 
 
