@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -44,32 +45,41 @@ def write_digits_tree(root, *, per_class_train: int, per_class_val: int, n_test:
     return root
 
 
-def tiny_run_config(data, output, **overrides):
-    """The small pipeline config of the shared finished run (3 members, 2 epochs, 16 px): two
-    architectures, resnet18 (members 0 and 2) and resnet34 (member 1, its own learning rate), so
-    everything that reads the run (predict, serve, export, distill, resume) takes mixed members.
+def tiny_run_values(**overrides) -> dict:
+    """The shared finished run's settings as the driver's flags (keyword names): 3 members, 2 epochs,
+    16 px; two architectures, resnet18 (members 0 and 2) and resnet34 (member 1, its own learning
+    rate), so everything that reads the run (predict, serve, export, distill, resume) takes mixed
+    members.
 
     Its temperature is fitted on the out-of-bag rows: on its 20 val rows a fit runs to the lower
     bound (T = 1 is kept), and the tests that follow the temperature into probabilities.parquet,
     predict and serve need one that changes the numbers."""
-    from ensemble.config import CPU_PRESET, build_config
+    from ensemble.config import CPU_PRESET
 
-    values = {**CPU_PRESET, "image_size": 16, "epochs": 2, "members": 3, "batch_size": 16, "gpus_per_member": 0,
-              "gpus_per_infer_actor": 0, "infer_batch_size": 16, "seed": 7, "calibrate_on": "oob",
-              "arch": "resnet18,resnet34", "recipes": {"resnet34": {"lr": 2e-3}}, **overrides}
-    return build_config(flag_values={"data": data, "output": str(output), **values})
+    return {**CPU_PRESET, "image_size": 16, "epochs": 2, "members": 3, "batch_size": 16, "gpus_per_member": 0,
+            "gpus_per_infer_actor": 0, "infer_batch_size": 16, "seed": 7, "calibrate_on": "oob",
+            "arch": "resnet18,resnet34", "recipes": {"resnet34": {"lr": 2e-3}}, **overrides}
+
+
+def tiny_run_config(data, output, **overrides):
+    """The shared run's config (``tiny_run_values``) on ``data`` into ``output``."""
+    from ensemble.config import build_config
+
+    return build_config(flag_values={"data": data, "output": str(output), **tiny_run_values(**overrides)})
 
 
 def finished_tiny_run(cache: dict, data: str, tmp_path_factory):
-    """(config, report, output) of one finished run of ``tiny_run_config`` on ``data``, made once per
-    session on the Ray cluster of the first module that asks (each such module starts its own and
-    calls this from a fixture that depends on it). Readers copy it before they change anything."""
+    """(config, report, output) of one finished run of ``tiny_run_values`` on ``data``, made once per
+    session by ``ensemble.train`` (the Python API) on the Ray cluster of the first module that asks
+    (each such module starts its own and calls this from a fixture that depends on it). Readers
+    copy it before they change anything."""
     if "run" not in cache:
-        from ensemble.driver import run
+        import ensemble
 
         output = tmp_path_factory.mktemp("tiny_run")
-        cfg = tiny_run_config(data, output)
-        cache["run"] = (cfg, run(cfg), str(output))
+        run = ensemble.train(data=data, output=output, **tiny_run_values())
+        assert run.path == str(output)
+        cache["run"] = (tiny_run_config(data, output), run.report, str(output))
     return cache["run"]
 
 
@@ -114,9 +124,13 @@ class RayHead:
 
     Everything it starts lives in its own process session and under its own temp dir, so the
     test stops exactly those processes (never `ray stop`, which would stop every cluster here).
+    ``join``: the head's address, to start a worker node of that cluster instead (its own temp
+    dir, stopped on its own). ``cli``: the `ray` command (another environment's); ``prefix``: a
+    command it runs under (``unshare -m ...``); ``cwd``: the nodes' working directory.
     """
 
-    def __init__(self, args: list, env: dict, *, temp_dir: str, log_path: str):
+    def __init__(self, args: list, env: dict, *, temp_dir: str, log_path: str, join: Optional[str] = None,
+                 cli: str = RAY_CLI, prefix: Sequence[str] = (), cwd: Optional[str] = None):
         import subprocess
 
         self.temp_dir, self.log_path = temp_dir, log_path
@@ -124,13 +138,15 @@ class RayHead:
         # Every process of the cluster inherits this mark, also workers whose process title no
         # longer names the temp dir (a fake autoscaler node's voters): stop() finds them by it.
         env = {**env, "ENSEMBLE_TEST_CLUSTER": temp_dir}
+        role = ["--head"] if join is None else [f"--address={join}"]
         # The dashboard agent's HTTP port (where `ray job submit` lands) is a free one, not the fixed
         # default 52365 that another cluster on this machine may already hold.
         with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen([RAY_CLI, "start", "--head", "--block", f"--temp-dir={temp_dir}",
+            self.proc = subprocess.Popen([*prefix, cli, "start", *role, "--block", f"--temp-dir={temp_dir}",
                                           "--disable-usage-stats", f"--dashboard-agent-listen-port={free_port()}",
                                           *args],
-                                         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                                         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                         cwd=cwd)
 
     def log(self) -> str:
         with open(self.log_path) as fh:
@@ -216,3 +232,39 @@ SELECTION = {"fitted_on": "oob", "n_rows": 950, "weights": [0.5, 0.0, 0.25, 0.25
              "order": [0, 2, 0, 3], "n_members": 3,
              "val": {"accuracy": 0.91, "nll": 0.33, "ece": 0.05, "brier": 0.19}, "temperature": 0.75,
              "val_after": {"accuracy": 0.91, "nll": 0.29, "ece": 0.03, "brier": 0.17}}
+
+
+def run_on_a_terminal(cmd, env: dict, *, cwd: str, timeout_s: float = 300) -> str:
+    """Run ``cmd`` with a 120x40 pseudo-terminal as stdin/stdout/stderr (as a user's shell does: tqdm
+    draws its bars); AssertionError unless it exits 0; return what it wrote."""
+    import fcntl
+    import select
+    import struct
+    import subprocess
+    import termios
+    import time
+
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # tqdm sizes bars to it
+    proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=cwd, start_new_session=True)
+    os.close(slave)
+    chunks, deadline = [], time.time() + timeout_s
+    try:
+        while time.time() < deadline:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: every writer closed the terminal
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+            elif proc.poll() is not None:
+                break
+        assert proc.wait(timeout=30) == 0, b"".join(chunks)[-3000:].decode(errors="replace")
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+    return b"".join(chunks).decode(errors="replace")

@@ -157,16 +157,21 @@ def test_test_probabilities_equal_sequential_inference(run, tiny_digits):
 
 
 def test_distilled_student_is_a_one_member_run(run, tiny_digits, tmp_path, capsys):
-    """``ensemble.distill`` on the shared run: the teacher's targets are its members' soft vote on
-    the training rows (as run in this process), the student is a run predict's loader takes, and
-    the same folder with another temperature is refused in one line. (Resuming is the driver's:
+    """Distillation on the shared run, through the Python API (``Run.distill``, which is what
+    ``python -m ensemble.distill`` runs): the teacher's targets are its members' soft vote on the
+    training rows (as run in this process), the student is a run predict's loader takes, and the
+    same folder with another temperature is refused in one line. (Resuming is the driver's:
     test_stop_resume.py; the saved targets' read-back: test_distill.py.)"""
-    from ensemble.distill import distill, main
+    import ensemble
+    from ensemble.distill import main
     from ensemble.run_folder import load_run
 
     cfg, report, teacher = run
     out = str(tmp_path / "student")
-    summary = distill(teacher, out, {"epochs": 1, "arch": "resnet18"}, temperature=2.0, alpha=0.5, speed_images=4)
+    handle = ensemble.load(teacher).distill(out, epochs=1, arch="resnet18", kd_temperature=2.0, kd_alpha=0.5,
+                                            speed_images=4)
+    assert handle.path == out and handle.report["members"][0]["arch"] == "resnet18"
+    summary = json.load(open(os.path.join(out, "distill.json")))
     student = load_run(out)
     assert (student.config.members, student.config.bagging, len(student.states)) == (1, "full", 1)
     assert student.classes == report["data"]["class_names"]
@@ -183,7 +188,6 @@ def test_distilled_student_is_a_one_member_run(run, tiny_digits, tmp_path, capsy
     counted = report["params"]["by_arch"]
     assert summary["params"] == {"student": student_report["params"]["total"],
                                  "ensemble": 2 * counted["resnet18"]["total"] + counted["resnet34"]["total"]}
-    assert json.load(open(os.path.join(out, "distill.json")))["gain_kept"] == summary["gain_kept"]
     assert "Distilled student of" in open(os.path.join(out, "distill.md")).read()
     capsys.readouterr()
     assert main(["--run", teacher, "--output", out, "--epochs", "1", "--kd-temperature", "3"]) == 2
@@ -314,6 +318,35 @@ def _check_mlflow_runs(output, report):
         assert set(child.data.metrics) >= {"train_loss", "train_acc", "val_loss", "images_per_s", "epoch_seconds"}
 
 
+def test_node_types_from_the_autoscalers_config_in_the_gcs(cluster, monkeypatch, tmp_path):
+    """An autoscaler that reports its node groups to the GCS (a ClusterConfig in the internal KV, where
+    Ray's ``state.get_cluster_config`` reads it; Ray 2.60's own autoscalers, KubeRay's included, do
+    not write it yet): put there as Ray's own test of that call does. A group of max_count 0 can add
+    nothing; -1 has no limit."""
+    from ray._raylet import GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, GCS_AUTOSCALER_STATE_NAMESPACE
+    from ray.core.generated import autoscaler_pb2
+    from ray.experimental import internal_kv
+
+    from ensemble import cluster as cluster_module
+
+    monkeypatch.setattr(cluster_module, "BOOTSTRAP_CONFIG", str(tmp_path / "none.yaml"))  # no `ray up` head
+    assert cluster_module.cluster_capacity().node_types == ()
+    config = autoscaler_pb2.ClusterConfig()
+    for name, resources, most in (("gpu", {"CPU": 8.0, "GPU": 1.0}, 9), ("off", {"CPU": 4.0}, 0),
+                                  ("cpu", {"CPU": 16.0}, -1)):
+        group = config.node_group_configs.add(name=name, max_count=most)
+        group.resources.update(resources)
+    key, namespace = GCS_AUTOSCALER_CLUSTER_CONFIG_KEY.encode(), GCS_AUTOSCALER_STATE_NAMESPACE.encode()
+    internal_kv._internal_kv_put(key, config.SerializeToString(), namespace=namespace)
+    try:
+        capacity = cluster_module.cluster_capacity()
+    finally:
+        internal_kv._internal_kv_del(key, namespace=namespace)
+    assert capacity.node_types == (({"CPU": 8.0, "GPU": 1.0}, 9), ({"CPU": 16.0}, 10**6))
+    assert capacity.most("GPU") == 1 + 9  # the module's one GPU and nine that may join
+    assert cluster_module.cluster_capacity().node_types == ()  # gone again for the tests after this one
+
+
 def test_member_metrics_on_the_metrics_endpoint(cluster):
     """A member's gauges (tagged by member) reach the node's Prometheus endpoint while it lives."""
     import re
@@ -356,6 +389,43 @@ def test_predict_reproduces_the_runs_test_outputs(run, tiny_digits, tmp_path):
     assert list(ours.columns) == list(theirs.columns)
     np.testing.assert_allclose(ours.drop(columns="image_name").to_numpy(),
                                theirs.drop(columns="image_name").to_numpy(), atol=1e-5)
+
+
+def test_the_api_docstrings_example_runs(run, tiny_digits, tmp_path, monkeypatch):
+    """ensemble/api.py's example, every line after ``ensemble.train`` (which made the shared run,
+    helpers.finished_tiny_run), in a folder where ``photos`` is the tiny set and ``runs/photos`` the run."""
+    import doctest
+
+    import ensemble.api
+
+    _, _, output = run
+    (tmp_path / "runs").mkdir()
+    os.symlink(tiny_digits, tmp_path / "photos")
+    os.symlink(output, tmp_path / "runs" / "photos")
+    monkeypatch.chdir(tmp_path)
+    result = doctest.testmod(ensemble.api, extraglobs={"os": os}, optionflags=doctest.ELLIPSIS, verbose=False)
+    assert result.attempted >= 6 and result.failed == 0, result
+    assert (tmp_path / "photos.onnx").stat().st_size > 0
+
+
+def test_the_api_predicts_a_list_of_files_as_the_command_labels_the_folder(run, tiny_digits):
+    """``Run.predict`` on the test images named one by one: the rows of the run's own
+    predictions.csv (written by the driver for the same folder), in the list's order."""
+    import csv
+
+    import ensemble
+
+    _, report, output = run
+    handle = ensemble.load(output)
+    assert handle.report == json.load(open(os.path.join(output, "report.json")))
+    with open(os.path.join(output, "predictions.csv"), newline="") as fh:
+        expected = {row["image_name"]: row["pred_label"] for row in csv.DictReader(fh)}
+    test_dir = os.path.join(tiny_digits, "test")
+    files = [os.path.join(test_dir, name) for name in sorted(os.listdir(test_dir), reverse=True)]
+    table = handle.predict(files)
+    names = [os.path.splitext(os.path.basename(f))[0] for f in files]
+    assert table["image_name"].tolist() == names
+    assert dict(zip(table["image_name"], table["pred_label"])) == expected
 
 
 def test_predict_scores_class_folders(run, tiny_digits, tmp_path):
