@@ -129,8 +129,9 @@ class Capacity:
     """What the cluster has now and what its autoscaler may add; sizes GPU use and member slots.
 
     ``node_types``: (resources, max_workers) of each node type the autoscaler may launch, from
-    the autoscaler's cluster config in the GCS (KubeRay) or ``BOOTSTRAP_CONFIG`` (a `ray up`
-    head); empty for a fixed cluster, or where the driver cannot see them.
+    the cluster config an autoscaler reports to the GCS (none of Ray 2.60's own does, KubeRay's
+    included) or ``BOOTSTRAP_CONFIG`` (a `ray up` head); empty for a fixed cluster, or where the
+    driver cannot see them.
     """
 
     nodes: tuple[dict, ...]                          # resources of each alive node
@@ -190,7 +191,7 @@ def _autoscaler_node_types() -> tuple[tuple[dict, int], ...]:
     try:
         from ray._private.state import state
 
-        config = state.get_cluster_config()  # set by KubeRay / hosted autoscalers
+        config = state.get_cluster_config()  # an autoscaler that reports its groups (Ray 2.60's do not yet)
     except Exception:
         config = None
     if config is not None and config.node_group_configs:

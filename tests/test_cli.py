@@ -1,5 +1,5 @@
 """The command line: bad flags, and what the package opens to the network. (The bundled demo end to
-end, as a user types it on a terminal: tests/test_progress.py.)"""
+end, as a user types it on a terminal: tests/test_installed_cluster.py.)"""
 
 from __future__ import annotations
 
