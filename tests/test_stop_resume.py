@@ -1,10 +1,11 @@
-"""A stopped driver loses no finished work: Ctrl-C (SIGINT), SIGTERM (`kill`) and `ray job stop`
-stop the members, exit 130 and print the resume command; SIGKILL just dies. Each rerun of the same
-command loads the finished members and resumes the others from their checkpoints.
+"""A stopped driver loses no finished work: Ctrl-C (SIGINT) and `ray job stop` (SIGTERM, as `kill`
+sends: the driver handles both in one handler) stop the members, exit 130 and print the resume
+command; SIGKILL just dies. Each rerun of the same command loads the finished members and resumes
+the others from their checkpoints.
 
-One run, stopped four times in a row: submitted as a job and stopped with `ray job stop`, rerun
-and stopped with SIGINT, rerun and stopped with SIGTERM, rerun and SIGKILLed, then resubmitted
-as a job with the repository as its working dir, which completes. Every stop lands while a
+One run, stopped three times in a row: submitted as a job and stopped with `ray job stop`, rerun
+and stopped with SIGINT, rerun and SIGKILLed, then resubmitted as a job with the repository as its
+working dir, which completes. Every stop lands while a
 member trains (the test waits for a member to commit an epoch the previous stop had not seen,
 never for a time), and every member must resume after exactly the epochs it had committed.
 
@@ -164,8 +165,8 @@ def test_every_stop_keeps_finished_work_and_reruns_resume(head, data, tmp_path):
     assert "SIGTERM received" not in logs
     seen = note_stop("ray job stop")
 
-    # 2-4. The same command, stopped by SIGINT, SIGTERM, SIGKILL once a member has moved on.
-    for how in ("SIGINT", "SIGTERM", "SIGKILL"):
+    # 2-3. The same command, stopped by SIGINT, then SIGKILL, once a member has moved on.
+    for how in ("SIGINT", "SIGKILL"):
         proc = subprocess.Popen(driver, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=head["env"],
                                 cwd=REPO, start_new_session=True)
         try:
@@ -186,7 +187,7 @@ def test_every_stop_keeps_finished_work_and_reruns_resume(head, data, tmp_path):
             _stopped_cleanly(proc.returncode, err)
         seen = note_stop(how)
 
-    # 5. Resubmitted as a job with the repository as its working dir (as the README says): it completes.
+    # 4. Resubmitted as a job with the repository as its working dir (as the README says): it completes.
     again = job + "-again"
     done = _job(head, "submit", "--submission-id", again, "--working-dir", REPO, "--", "python", *driver[1:],
                 timeout=600)
@@ -198,7 +199,7 @@ def test_every_stop_keeps_finished_work_and_reruns_resume(head, data, tmp_path):
     report = json.loads((output / "report.json").read_text())
     assert [m["member"] for m in report["members"]] == [0, 1, 2]
     assert report["members"][0]["resumed_after_epochs"] == []
-    assert sum(map(len, resumes.values())) >= 4, resumes  # every stop caught a member mid-training
+    assert sum(map(len, resumes.values())) >= 3, resumes  # every stop caught a member mid-training
     for i, member in enumerate(report["members"]):  # no committed epoch trained again
         assert member["resumed_after_epochs"] == resumes[i], (i, member["resumed_after_epochs"], resumes)
         assert [h["epoch"] for h in member["history"]] == list(range(1, EPOCHS + 1))
