@@ -332,8 +332,8 @@ def test_node_types_from_the_autoscalers_config_in_the_gcs(cluster, monkeypatch,
     monkeypatch.setattr(cluster_module, "BOOTSTRAP_CONFIG", str(tmp_path / "none.yaml"))  # no `ray up` head
     assert cluster_module.cluster_capacity().node_types == ()
     config = autoscaler_pb2.ClusterConfig()
-    for name, resources, most in (("gpu", {"CPU": 8.0, "GPU": 1.0}, 9), ("off", {"CPU": 4.0}, 0),
-                                  ("cpu", {"CPU": 16.0}, -1)):
+    for name, resources, most in (("gpu", {"CPU": 8, "GPU": 1}, 9), ("off", {"CPU": 4}, 0),
+                                  ("cpu", {"CPU": 16}, -1)):  # whole counts: the proto's map is uint64
         group = config.node_group_configs.add(name=name, max_count=most)
         group.resources.update(resources)
     key, namespace = GCS_AUTOSCALER_CLUSTER_CONFIG_KEY.encode(), GCS_AUTOSCALER_STATE_NAMESPACE.encode()
