@@ -26,9 +26,11 @@ class CheckpointError(RunError):
 
 
 class DamagedFile(CheckpointError):
-    """A recorded file that is missing, unreadable, or not the one its record names (sha256):
-    torn by a crash or a power loss, or changed since. Never loaded; a rerun of the driver
-    trains that member again. ``path``: the file; ``problem``: what is wrong with it."""
+    """A recorded file that is missing, whose bytes were read and are not the ones its record
+    names (sha256), or a record that is not JSON: torn by a crash or a power loss, or changed
+    since. Never loaded; a rerun of the driver trains that member again. A read that *failed*
+    (a timeout, ``ESTALE``, ``EMFILE``) is not a damaged file: ``storage.read_stored`` raises
+    StorageError for it and nothing is deleted. ``path``: the file; ``problem``: what is wrong."""
 
     def __init__(self, path: str, problem: str):
         super().__init__(f"{path}: {problem}; refusing to load it. Rerun the driver with the same --output "
@@ -56,11 +58,11 @@ def write_file(path: str, data: bytes) -> str:
 
 
 def read_verified(path: str, expected_sha256: str, *, what: str) -> bytes:
-    """The bytes of ``path``, or DamagedFile when it is missing or its sha256 is not the one ``what`` records."""
-    try:
-        data = storage.read_bytes(path)
-    except OSError:
-        raise DamagedFile(path, f"missing, though {what} lists it") from None
+    """The bytes of ``path``; DamagedFile when it is missing or its sha256 is not the one ``what``
+    records; StorageError when it could not be read (``storage.read_stored``)."""
+    data = storage.read_stored(path)
+    if data is None:
+        raise DamagedFile(path, f"missing, though {what} lists it")
     if sha256(data) != expected_sha256:
         raise DamagedFile(path, f"sha256 differs from the one recorded in {what} (the file is "
                                 f"{'empty' if not data else 'damaged or changed'} since it was written)")
@@ -72,12 +74,18 @@ def load_torch_bytes(data: bytes) -> Any:
 
 
 def read_json(path: str) -> Optional[dict]:
-    if not storage.exists(path):
+    """A JSON record, None when there is none; DamagedFile when its bytes are not a JSON object;
+    StorageError when it could not be read (``storage.read_stored``)."""
+    data = storage.read_stored(path)
+    if data is None:
         return None
     try:
-        return json.loads(storage.read_bytes(path))
-    except (ValueError, OSError):
-        raise DamagedFile(path, "unreadable") from None
+        record = json.loads(data)
+    except ValueError:
+        raise DamagedFile(path, "not JSON (torn or changed since it was written)") from None
+    if not isinstance(record, dict):
+        raise DamagedFile(path, "not a JSON object (changed since it was written)")
+    return record
 
 
 def rng_state() -> dict:

@@ -66,8 +66,9 @@ class MemberFiles:
     def load_checkpoint(self) -> Optional[dict]:
         """The last epoch checkpoint (hash checked), or None when the member has none.
 
-        A damaged one (unreadable, its file missing or not the one recorded: torn by a crash or
-        a power loss) is logged in one line and dropped: the member starts again from epoch 0.
+        A damaged one (its record not JSON, its file missing or not the one recorded: torn by a
+        crash or a power loss) is logged in one line and dropped: the member starts again from
+        epoch 0. A read that failed (StorageError: a timeout, ``ESTALE``) deletes nothing and stops.
         """
         record_path = storage.join(self.folder, "checkpoint.json")
         try:
@@ -80,7 +81,7 @@ class MemberFiles:
             try:
                 name, digest = record["file"], record["sha256"]
             except (KeyError, TypeError):
-                raise DamagedFile(record_path, "unreadable") from None
+                raise DamagedFile(record_path, "names no file and sha256 (changed since it was written)") from None
             return load_torch_bytes(read_verified(storage.join(self.folder, name), digest, what=record_path))
         except DamagedFile as exc:
             log.warning("member %d: %s: %s; it trains again from epoch 0", self.member, exc.path, exc.problem)
@@ -122,7 +123,7 @@ class MemberFiles:
 
 def load_finished_member(output: str, member: int, fingerprint: dict) -> Optional[tuple[MemberSummary, dict]]:
     """(summary, best state) of a member a previous run finished, or None; hashes verified
-    (DamagedFile when a file is missing, unreadable or not the one recorded)."""
+    (DamagedFile when a file is missing or not the one recorded; StorageError when a read failed)."""
     folder = member_dir(output, member)
     what = storage.join(folder, "member.json")
     record = read_json(what)
@@ -133,7 +134,7 @@ def load_finished_member(output: str, member: int, fingerprint: dict) -> Optiona
     try:
         digests = {name: record["sha256"][name] for name in ("model.pt", "val_probs.npz")}
     except (KeyError, TypeError):
-        raise DamagedFile(what, "unreadable") from None
+        raise DamagedFile(what, "names no model.pt and val_probs.npz sha256 (changed since it was written)") from None
     state = load_torch_bytes(read_verified(storage.join(folder, "model.pt"), digests["model.pt"], what=what))
     read_verified(storage.join(folder, "val_probs.npz"), digests["val_probs.npz"], what=what)
     names = {f.name for f in dataclasses.fields(MemberSummary)} - {"files"}
@@ -143,7 +144,8 @@ def load_finished_member(output: str, member: int, fingerprint: dict) -> Optiona
 def reusable_member(output: str, member: int, fingerprint: dict) -> Optional[tuple[MemberSummary, dict]]:
     """What the driver resumes with: ``load_finished_member``, except that a damaged finished
     member (a file missing or not the one recorded, e.g. after a power loss) is logged in one line
-    and its member.json removed, so that member alone trains again (None)."""
+    and its member.json removed, so that member alone trains again (None). A read that failed
+    (StorageError, after its retries) is raised as it is: the member may be whole, nothing goes."""
     try:
         return load_finished_member(output, member, fingerprint)
     except DamagedFile as exc:

@@ -27,8 +27,10 @@ from __future__ import annotations
 import errno
 import os
 import posixpath
+import time
 import uuid
 from functools import lru_cache
+from typing import Optional
 
 import pyarrow.fs as pafs
 
@@ -146,6 +148,36 @@ def read_bytes(path: str) -> bytes:
     fs, inner = resolve(path)
     with fs.open_input_stream(inner) as fh:
         return fh.readall()
+
+
+#: Pauses between the tries of a read that failed (three tries in all): long enough for a
+#: throttled object store or a re-mounting NFS server, short enough not to look like a hang.
+READ_RETRY_S = (0.5, 2.0)
+
+
+def read_stored(path: str) -> Optional[bytes]:
+    """The bytes of ``path``; None when storage says it is not there.
+
+    A read that fails for another reason (a timeout, a throttle, ``ESTALE``, ``EMFILE``) is tried
+    again (``READ_RETRY_S``), then raises StorageError in one line: the file may be whole, so a
+    caller must not treat it as damaged, free or missing, nor delete anything.
+    """
+    for attempt in range(len(READ_RETRY_S) + 1):
+        try:
+            return read_bytes(path)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            failure = exc
+            try:
+                if not exists(path):
+                    return None
+            except OSError:
+                pass
+        if attempt < len(READ_RETRY_S):
+            time.sleep(READ_RETRY_S[attempt])
+    raise StorageError(f"could not read {path}: {_reason(failure)} (tried {len(READ_RETRY_S) + 1} times); "
+                       f"nothing was deleted: rerun the same command once storage answers") from failure
 
 
 def write_bytes(path: str, data: bytes) -> None:
@@ -285,8 +317,12 @@ def write_text(path: str, text: str) -> None:
 
 
 def remove(path: str) -> None:
+    """Delete one file; StorageError (one line) when storage refuses or fails."""
     fs, inner = resolve(path)
-    fs.delete_file(inner)
+    try:
+        fs.delete_file(inner)
+    except OSError as exc:
+        raise StorageError(f"could not remove {path}: {_reason(exc)}") from exc
 
 
 def remove_tree(path: str) -> None:

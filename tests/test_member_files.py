@@ -79,3 +79,51 @@ def test_a_damaged_checkpoint_starts_its_member_again_from_epoch_0(tmp_path, cap
         assert files.load_checkpoint() is None
     assert "member 2: " in caplog.text and "it trains again from epoch 0" in caplog.text
     assert not (tmp_path / "members" / "member-2" / "checkpoint.json").exists()
+
+
+def test_a_read_that_fails_deletes_nothing_and_is_one_line_after_its_retries(tmp_path, monkeypatch):
+    """NFS ESTALE on model.pt while resuming, EMFILE on checkpoint.json: each read is tried three
+    times, then StorageError in one line; member.json and checkpoint.json stay, and once storage
+    answers again the finished member is reused and the checkpoint resumed (nothing retrains)."""
+
+    output = str(tmp_path)
+    _finish(output, 0)
+    files = MemberFiles(output, 1, FINGERPRINT)
+    files.save_checkpoint(_snapshot(2))
+    real_read, tries = storage.read_bytes, []
+
+    def failing(name, code):
+        def read(path):
+            if path.endswith(name):
+                tries.append(path)
+                raise OSError(code, os.strerror(code))
+            return real_read(path)
+        return read
+
+    monkeypatch.setattr(storage, "READ_RETRY_S", (0.0, 0.0))
+    monkeypatch.setattr(storage, "read_bytes", failing("model.pt", errno.ESTALE))
+    with pytest.raises(StorageError) as info:
+        reusable_member(output, 0, FINGERPRINT)
+    model = tmp_path / "members" / "member-0" / "model.pt"
+    assert str(info.value) == (f"could not read {model}: {os.strerror(errno.ESTALE)} (ESTALE) (tried 3 times); "
+                               f"nothing was deleted: rerun the same command once storage answers")
+    assert len(tries) == 3 and (tmp_path / "members" / "member-0" / "member.json").exists()
+
+    monkeypatch.setattr(storage, "read_bytes", failing("checkpoint.json", errno.EMFILE))
+    with pytest.raises(StorageError, match=r"checkpoint.json: Too many open files \(EMFILE\)"):
+        files.load_checkpoint()
+    assert (tmp_path / "members" / "member-1" / "checkpoint.json").exists()
+
+    monkeypatch.setattr(storage, "read_bytes", real_read)
+    assert reusable_member(output, 0, FINGERPRINT)[0].member == 0
+    assert files.load_checkpoint()["epoch"] == 2
+
+
+def test_a_record_that_is_not_json_is_damaged(tmp_path, caplog):
+    """Bytes that were read and are not JSON are a damaged record (not a failed read): dropped in one line."""
+    files = MemberFiles(str(tmp_path), 4, FINGERPRINT)
+    files.save_checkpoint(_snapshot(1))
+    (tmp_path / "members" / "member-4" / "checkpoint.json").write_text('{"epoch": 1, "fi')
+    with caplog.at_level(logging.WARNING, logger="ensemble.member"):
+        assert files.load_checkpoint() is None
+    assert "not JSON" in caplog.text and not (tmp_path / "members" / "member-4" / "checkpoint.json").exists()
