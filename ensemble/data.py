@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import posixpath
 import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -185,6 +186,32 @@ def scan_layout(root: str, *, val_fraction: Optional[float] = None, seed: int = 
         raise ConfigError(f"--data {root}: cannot read it ({reason})") from None
 
 
+def same_file_key(path: str) -> str:
+    """One spelling per file: a local path resolved (``..``, ``.``, symbolic links), an object's
+    URI with its scheme in lower case and its key normalised."""
+    parts = storage._split_bucket_uri(path)
+    if parts is not None:
+        scheme, bucket, key = parts
+        return f"{scheme}://{bucket}/{posixpath.normpath(key) if key else ''}"
+    return path if storage.is_uri(path) else os.path.realpath(path)
+
+
+def check_splits_apart(root: str, tables: dict) -> None:
+    """ConfigError (one line) when one local file is in two splits (a link in val/ or test/ to a
+    train image, or two links to one file): it would be scored on what trained on it."""
+    if storage.is_uri(root):
+        return
+    seen: dict = {}
+    for split, table in tables.items():
+        for path in table.column("path").to_pylist():
+            key = same_file_key(path)
+            other = seen.setdefault(key, (split, path))
+            if other[0] != split:
+                raise ConfigError(f"--data {root}: {os.path.relpath(other[1], root)} ({other[0]}) and "
+                                  f"{os.path.relpath(path, root)} ({split}) are the same file {key} (a link): the "
+                                  f"members would be scored on an image they trained on; keep it in one split")
+
+
 def _scan_layout(root: str, val_fraction: Optional[float], seed: int) -> DatasetIndex:
     if not storage.is_dir(root):
         raise ConfigError(f"--data {root}: no such folder")
@@ -208,6 +235,7 @@ def _scan_layout(root: str, val_fraction: Optional[float], seed: int) -> Dataset
         raise ConfigError(f"--data {root}: test/ has no images ({', '.join(IMG_EXTENSIONS)})")
     test = _table([storage.join(test_dir, f) for f in test_files], [-1] * len(test_files))
     check_unique_names(test, f"--data {root}: test/")
+    check_splits_apart(root, {"train": train, "val": val, "test": test})
     if not storage.is_uri(root):
         root = os.path.abspath(root)
     return DatasetIndex(root=root, classes=tuple(classes), train=train, val=val, test=test)
@@ -262,9 +290,15 @@ def scan_manifest(manifest: str, *, val_fraction: Optional[float] = None, seed: 
         if split != "test" and not label:
             raise ConfigError(f"{flag}: {row(k)}: a {split} row needs a label")
         full = path if storage.is_uri(path) or os.path.isabs(path) else storage.join(base, path)
-        if full in seen:
-            raise ConfigError(f"{flag}: {row(seen[full])} and {row(k)} both name {path}; list each image once")
-        seen[full] = k
+        key = same_file_key(full)  # a.jpg, ./a.jpg, sub/../a.jpg and a link to it are one image
+        if key in seen:
+            first = seen[key]
+            if splits[first] != split:
+                raise ConfigError(f"{flag}: {row(first)} ({splits[first]}) and {row(k)} ({split}) name the same image "
+                                  f"{paths[first]!r} / {path!r}: the members would be scored on an image "
+                                  f"they trained on; keep it in one split")
+            raise ConfigError(f"{flag}: {row(first)} and {row(k)} both name {path}; list each image once")
+        seen[key] = k
         rows[split].append((k, full, label))
     if val_fraction is not None and rows["val"]:
         raise ConfigError(f"{flag} has {len(rows['val'])} val rows ({row(rows['val'][0][0])} the first) and "

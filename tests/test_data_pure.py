@@ -194,6 +194,28 @@ def test_a_manifest_of_the_folders_gives_their_index(tree):
     assert from_csv.root == str(tree / "manifest.csv")
 
 
+def test_one_file_in_two_splits_is_refused_however_it_is_spelled(tree):
+    """./a.png, sub/../a.png, an absolute path and a symbolic link name one file: in a manifest, or
+    as a link in the folders' val/ or test/ to a train image, it is refused in one line."""
+    import os
+
+    (tree / "sub").mkdir()
+    os.symlink(tree / "train" / "a" / "a2.png", tree / "link.png")
+    spellings = ["./train/a/a2.png", "sub/../train/a/a2.png", str(tree / "train" / "a" / "a2.png"), "link.png"]
+    for spelling in spellings:
+        (tree / "m.csv").write_text(f"path,label,split\ntrain/a/a2.png,a,train\ntrain/b/b1_rgba.png,b,train\n"
+                                    f"{spelling},a,val\ntest/t2.png,,test\n")
+        with pytest.raises(ConfigError) as info:
+            scan_layout(str(tree / "m.csv"))
+        assert str(info.value).startswith(f"--data {tree / 'm.csv'}: line 2 (train) and line 4 (val) name the same image")
+    os.symlink(tree / "train" / "b" / "b1_rgba.png", tree / "test" / "t9.png")
+    with pytest.raises(ConfigError) as info:
+        scan_layout(str(tree))
+    assert str(info.value) == (f"--data {tree}: train/b/b1_rgba.png (train) and test/t9.png (test) are the same file "
+                               f"{os.path.realpath(tree / 'train' / 'b' / 'b1_rgba.png')} (a link): the members would be scored on an "
+                               f"image they trained on; keep it in one split")
+
+
 def test_manifest_labels_that_are_numbers_keep_their_numeric_order(tmp_path):
     for k in range(4):
         _rgb(tmp_path / f"{k}.png", seed=k)
@@ -207,7 +229,9 @@ def test_manifest_labels_that_are_numbers_keep_their_numeric_order(tmp_path):
     ("path,label\na.png,x\n", "no column split; a manifest has the columns path, label and split"),
     ("path,label,split\na.png,x,trian\n", "line 2: split 'trian' is not train, val or test"),
     ("path,label,split\na.png,,train\n", "line 2: a train row needs a label"),
-    ("path,label,split\na.png,x,train\nb.png,x,val\na.png,x,test\n", "line 2 and line 4 both name a.png"),
+    ("path,label,split\na.png,x,train\nb.png,x,val\na.png,x,test\n",
+     "line 2 (train) and line 4 (test) name the same image 'a.png' / 'a.png': the members would be scored on an image"),
+    ("path,label,split\na.png,x,train\nb.png,x,train\n./b.png,x,train\n", "line 3 and line 4 both name ./b.png"),
     ("path,label,split\na.png,x,train\nb.png,y,val\nc.png,,test\n", "line 3: val label 'y' is not the label of any"),
     ("path,label,split\na.png,x,train\nmissing.png,x,val\nc.png,,test\n", "line 3: "),
     ("path,label,split\na.png,x,train\nb.png,x,val\n", "no test rows"),
