@@ -66,8 +66,11 @@ def training_curves(histories: Sequence[Sequence[dict]], path: str) -> str:
 
 
 def _short(name: str, limit: int = 18) -> str:
+    """A class name as a tick label: cut at ``limit``, and its ``$`` shown as typed (matplotlib
+    would read ``$...$`` as math, and a name like ``$\\frac{$`` would stop the report)."""
     name = str(name)
-    return name if len(name) <= limit else name[:limit - 1] + "\u2026"
+    name = name if len(name) <= limit else name[:limit - 1] + "\u2026"
+    return name.replace("$", r"\$")
 
 
 def confusion_matrix_plot(labels, preds, class_names: Sequence[str], path: str) -> str:

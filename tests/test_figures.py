@@ -58,3 +58,12 @@ def test_confusion_matrix_plot_with_100_classes(tmp_path):
     image = _check_png(figures.confusion_matrix_plot(labels, preds, names, str(tmp_path / "cm100.png")),
                        min_side=1000)
     assert image.shape[0] <= 2100 and image.shape[1] <= 2300
+
+
+def test_class_names_with_dollar_signs_are_labels_not_math(tmp_path):
+    """matplotlib reads ``$...$`` as math: ``$\\frac{$`` cannot be parsed and stopped the report
+    after training; the tick labels show the names as typed."""
+    names = ["$\\frac{$", "price $5$", "a$b"]
+    labels = np.array([0, 1, 2, 0])
+    _check_png(figures.confusion_matrix_plot(labels, labels, names, str(tmp_path / "cm.png")), min_side=100)
+    assert [figures._short(n) for n in names] == ["\\$\\frac{\\$", "price \\$5\\$", "a\\$b"]
