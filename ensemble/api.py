@@ -125,7 +125,10 @@ class Run:
             predict(self.path, _images_arg(images), folder, address=address, infer_actors=infer_actors,
                     strict=strict, members=self.members, kept=output is not None)
             csv = storage.read_bytes(storage.join(folder, "predictions.csv"))
-            return pd.read_csv(io.BytesIO(csv), dtype=str, keep_default_na=False)
+            table = pd.read_csv(io.BytesIO(csv), dtype=str, keep_default_na=False)
+            for column in ("image_name", "pred_label"):  # the names as they are, not as a spreadsheet needs them
+                table[column] = table[column].map(_unneutralised)
+            return table
         finally:
             if scratch is not None:
                 shutil.rmtree(scratch, ignore_errors=True)
@@ -160,6 +163,13 @@ def _check_keys(who: str, given: dict, allowed: Sequence[str], command: str) -> 
     if unknown:
         raise ConfigError(f"{who}: unknown argument {unknown[0]!r} ({command} has no --{unknown[0].replace('_', '-')});"
                           f" known: {', '.join(sorted(allowed))}")
+
+
+def _unneutralised(cell: str) -> str:
+    """A predictions.csv cell without the ``'`` that report._csv puts before a formula-like one."""
+    from ensemble.report import FORMULA_STARTS
+
+    return cell[1:] if cell.startswith("'") and cell.lstrip("'").startswith(FORMULA_STARTS) else cell
 
 
 def _images_arg(images: Union[str, "os.PathLike", Sequence]) -> Union[str, list]:

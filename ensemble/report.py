@@ -29,8 +29,17 @@ def predictions_csv(image_names: Sequence[str], probs: np.ndarray, classes: Sequ
     return "\n".join(lines) + "\n"
 
 
+#: A cell a spreadsheet would read as a formula (or as a command, through DDE) starts with one of these.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
 def _csv(value: str) -> str:
+    """A CSV cell: quoted where it holds a comma, quote or line break; one that a spreadsheet would
+    run as a formula (``=HYPERLINK(...)``, ``+1``, ``-1+1``, ``@SUM``) gets a leading ``'``, which
+    spreadsheets show as text (probabilities.parquet keeps the names as they are)."""
     value = str(value)
+    if value.lstrip("'").startswith(FORMULA_STARTS):  # (and "'=x" -> "''=x": each name reads back as it was)
+        value = "'" + value
     if any(c in value for c in ',"\n\r'):
         return '"' + value.replace('"', '""') + '"'
     return value

@@ -23,3 +23,23 @@ def test_build_report_carries_calibration_and_selection_into_report_json():
     assert report["ensemble"]["calibration"] == CALIBRATION
     assert report["ensemble"]["selection"] == SELECTION
     assert json.loads(json.dumps(json_safe(report), allow_nan=False))["ensemble"]["selection"] == SELECTION
+
+
+def test_predictions_csv_cells_a_spreadsheet_would_run_are_text_and_read_back_as_named():
+    """Image names and labels starting with = + - @ get a leading ' (spreadsheets show the cell as
+    text, not a formula); csv readers get the other cells as written; ensemble.api reads every name back."""
+    import csv
+    import io
+
+    import numpy as np
+
+    from ensemble.api import _unneutralised
+    from ensemble.report import predictions_csv
+
+    names = ['=HYPERLINK("http://x","y")', "+1", "-2+3", "@SUM(A1)", "'=quoted", "plain,comma", "ok"]
+    classes = ["cat", "=cmd|' /C calc'!A0"]
+    probs = np.array([[0.9, 0.1], [0.2, 0.8]] * 3 + [[0.6, 0.4]])
+    rows = list(csv.reader(io.StringIO(predictions_csv(names, probs, classes))))[1:]
+    assert [r[0] for r in rows] == ["'" + n for n in names[:5]] + ["plain,comma", "ok"]
+    assert rows[1][1] == "'=cmd|' /C calc'!A0" and rows[0][1] == "cat"
+    assert [_unneutralised(r[0]) for r in rows] == names and _unneutralised(rows[1][1]) == classes[1]
