@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional
 
-from ensemble.errors import ConfigError  # raised by the checks below; many modules import it from here
+from ensemble.errors import ConfigError, redact  # ConfigError: raised by the checks below; many modules import it from here
 
 ARCHS = (
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
@@ -147,7 +147,9 @@ class EnsembleConfig:
         return self.replace(arch=arch, recipes=None, **recipe)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The settings as written to run.json, config.yaml, report.json and MLflow's params: a URL's
+        user and password (``--mlflow-uri https://user:token@host``) replaced (errors.redact)."""
+        return {k: redact(v) if isinstance(v, str) else v for k, v in dataclasses.asdict(self).items()}
 
 
 # Every numeric setting's range, checked when a config is built (before anything is written), each

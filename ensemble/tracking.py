@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ensemble import storage
-from ensemble.errors import ConfigError
+from ensemble.errors import ConfigError, redact
 
 log = logging.getLogger("ensemble.tracking")
 
@@ -141,7 +141,7 @@ class RunTracking:
                                             tags={"ensemble.run_key": key, "ensemble.run_folder": folder}).info.run_id
                 client.log_batch(created, params=_params(cfg.to_dict()))
             log.info("MLflow: %s run %s of experiment %r at %s", "continuing" if run_id else "logging to",
-                     run_id or created, self.experiment, self.uri)
+                     run_id or created, self.experiment, redact(self.uri))
             self.client, self.run_id = client, run_id or created
         except Exception as exc:  # noqa: BLE001 - tracking never stops a run
             self._failed("opening the run", exc)
@@ -254,7 +254,8 @@ def _warn(uri: str, what: str, exc: BaseException) -> None:
     # MLflow wraps a connection's failure in a long message; its last cause says what happened
     cause = re.search(r"\[Errno -?\d+\] [^'\")]+|timed out", text)
     reason = cause.group(0) if cause else f"{type(exc).__name__}: {(text.strip().splitlines() or [''])[0][:160]}"
-    log.warning("warning: MLflow tracking at %s: %s failed (%s); the run goes on without it", uri, what, reason)
+    log.warning("warning: MLflow tracking at %s: %s failed (%s); the run goes on without it", redact(uri), what,
+                redact(reason))
 
 
 def _client(uri: str):

@@ -183,3 +183,33 @@ def test_unreachable_server_is_one_warning_line_and_the_run_goes_on(monkeypatch,
     assert lines == [f"warning: MLflow tracking at {uri}: opening the run failed ([Errno 111] Connection refused); "
                      f"the run goes on without it"]
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
+
+
+def test_credentials_in_the_tracking_uri_reach_no_file_log_line_or_parameter(monkeypatch, tmp_path, caplog):
+    """--mlflow-uri http://user:TOKEN@host: run.json, config.yaml, run.lock (the command line), the
+    resume line, MLflow's params and the warning line name the host, never the user or token."""
+    pytest.importorskip("mlflow")
+    import sys
+
+    from ensemble import run_lock
+    from ensemble.run_folder import save_run_config
+    from ensemble.tracking import _params
+
+    secret = "s3cr3t-t0ken"
+    uri = f"http://alice:{secret}@127.0.0.1:{free_port()}"
+    argv = ["python -m ensemble.driver", "--mlflow", "--mlflow-uri", uri, "--output", str(tmp_path / "run")]
+    monkeypatch.setattr(sys, "argv", argv)
+    cfg = EnsembleConfig(mlflow=True, mlflow_uri=uri, output=str(tmp_path / "run"))
+    assert cfg.mlflow_uri == uri and tracking_uri(cfg, cfg.output) == uri  # what it logs to: the real one
+    save_run_config(cfg.output, cfg, [1], {"arch": "resnet18"}, None)
+    with run_lock.RunLock(cfg.output):
+        lock = (tmp_path / "run" / "run.lock").read_text()
+        written = {name: (tmp_path / "run" / name).read_text() for name in ("run.json", "config.yaml")}
+    with caplog.at_level(logging.INFO):
+        with RunTracking(uri) as parent:
+            parent.start(cfg, cfg.output, {}, fresh=False)
+    params = " ".join(p.value for p in _params(cfg.to_dict()))
+    for text in (lock, *written.values(), params, caplog.text):
+        assert secret not in text and "alice" not in text
+    assert "http://***@127.0.0.1" in written["run.json"] and "http://***@127.0.0.1" in caplog.text
+    assert "--mlflow-uri http://***@127.0.0.1" in lock
