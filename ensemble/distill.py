@@ -36,7 +36,7 @@ import numpy as np
 
 from ensemble import storage
 from ensemble.config import AUGMENTS, ARCHS, CACHE_TIERS, FREEZE_STAGES, ConfigError, EnsembleConfig, build_config
-from ensemble.errors import RunError, exit_process, run_cli
+from ensemble.errors import RunError, exit_process, run_cli, stop_on_sigterm
 from ensemble.run_folder import STUDENT_FILES
 
 log = logging.getLogger("ensemble.distill")
@@ -305,6 +305,7 @@ def distill(run: str, output: str, flags: dict, *, temperature: float, alpha: fl
     from ensemble.driver import run as run_pipeline
     from ensemble.run_folder import REPORT_SHA256, _read_report, check_output, check_outside, load_run
     from ensemble.report import write_json
+    from ensemble.run_lock import RunLock
 
     temperature, alpha = check_kd("kd_temperature", temperature), check_kd("kd_alpha", alpha)
     teacher = load_run(run)  # an unfinished or altered run is one line here
@@ -324,28 +325,30 @@ def distill(run: str, output: str, flags: dict, *, temperature: float, alpha: fl
         raise ConfigError(f"--run {run}: its data {cfg.data} now has classes {list(index.classes)[:5]}..., not the "
                           f"{len(teacher.classes)} the run trained on; restore the data the run used")
 
-    spec = Distillation(run=run, temperature=temperature, alpha=alpha, report_sha256=sha)
-    report = run_pipeline(cfg, fresh=fresh, distillation=spec)
+    # the student's folder is locked from its run's first write to distill.json (run_lock.py)
+    with RunLock(check_output(cfg.output)) as lock:
+        spec = Distillation(run=run, temperature=temperature, alpha=alpha, report_sha256=sha)
+        report = run_pipeline(cfg, fresh=fresh, distillation=spec, lock=lock)
 
-    student = load_run(output)
-    # per architecture, once: the ensemble's members share a few (the study's: one, nine times)
-    gflops = {a: gflops_per_image(a, len(teacher.classes), cfg.image_size) for a in {*teacher.archs, cfg.arch}}
-    speed = None
-    if speed_images:
-        log.info("timing inference: the ensemble's %d members, then the student, on %d val images",
-                 len(teacher.states), min(speed_images, index.val.num_rows))
-        speed = inference_speed(teacher, student, val_pixels(index, cfg, speed_images))
-    summary = distill_summary(teacher_report, report, teacher_params=total_params(teacher_report, teacher.archs),
-                              student_params=total_params(report, [cfg.arch]),
-                              teacher_gflops=sum(gflops[a] for a in teacher.archs), student_gflops=gflops[cfg.arch],
-                              speed=speed)
-    summary = {"run": run, "output": output, "arch": cfg.arch, "teacher_arch": teacher.config.arch,
-               "kd_temperature": temperature, "kd_alpha": alpha, "teacher_targets": "soft vote, eval view, once",
-               **summary}
-    write_json(storage.join(output, STUDENT_FILES[1]), summary)
-    storage.write_text(storage.join(output, STUDENT_FILES[2]),
-                       summary_markdown(summary, run=run, output=output, arch=cfg.arch,
-                                        teacher_arch=teacher.config.arch))
+        student = load_run(output)
+        # per architecture, once: the ensemble's members share a few (the study's: one, nine times)
+        gflops = {a: gflops_per_image(a, len(teacher.classes), cfg.image_size) for a in {*teacher.archs, cfg.arch}}
+        speed = None
+        if speed_images:
+            log.info("timing inference: the ensemble's %d members, then the student, on %d val images",
+                     len(teacher.states), min(speed_images, index.val.num_rows))
+            speed = inference_speed(teacher, student, val_pixels(index, cfg, speed_images))
+        summary = distill_summary(teacher_report, report, teacher_params=total_params(teacher_report, teacher.archs),
+                                  student_params=total_params(report, [cfg.arch]),
+                                  teacher_gflops=sum(gflops[a] for a in teacher.archs), student_gflops=gflops[cfg.arch],
+                                  speed=speed)
+        summary = {"run": run, "output": output, "arch": cfg.arch, "teacher_arch": teacher.config.arch,
+                   "kd_temperature": temperature, "kd_alpha": alpha, "teacher_targets": "soft vote, eval view, once",
+                   **summary}
+        write_json(storage.join(output, STUDENT_FILES[1]), summary)
+        storage.write_text(storage.join(output, STUDENT_FILES[2]),
+                           summary_markdown(summary, run=run, output=output, arch=cfg.arch,
+                                            teacher_arch=teacher.config.arch))
     v = summary["val"]
     kept = "n/a" if summary["gain_kept"] is None else f"{summary['gain_kept']:.0%}"
     print(f"student val acc {v['student']['accuracy']:.4f} vs ensemble {v['ensemble']['accuracy']:.4f}, mean member "
@@ -398,6 +401,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    stop_on_sigterm()  # as Ctrl-C: the lock released, temporary files removed, then one line
     argv = list(sys.argv[1:] if argv is None else argv)
     args = vars(_parser().parse_args(argv))
     run, output = args.pop("run"), args.pop("output")

@@ -12,6 +12,7 @@ inputs -> cluster -> image check -> output folder -> train -> vote -> report.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -20,20 +21,22 @@ from typing import Optional, Sequence
 from ensemble.bootstrap import check_bootstrap_size, member_counts, member_seeds
 from ensemble.cli import config_from_argv
 from ensemble.config import ConfigError, EnsembleConfig, cache_side
-from ensemble.errors import exit_process, run_cli
+from ensemble.errors import exit_process, redact, run_cli
 from ensemble.run_folder import (check_output, default_output, input_files, open_output, save_run_config,
                                  training_fingerprint, versions)
 from ensemble.run_lock import RunLock
 
 log = logging.getLogger("ensemble.driver")
 
-def run(cfg: EnsembleConfig, *, fresh: bool = False, distillation=None) -> dict:
+def run(cfg: EnsembleConfig, *, fresh: bool = False, distillation=None, lock: Optional[RunLock] = None) -> dict:
     """The whole pipeline; returns the report.
 
     Raises a UserError (errors.py) for what the user can fix, before anything is written
     to the output folder. ``fresh`` discards an earlier run in that folder instead of resuming it.
     ``distillation`` (``distill.Distillation``): the run is a student of that finished run, its
-    one member trained on the run's soft vote (``python -m ensemble.distill``).
+    one member trained on the run's soft vote (``python -m ensemble.distill``). ``lock``: the
+    output folder's lock, when the caller holds it (distill, which writes there after the run);
+    else the run takes it (run_lock.RunLock) before anything is written.
     """
     import numpy as np
     import ray
@@ -64,90 +67,98 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False, distillation=None) -> dict:
     needs = node_storage(check_output(cfg.output or default_output()), cfg.data or index.root, index,
                          bundled=cfg.data is None)
     output = needs.output  # absolute: members on every node name the same folder
-    tracked = RunTracking(tracking_uri(cfg, output), cfg.mlflow_experiment)  # --mlflow: tracking.py; else inert
+    # the folder's lock, before anything is written or the cluster is asked for work: one process
+    # writes a run folder at a time (run_lock.py), held until the run ends; a folder it created for
+    # a run refused below (an image check with --strict) is removed again
+    with contextlib.ExitStack() as stack:
+        held = lock if lock is not None else stack.enter_context(RunLock(output))
+        tracked = RunTracking(tracking_uri(cfg, output), cfg.mlflow_experiment)  # --mlflow: tracking.py; else inert
 
-    # cluster: join or start one, size GPU use and member slots to it
-    connect(cfg.address)
-    quiet_ray_data()
-    capacity = cluster_capacity()
-    sized = resolve_resources(cfg, capacity)  # CPUs and GPUs per member and voter, the voter pool
-    window = member_window(sized, capacity, sized.gpus_per_member)
-    # storage: every alive node sees --output and --data (a local folder only this node has would
-    # keep the members' files on their own nodes' disks); nodes that join later: each trainer checks
-    check_nodes_see_storage(needs, timeout_s=cfg.stall_timeout)
+        # cluster: join or start one, size GPU use and member slots to it
+        connect(cfg.address)
+        quiet_ray_data()
+        capacity = cluster_capacity()
+        sized = resolve_resources(cfg, capacity)  # CPUs and GPUs per member and voter, the voter pool
+        window = member_window(sized, capacity, sized.gpus_per_member)
+        # storage: every alive node sees --output and --data (a local folder only this node has would
+        # keep the members' files on their own nodes' disks); nodes that join later: each trainer checks
+        check_nodes_see_storage(needs, timeout_s=cfg.stall_timeout)
 
-    # image check + cache: every file decoded once in Ray tasks (unreadable ones skipped, or --strict
-    # stops); the pixels stay in the object store for the members and voters when they fit
-    store, whose = capacity.smallest_store()
-    index, skipped, cache = cache_images(index, cfg, max_bytes=cfg.cache_share * store, budget_from=whose)
+        # image check + cache: every file decoded once in Ray tasks (unreadable ones skipped, or --strict
+        # stops); the pixels stay in the object store for the members and voters when they fit
+        store, whose = capacity.smallest_store()
+        index, skipped, cache = cache_images(index, cfg, max_bytes=cfg.cache_share * store, budget_from=whose)
 
-    # output folder: the first write, under the folder's lock (one driver per run folder, held until
-    # the run ends); an earlier run there is resumed (same fingerprint) or refused
-    n_samples = cfg.bootstrap_size or index.train.num_rows
-    inputs = input_files(index)  # the train and val files' sizes and modification times
-    fingerprint = training_fingerprint(cfg, index, n_samples, inputs)
-    if distillation is not None:  # another teacher, or another loss, trains another student
-        fingerprint = {**fingerprint, "teacher": distillation.identity()}
-    with RunLock(output), tracked:
-        resuming = open_output(output, fingerprint, fresh=fresh, inputs=inputs)
-        resolved = sized.replace(data=index.root, output=output)
-        tracked.start(resolved, output, fingerprint, fresh=fresh)  # the MLflow parent run (continued on resume)
-        seeds = member_seeds(cfg.seed, cfg.members)
-        save_run_config(output, resolved, seeds, fingerprint, inputs)
-        # vote: val (report), test (predictions) and, for out-of-bag scores, train. With the pixels in
-        # the cache each member scores them as it finishes (no pool to start once training ends).
-        splits = {"val": index.val, "test": index.test}
-        if cfg.bagging == "bootstrap":
-            splits["train"] = index.train
-        vote_table = stack_splits(splits)[0] if cache is not None else None
-        for line in plan_lines(resolved, params, index.sizes(), num_classes, members_vote=vote_table is not None):
-            log.info(line)
-        grows = " (with the nodes its autoscaler may add)" if capacity.autoscaling else ""
-        log.info("running up to %d member(s) at once on %g CPU / %g GPU%s", window, capacity.most("CPU"),
-                 capacity.most("GPU"), grows)
+        # output folder: the first write; an earlier run there is resumed (same fingerprint) or refused
+        n_samples = cfg.bootstrap_size or index.train.num_rows
+        inputs = input_files(index)  # the train and val files' sizes and modification times
+        fingerprint = training_fingerprint(cfg, index, n_samples, inputs)
+        if distillation is not None:  # another teacher, or another loss, trains another student
+            fingerprint = {**fingerprint, "teacher": distillation.identity()}
+        held.check()  # (object stores: a driver that raced us to the lock within seconds)
+        with tracked:
+            resuming = open_output(output, fingerprint, fresh=fresh, inputs=inputs)
+            resolved = sized.replace(data=index.root, output=output)
+            tracked.start(resolved, output, fingerprint, fresh=fresh)  # the MLflow parent run (continued on resume)
+            seeds = member_seeds(cfg.seed, cfg.members)
+            save_run_config(output, resolved, seeds, fingerprint, inputs)
+            # vote: val (report), test (predictions) and, for out-of-bag scores, train. With the pixels in
+            # the cache each member scores them as it finishes (no pool to start once training ends).
+            splits = {"val": index.val, "test": index.test}
+            if cfg.bagging == "bootstrap":
+                splits["train"] = index.train
+            vote_table = stack_splits(splits)[0] if cache is not None else None
+            for line in plan_lines(resolved, params, index.sizes(), num_classes, members_vote=vote_table is not None):
+                log.info(line)
+            grows = " (with the nodes its autoscaler may add)" if capacity.autoscaling else ""
+            log.info("running up to %d member(s) at once on %g CPU / %g GPU%s", window, capacity.most("CPU"),
+                     capacity.most("GPU"), grows)
 
-        # teacher (a student only): the run's soft vote on every training row, once
-        teacher = distillation.teacher(resolved, index, cache, output) if distillation is not None else None
-        _Stop.check()
+            # teacher (a student only): the run's soft vote on every training row, once
+            teacher = distillation.teacher(resolved, index, cache, output) if distillation is not None else None
+            _Stop.check()
+            held.check()
 
-        # train: each member augments its bootstrap rows from the cache with threads of its own CPUs
-        t_train = time.time()
-        plan = MemberPlan(config=resolved, output=output, fingerprint=fingerprint, num_classes=num_classes,
-                          initial_state={a: ray.put(s) for a, s in initial_states.items() if s is not None},
-                          progress=show_progress(), cache=cache, teacher=teacher, tracking=tracked.members(),
-                          storage=needs)
-        summaries, weight_refs, vote_refs = train_members(
-            plan, seeds=seeds, train_table=index.train, val_table=index.val, gpus=resolved.gpus_per_member,
-            window=window, resuming=resuming, vote_table=vote_table)
-        _Stop.check()
+            # train: each member augments its bootstrap rows from the cache with threads of its own CPUs
+            t_train = time.time()
+            plan = MemberPlan(config=resolved, output=output, fingerprint=fingerprint, num_classes=num_classes,
+                              initial_state={a: ray.put(s) for a, s in initial_states.items() if s is not None},
+                              progress=show_progress(), cache=cache, teacher=teacher, tracking=tracked.members(),
+                              storage=needs)
+            summaries, weight_refs, vote_refs = train_members(
+                plan, seeds=seeds, train_table=index.train, val_table=index.val, gpus=resolved.gpus_per_member,
+                window=window, resuming=resuming, vote_table=vote_table)
+            _Stop.check()
+            held.check()
 
-        # vote: the members' own outputs, and one pass of the voter pool for those without them
-        t_vote = time.time()
-        voted = vote_splits(resolved, splits, weight_refs=weight_refs, num_classes=num_classes,
-                            gpus=resolved.gpus_per_infer_actor, cache=cache, member_votes=vote_refs)
-        _Stop.check()
+            # vote: the members' own outputs, and one pass of the voter pool for those without them
+            t_vote = time.time()
+            voted = vote_splits(resolved, splits, weight_refs=weight_refs, num_classes=num_classes,
+                                gpus=resolved.gpus_per_infer_actor, cache=cache, member_votes=vote_refs)
+            _Stop.check()
+            held.check()
 
-        # report: scores (data) -> report.json, predictions, figures, report.md -> the printed table
-        t_report = time.time()
-        oob = {}
-        if cfg.bagging == "bootstrap":
-            counts = np.stack([member_counts(cfg.bagging, s, index.train.num_rows, n_samples) for s in seeds])
-            oob = {"train_member_probs": voted["train"]["member_probs"], "train_labels": voted["train"]["label"],
-                   "counts": counts}
-        scores = score_run(voted["val"]["member_probs"], voted["val"]["label"], rule=cfg.vote, seed=cfg.seed,
-                            calibrate_on=cfg.calibrate_on, archs=[cfg.arch_of(i) for i in range(cfg.members)], **oob)
-        report = build_report(resolved, summaries=summaries, scores=scores, params=params, index=index,
-                              skipped=skipped, seeds=seeds, fingerprint=fingerprint, versions=versions(),
-                              seconds={"train": t_vote - t_train, "vote": t_report - t_vote})
-        write_report(output, report, val=voted["val"], test=voted["test"], classes=index.classes,
-                     started=started)
-        tracked.finish(report, output)
-        print(format_table(report["members"], report["ensemble"]["val_acc"], cfg.vote))
-        if skipped:
-            print(f"skipped {len(skipped)} unreadable image file(s); listed in report.json under skipped_files")
-        print(f"outputs in {output}: predictions.csv, probabilities.parquet, report.json, report.md, figures/, "
-              f"members/")
-        return report
+            # report: scores (data) -> report.json, predictions, figures, report.md -> the printed table
+            t_report = time.time()
+            oob = {}
+            if cfg.bagging == "bootstrap":
+                counts = np.stack([member_counts(cfg.bagging, s, index.train.num_rows, n_samples) for s in seeds])
+                oob = {"train_member_probs": voted["train"]["member_probs"], "train_labels": voted["train"]["label"],
+                       "counts": counts}
+            scores = score_run(voted["val"]["member_probs"], voted["val"]["label"], rule=cfg.vote, seed=cfg.seed,
+                                calibrate_on=cfg.calibrate_on, archs=[cfg.arch_of(i) for i in range(cfg.members)], **oob)
+            report = build_report(resolved, summaries=summaries, scores=scores, params=params, index=index,
+                                  skipped=skipped, seeds=seeds, fingerprint=fingerprint, versions=versions(),
+                                  seconds={"train": t_vote - t_train, "vote": t_report - t_vote})
+            write_report(output, report, val=voted["val"], test=voted["test"], classes=index.classes,
+                         started=started)
+            tracked.finish(report, output)
+            print(format_table(report["members"], report["ensemble"]["val_acc"], cfg.vote))
+            if skipped:
+                print(f"skipped {len(skipped)} unreadable image file(s); listed in report.json under skipped_files")
+            print(f"outputs in {output}: predictions.csv, probabilities.parquet, report.json, report.md, figures/, "
+                  f"members/")
+            return report
 
 
 def dry_run(cfg: EnsembleConfig) -> int:
@@ -215,7 +226,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, `kill`, `ray job stop`: the same clean stop
         signal.signal(sig, _Stop.on_signal)      # (cluster.connect puts them back after ray.init)
     argv = list(sys.argv[1:] if argv is None else argv)
-    again = " ".join(["python -m ensemble.driver", *[a for a in argv if a != "--fresh"]])
+    again = redact(" ".join(["python -m ensemble.driver", *[a for a in argv if a != "--fresh"]]))
     return run_cli(lambda: _run_argv(argv), interrupted=(
         f"interrupted: members stopped; finished members and epoch checkpoints are kept. "
         f"To resume, run the same command with the same --output: {again}"))

@@ -27,6 +27,7 @@ back the error itself. Ray Data keeps the class only with ``raise_original_map_e
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Callable, Optional, TypeVar
 
@@ -74,6 +75,16 @@ class RunError(UserError):
     file (``checkpoint.CheckpointError``)."""
 
 
+_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the user and password of every URL in it replaced: ``https://u:t@host/x`` ->
+    ``https://***@host/x``. For what is written to a file, a log line or a tracking parameter
+    (``--mlflow-uri``, an ``s3://KEY:SECRET@bucket`` path, the command line in run.lock)."""
+    return _USERINFO.sub("***@", text) if "://" in text else text
+
+
 def worker_error(exc: BaseException) -> BaseException:
     """The EnsembleError a Ray worker raised, when ``exc`` carries one; else ``exc`` as it is.
 
@@ -104,6 +115,19 @@ def run_cli(body: Callable[[], T], *, interrupted: Optional[str] = None, system_
     if system_exit:
         raise SystemExit(code)
     return code
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (``kill``, ``ray job stop``, a scheduler ending a job) ends the command as Ctrl-C
+    does: a KeyboardInterrupt that ``run_cli`` turns into its ``interrupted`` line, after the
+    command's own clean-up ran (its run folder's lock released, an MLflow run marked KILLED, a
+    temporary folder removed). For ``main()`` only, in the main thread."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def exit_process(code: int) -> None:

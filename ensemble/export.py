@@ -44,7 +44,7 @@ from torch import nn
 
 from ensemble import storage
 from ensemble.config import ConfigError, cache_side
-from ensemble.errors import EnsembleError, StorageError, UserError, run_cli
+from ensemble.errors import EnsembleError, StorageError, UserError, run_cli, stop_on_sigterm
 from ensemble.run_folder import MEMBER_CHOICES, FinishedRun, load_run
 
 log = logging.getLogger("ensemble.export")
@@ -339,6 +339,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    stop_on_sigterm()  # as Ctrl-C: the lock released, temporary files removed, then one line
     args = _parser().parse_args(argv)
 
     def export() -> int:

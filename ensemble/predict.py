@@ -16,15 +16,18 @@ against the sha256 recorded when it finished.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import time
+import uuid
 from typing import Optional, Sequence, Union
 
 from ensemble import storage
 from ensemble.config import ConfigError
-from ensemble.errors import run_cli
+from ensemble.errors import run_cli, stop_on_sigterm
 from ensemble.run_folder import MEMBER_CHOICES, check_output, check_outside, load_run, versions
+from ensemble.run_lock import LOCK_NAME, RunLock
 
 
 def predict(run: str, images: Union[str, Sequence[str]], output: str, *, address: Optional[str] = None,
@@ -34,18 +37,11 @@ def predict(run: str, images: Union[str, Sequence[str]], output: str, *, address
     (a folder, flat or of class folders, or a list of image files); write the outputs to
     ``output``; return predict.json's content. ``kept=False`` (the Python API's temporary
     folder): the summary line does not name a folder that is about to be removed."""
-    import ray
-
-    from ensemble.cluster import cluster_capacity, connect, resolve_resources
-    from ensemble.data import image_rows, quiet_ray_data, scan_images
-    from ensemble.image_check import check_files
-    from ensemble.report import write_json, write_predictions
-    from ensemble.scores.vote import vote_outputs
-    from ensemble.vote_stage import vote_splits
+    from ensemble.data import image_rows, scan_images
 
     started = time.time()
     finished = load_run(run, members)
-    cfg, classes, temperature = finished.config, finished.classes, finished.temperature
+    classes = finished.classes
     if isinstance(images, str):
         table, labelled = scan_images(images, classes)
     else:  # the Python API's list of files (ensemble.api.Run.predict)
@@ -54,7 +50,57 @@ def predict(run: str, images: Union[str, Sequence[str]], output: str, *, address
     root = images if isinstance(images, str) else f"({len(images)} files)"
     output = check_output(output)
     check_outside(run, output)
+    check_predict_output(output, run, images)
+    with RunLock(output):  # one process writes the folder at a time (run_lock.py), from here on
+        return _predict(finished, run, images, table, labelled, root, output, started, address=address,
+                        infer_actors=infer_actors, strict=strict, members=members, kept=kept)
 
+
+def _same_place(a, b) -> bool:
+    if isinstance(a, str) and isinstance(b, str) and not storage.is_uri(a) and not storage.is_uri(b):
+        return os.path.realpath(a) == os.path.realpath(b)
+    return a == b
+
+
+def check_predict_output(output: str, run: str, images) -> None:
+    """ConfigError (one line) unless ``output`` is new, empty, or an earlier predict of the same
+    run on the same images (then rewritten): a run's folder, another predict's or any other
+    files are never overwritten."""
+    if not storage.is_dir(output):
+        if storage.exists(output) and storage.is_local(output):
+            raise ConfigError(f"--output {output}: is a file; name a folder for the predictions")
+        return
+    names = {name for name, _ in storage.list_dir(output)} - {LOCK_NAME}
+    if not names:
+        return
+    if "run.json" in names or "members" in names:
+        raise ConfigError(f"--output {output}: holds a training run (run.json, members/), whose files predict would "
+                          f"overwrite; pick a new folder for the predictions")
+    if "predict.json" in names:
+        try:
+            earlier = json.loads(storage.read_bytes(storage.join(output, "predict.json")))
+        except (OSError, ValueError):
+            earlier = {}
+        if _same_place(earlier.get("run"), run) and _same_place(earlier.get("images"), images):
+            return
+        raise ConfigError(f"--output {output}: holds the predictions of another run or other images "
+                          f"(its predict.json); pick a new folder, or remove that one")
+    raise ConfigError(f"--output {output}: is not empty ({', '.join(sorted(names)[:3])}...), and predict writes "
+                      f"predictions.csv, probabilities.parquet and predict.json there; pick a new or empty folder")
+
+
+def _predict(finished, run, images, table, labelled, root, output, started, *, address, infer_actors, strict,
+             members, kept) -> dict:
+    import ray
+
+    from ensemble.cluster import cluster_capacity, connect, resolve_resources
+    from ensemble.data import quiet_ray_data
+    from ensemble.image_check import check_files
+    from ensemble.report import write_json, write_predictions
+    from ensemble.scores.vote import vote_outputs
+    from ensemble.vote_stage import vote_splits
+
+    cfg, classes, temperature = finished.config, finished.classes, finished.temperature
     connect(address)
     quiet_ray_data()
     # The run's vote recipe (image size, eval resize, TTA, rule) on this cluster's resources.
@@ -87,13 +133,18 @@ def predict(run: str, images: Union[str, Sequence[str]], output: str, *, address
     return summary
 
 
+def default_predict_output() -> str:
+    """runs/predict-<date>-<time>-<6 hex digits>: predicts started in the same second get folders of their own."""
+    return os.path.join("runs", f"predict-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ensemble.predict",
                                 description="Label images with a finished run's members (soft vote).")
     p.add_argument("--run", required=True, help="the --output folder of a finished ensemble.driver run")
     p.add_argument("--images", required=True, help="a flat folder of images, or class folders (then scored); "
                                                    "local or s3://...")
-    p.add_argument("--output", help="where predictions go (default: runs/predict-<timestamp>)")
+    p.add_argument("--output", help="a new or empty folder for the predictions (default: runs/predict-<date>-<time>-<6 hex digits>)")
     p.add_argument("--infer-actors", type=int, help="soft-vote actor pool size (default: the run's)")
     p.add_argument("--address", help="Ray cluster address, as for ensemble.driver")
     p.add_argument("--strict", action="store_true", help="stop if any image is unreadable (default: skip, list)")
@@ -105,8 +156,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    stop_on_sigterm()  # as Ctrl-C: the lock released, temporary files removed, then one line
     args = _parser().parse_args(argv)
-    output = args.output or os.path.join("runs", time.strftime("predict-%Y%m%d-%H%M%S"))
+    output = args.output or default_predict_output()
 
     def label() -> int:
         if args.infer_actors is not None and args.infer_actors < 1:

@@ -8,6 +8,7 @@ members' files (member_files.py) follow. No Ray here.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -21,7 +22,7 @@ from typing import Optional
 
 from ensemble import storage
 from ensemble.config import ConfigError, EnsembleConfig, build_config
-from ensemble.errors import RunError
+from ensemble.errors import RunError, StorageError
 
 log = logging.getLogger("ensemble.run_folder")
 
@@ -65,13 +66,22 @@ def check_writable_place(output: str, *, folder: bool = True) -> None:
 def check_outside(run: str, output: str) -> None:
     """ConfigError when ``output`` is the run's folder or lies inside it (predict would overwrite
     the run's own predictions.csv; distill or export would write among its members)."""
-    if storage.is_uri(run) or storage.is_uri(output):
-        run_path, out_path, sep = run.rstrip("/"), output.rstrip("/"), "/"
+    if storage.is_uri(run) or storage.is_uri(output):  # the scheme's case is not the key's: S3:// is s3://
+        run_path, out_path, sep = _uri_key(run), _uri_key(output), "/"
     else:
         run_path, out_path, sep = os.path.realpath(run), os.path.realpath(output), os.sep
     if out_path == run_path or out_path.startswith(run_path + sep):
         raise ConfigError(f"--output {output}: inside the run folder {run}, whose own files it would overwrite; "
                           f"pick a folder outside it")
+
+
+def _uri_key(path: str) -> str:
+    """The object ``path`` names, as storage resolves it (``S3://b/k`` and ``s3://b/k/`` are one)."""
+    parts = storage._split_bucket_uri(path)
+    if parts is None:
+        return path.rstrip("/") if storage.is_uri(path) else "file://" + os.path.realpath(path)
+    scheme, bucket, key = parts
+    return f"{scheme}://{bucket}/{key}".rstrip("/")
 
 
 def default_output() -> str:
@@ -160,8 +170,19 @@ def open_output(output: str, fingerprint: dict, *, fresh: bool, inputs=None) -> 
     naming what differs (with ``inputs``, ``input_files`` of this run: the first file that
     changed). The caller holds the folder's lock (run_lock.RunLock).
 
-    Returns True when an earlier run's members may be reused.
+    Returns True when an earlier run's members may be reused. Storage that fails (a folder it
+    may not read, a file where a folder should be) is one line (StorageError); nothing is removed.
     """
+    try:
+        return _open_output(output, fingerprint, fresh=fresh, inputs=inputs)
+    except StorageError:
+        raise
+    except OSError as exc:
+        raise StorageError(f"--output {output}: cannot use it ({storage._reason(exc)}); check its permissions, "
+                           f"or pick another folder") from None
+
+
+def _open_output(output: str, fingerprint: dict, *, fresh: bool, inputs=None) -> bool:
     previous = storage.join(output, "run.json")
     resuming = False
     if storage.exists(previous):
@@ -171,9 +192,10 @@ def open_output(output: str, fingerprint: dict, *, fresh: bool, inputs=None) -> 
                 if storage.exists(storage.join(output, name)):
                     storage.remove(storage.join(output, name))
         else:
+            data = storage.read_stored(previous)  # a read that fails: StorageError, one line, nothing removed
             try:
-                old = json.loads(storage.read_bytes(previous)).get("fingerprint")
-            except ValueError:
+                old = json.loads(data or b"").get("fingerprint")
+            except (ValueError, AttributeError):
                 old = None
             if old != fingerprint:
                 changed = _differences(output, old or {}, fingerprint, inputs)
@@ -306,6 +328,10 @@ def load_run(run: str, members: str = "all") -> FinishedRun:
     except (OSError, ValueError):
         raise ConfigError(f"--run {run}: no readable run.json; pass the --output folder of a finished "
                           f"'python -m ensemble.driver' run") from None
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict) \
+            or not isinstance(record.get("fingerprint"), dict) or "classes" not in record["fingerprint"]:
+        raise RunError(f"--run {run}: its run.json has no config, fingerprint or classes (changed since the driver "
+                       f"wrote it); restore it, or rerun the driver with --output {run} --fresh")
     cfg = build_config(flag_values=record["config"])
     report = _read_report(run)  # checked against its sha256 when the run recorded one
     used, weights = list(range(cfg.members)), None
@@ -323,9 +349,37 @@ def load_run(run: str, members: str = "all") -> FinishedRun:
         if finished is None:
             raise RunError(f"--run {run}: member {i} has not finished; rerun the driver with --output {run} "
                            f"to finish the run first")
+        check_member_shapes(finished[1], cfg.arch_of(i), len(record["fingerprint"]["classes"]), f"--run {run}: member {i}")
         states.append(finished[1])
     return FinishedRun(config=cfg, fingerprint=record["fingerprint"], states=states, temperature=temperature,
                        members=used, weights=weights)
+
+
+@functools.lru_cache(maxsize=8)
+def _member_shapes(arch: str, num_classes: int) -> dict:
+    import torch
+
+    from ensemble.models import make_member_model
+
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        model = make_member_model(arch, num_classes, None, "none")
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_member_shapes(state: dict, arch: str, num_classes: int, what: str) -> None:
+    """RunError (one line) when a member's state dict is not one of ``arch`` for ``num_classes``
+    classes (a file replaced together with its recorded hash, or a run.json edited since)."""
+    expected = _member_shapes(arch, num_classes)
+    got = {k: tuple(getattr(v, "shape", ())) for k, v in state.items()}
+    if got == expected:
+        return
+    missing, extra = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
+    wrong = [k for k in expected.keys() & got.keys() if expected[k] != got[k]]
+    problem = (f"{wrong[0]} is {list(got[wrong[0]])}, not {list(expected[wrong[0]])}" if wrong
+               else f"{len(missing)} tensors missing ({', '.join(missing[:2])})" if missing
+               else f"{len(extra)} tensors it should not have ({', '.join(extra[:2])})")
+    raise RunError(f"{what}: its model.pt is not a {arch} for {num_classes} classes ({problem}); restore the run's "
+                   f"files, or train it again with --fresh")
 
 
 def _temperature(report: Optional[dict], part: str, run: str) -> Optional[float]:

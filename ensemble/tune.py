@@ -33,7 +33,7 @@ from ensemble import storage
 from ensemble.cluster import cluster_capacity, connect, fit_cpus, resolve_gpus
 from ensemble.config import (AUGMENTS, ARCHS, INT_RANGES, NUMBER_RANGES, PRECISIONS, ConfigError, EnsembleConfig,
                              check_gpus, check_int, check_number, config_with_preset, load_yaml)
-from ensemble.errors import run_cli
+from ensemble.errors import run_cli, stop_on_sigterm
 from ensemble.trials import best_config_values, format_table, pick_best, summarize_trial, trials_csv
 from ensemble.run_folder import check_output
 
@@ -191,6 +191,7 @@ def run_search(base: EnsembleConfig, search: SearchSettings) -> dict:
     from ensemble.digits import ensure_digits
     from ensemble.models import build_model, load_initial_weights, resolve_weights
     from ensemble.run_folder import versions
+    from ensemble.run_lock import RunLock
 
     started = time.time()
     # config -> data index (names only) -> weights -> output (checked, not yet written)
@@ -206,63 +207,65 @@ def run_search(base: EnsembleConfig, search: SearchSettings) -> dict:
     if not storage.is_uri(output):
         output = os.path.abspath(output)  # Tune runs trials in their own working directories
 
-    # ray.init -> resources -> every image decoded once (unreadable files skipped)
-    connect(base.address)
-    quiet_ray_data()
-    resources = trial_resources(search)
-    index, skipped = check_images(index, base)
-    log.info("search: %d trials x up to %d epochs of %s (%d classes; train %d, val %d images), lr %g..%g, "
-             "freeze %s; %g CPU + %g GPU per trial", search.trials, search.max_epochs, base.arch, num_classes,
-             index.train.num_rows, index.val.num_rows, search.lr_min, search.lr_max, "/".join(FREEZE_CHOICES),
-             resources["cpu"], resources["gpu"])
-    storage.makedirs(output)
+    # one process writes the folder at a time (run_lock.py), from before the cluster is asked for work
+    with RunLock(output):
+        # ray.init -> resources -> every image decoded once (unreadable files skipped)
+        connect(base.address)
+        quiet_ray_data()
+        resources = trial_resources(search)
+        index, skipped = check_images(index, base)
+        log.info("search: %d trials x up to %d epochs of %s (%d classes; train %d, val %d images), lr %g..%g, "
+                 "freeze %s; %g CPU + %g GPU per trial", search.trials, search.max_epochs, base.arch, num_classes,
+                 index.train.num_rows, index.val.num_rows, search.lr_min, search.lr_max, "/".join(FREEZE_CHOICES),
+                 resources["cpu"], resources["gpu"])
+        storage.makedirs(output)
 
-    trainable = tune.with_resources(
-        tune.with_parameters(train_trial, base=base, train_table=index.train, val_table=index.val,
-                             num_classes=num_classes, initial_state=initial_state,
-                             max_epochs=search.max_epochs, threads=search.cpus_per_trial),
-        resources=resources)
-    tuner = tune.Tuner(
-        trainable,
-        param_space={"lr": tune.loguniform(search.lr_min, search.lr_max), "freeze": tune.choice(FREEZE_CHOICES)},
-        tune_config=tune.TuneConfig(
-            metric="val_acc", mode="max", num_samples=search.trials,
-            reuse_actors=True,  # one process per concurrent trial: torch is imported once, not per trial
-            search_alg=BasicVariantGenerator(random_state=base.seed),  # same seed -> same sampled configs
-            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=search.max_epochs,
-                                    grace_period=min(ASHA_GRACE_EPOCHS, search.max_epochs),
-                                    reduction_factor=ASHA_REDUCTION_FACTOR)),
-        run_config=tune.RunConfig(name=time.strftime("ray_tune-%Y%m%d-%H%M%S"), storage_path=output, verbose=0))
-    results = tuner.fit()
+        trainable = tune.with_resources(
+            tune.with_parameters(train_trial, base=base, train_table=index.train, val_table=index.val,
+                                 num_classes=num_classes, initial_state=initial_state,
+                                 max_epochs=search.max_epochs, threads=search.cpus_per_trial),
+            resources=resources)
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"lr": tune.loguniform(search.lr_min, search.lr_max), "freeze": tune.choice(FREEZE_CHOICES)},
+            tune_config=tune.TuneConfig(
+                metric="val_acc", mode="max", num_samples=search.trials,
+                reuse_actors=True,  # one process per concurrent trial: torch is imported once, not per trial
+                search_alg=BasicVariantGenerator(random_state=base.seed),  # same seed -> same sampled configs
+                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=search.max_epochs,
+                                        grace_period=min(ASHA_GRACE_EPOCHS, search.max_epochs),
+                                        reduction_factor=ASHA_REDUCTION_FACTOR)),
+            run_config=tune.RunConfig(name=time.strftime("ray_tune-%Y%m%d-%H%M%S"), storage_path=output, verbose=0))
+        results = tuner.fit()
 
-    rows = []
-    for result in results:
-        history = [] if result.metrics_dataframe is None else \
-            result.metrics_dataframe[["epoch", "val_acc"]].to_dict("records")
-        if result.error is not None:
-            log.error("trial %s failed: %s", result.path, str(result.error).strip().splitlines()[-1][:300])
-        rows.append(summarize_trial(_trial_id(result), result.config, history, max_epochs=search.max_epochs,
-                                    failed=result.error is not None))
-    rows.sort(key=lambda r: r["trial_id"])  # creation order: ids of one search share a prefix, end in a counter
-    best = pick_best(rows)
-    values = best_config_values(base, best, data=index.root if base.data is not None else None,
-                                carried_keys=search.carried_keys)
-    storage.write_text(storage.join(output, "best_config.yaml"), yaml.safe_dump(values, sort_keys=False))
-    storage.write_text(storage.join(output, "trials.csv"), trials_csv(rows))
-    summary = {"best_config": values, "best_trial": best["trial_id"], "trials": rows,
-               "search": {"trials": search.trials, "max_epochs": search.max_epochs, "lr_range": [search.lr_min, search.lr_max],
-                          "freeze_choices": list(FREEZE_CHOICES), "seed": base.seed, "resources_per_trial": resources,
-                          "asha": {"grace_period": ASHA_GRACE_EPOCHS, "reduction_factor": ASHA_REDUCTION_FACTOR}},
-               "base_config": base.to_dict(), "data": {"root": index.root, **index.sizes()},
-               "skipped_files": skipped, "ray_tune_dir": results.experiment_path,
-               "versions": versions(), "seconds": time.time() - started}
-    storage.write_text(storage.join(output, "tune_report.json"), json.dumps(summary, indent=2))
+        rows = []
+        for result in results:
+            history = [] if result.metrics_dataframe is None else \
+                result.metrics_dataframe[["epoch", "val_acc"]].to_dict("records")
+            if result.error is not None:
+                log.error("trial %s failed: %s", result.path, str(result.error).strip().splitlines()[-1][:300])
+            rows.append(summarize_trial(_trial_id(result), result.config, history, max_epochs=search.max_epochs,
+                                        failed=result.error is not None))
+        rows.sort(key=lambda r: r["trial_id"])  # creation order: ids of one search share a prefix, end in a counter
+        best = pick_best(rows)
+        values = best_config_values(base, best, data=index.root if base.data is not None else None,
+                                    carried_keys=search.carried_keys)
+        storage.write_text(storage.join(output, "best_config.yaml"), yaml.safe_dump(values, sort_keys=False))
+        storage.write_text(storage.join(output, "trials.csv"), trials_csv(rows))
+        summary = {"best_config": values, "best_trial": best["trial_id"], "trials": rows,
+                   "search": {"trials": search.trials, "max_epochs": search.max_epochs, "lr_range": [search.lr_min, search.lr_max],
+                              "freeze_choices": list(FREEZE_CHOICES), "seed": base.seed, "resources_per_trial": resources,
+                              "asha": {"grace_period": ASHA_GRACE_EPOCHS, "reduction_factor": ASHA_REDUCTION_FACTOR}},
+                   "base_config": base.to_dict(), "data": {"root": index.root, **index.sizes()},
+                   "skipped_files": skipped, "ray_tune_dir": results.experiment_path,
+                   "versions": versions(), "seconds": time.time() - started}
+        storage.write_text(storage.join(output, "tune_report.json"), json.dumps(summary, indent=2))
 
-    print(format_table(rows, best))
-    print("best config: " + ", ".join(f"{k}={v}" for k, v in values.items() if k in ("lr", "freeze", "epochs")))
-    print(f"outputs in {output}: best_config.yaml, trials.csv, tune_report.json; "
-          f"train with: python -m ensemble.driver --config {storage.join(output, 'best_config.yaml')}")
-    return summary
+        print(format_table(rows, best))
+        print("best config: " + ", ".join(f"{k}={v}" for k, v in values.items() if k in ("lr", "freeze", "epochs")))
+        print(f"outputs in {output}: best_config.yaml, trials.csv, tune_report.json; "
+              f"train with: python -m ensemble.driver --config {storage.join(output, 'best_config.yaml')}")
+        return summary
 
 
 def _trial_id(result) -> str:
@@ -275,13 +278,15 @@ def _trial_id(result) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    stop_on_sigterm()  # as Ctrl-C: the lock released, temporary files removed, then one line
     argv = list(sys.argv[1:] if argv is None else argv)
 
     def search() -> int:
         run_search(*settings_from_argv(argv))
         return 0
 
-    return run_cli(search)
+    return run_cli(search, interrupted="interrupted: the search stopped (best_config.yaml is written only when it "
+                                       "ends); rerun the same command to search again")
 
 
 if __name__ == "__main__":

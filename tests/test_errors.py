@@ -151,3 +151,39 @@ def test_exit_process_ends_with_the_code_after_flushing_what_was_written(tmp_pat
     assert proc.returncode == 3, proc.stderr
     assert proc.stdout == "printed last, no newline"
     assert proc.stderr.strip() == "logged last"
+
+
+def test_sigterm_is_a_clean_stop_for_every_command(tmp_path, monkeypatch):
+    """kill / ray job stop on predict, export, distill or tune: the command's clean-up runs (here a
+    run folder's lock is released) and it ends with its interrupted line and 130, as Ctrl-C does."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    from ensemble import distill, export, predict, tune
+
+    out = tmp_path / "folder"
+    script = textwrap.dedent(f"""
+        import os, signal, time
+        from ensemble.errors import run_cli, stop_on_sigterm
+        from ensemble.run_lock import RunLock
+        stop_on_sigterm()
+        def body():
+            with RunLock({str(out)!r}):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(30)
+        raise SystemExit(run_cli(body, interrupted="interrupted: stopped"))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 130 and done.stderr.strip().splitlines()[-1] == "interrupted: stopped"
+    assert not (out / "run.lock").exists()
+
+    missing = str(tmp_path / "no-run")
+    for module, argv in ((predict, ["--run", missing, "--images", missing]), (export, ["--run", missing, "--output", "x.onnx"]),
+                         (distill, ["--run", missing, "--output", str(tmp_path / "s")]), (tune, ["--trials", "0"])):
+        monkeypatch.setattr(signal, "signal", lambda sig, handler, module=module: installed.append((module, sig)))
+        installed = []
+        assert module.main(argv) == 2
+        assert (module, signal.SIGTERM) in installed, module.__name__
+    monkeypatch.undo()

@@ -389,6 +389,32 @@ def test_predict_reproduces_the_runs_test_outputs(run, tiny_digits, tmp_path):
     assert list(ours.columns) == list(theirs.columns)
     np.testing.assert_allclose(ours.drop(columns="image_name").to_numpy(),
                                theirs.drop(columns="image_name").to_numpy(), atol=1e-5)
+    from ensemble.config import ConfigError
+    from ensemble.predict import check_predict_output
+
+    # the same run on the same images may write that folder again (a rerun); other images may not
+    check_predict_output(str(tmp_path / "pred"), output, os.path.join(tiny_digits, "test"))
+    with pytest.raises(ConfigError, match="holds the predictions of another run or other images"):
+        check_predict_output(str(tmp_path / "pred"), output, os.path.join(tiny_digits, "val"))
+
+
+def test_predict_never_writes_into_another_run_or_a_full_folder(run, tiny_digits, tmp_path, capsys):
+    """--output naming another training run's folder, or any folder with other files: one line,
+    exit 2, the files there untouched; default folders of predicts started together differ."""
+    from ensemble.predict import default_predict_output, main
+
+    _, _, output = run
+    other, full = tmp_path / "other-run", tmp_path / "full"
+    for folder, name in ((other, "run.json"), (full, "notes.txt")):
+        folder.mkdir()
+        (folder / name).write_text("keep")
+        (folder / "predictions.csv").write_text("keep")
+    for folder, says in ((other, "holds a training run"), (full, "is not empty")):
+        code = main(["--run", output, "--images", os.path.join(tiny_digits, "test"), "--output", str(folder)])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and "\n" not in err and err.startswith(f"error: --output {folder}: {says}")
+        assert (folder / "predictions.csv").read_text() == "keep"
+    assert len({default_predict_output() for _ in range(20)}) == 20
 
 
 def test_the_api_docstrings_example_runs(run, tiny_digits, tmp_path, monkeypatch):
@@ -688,3 +714,36 @@ def test_user_error_in_a_ray_data_worker_reaches_the_driver_as_its_own_class(clu
     with pytest.raises(ray.exceptions.RayError, match="ZeroDivisionError"):
         watched(fails, stall_timeout=120, stalled=lambda waited: AssertionError(f"stalled {waited}"))
     assert "An exception was raised from a task" in capsys.readouterr().err
+
+
+def test_a_run_json_or_model_pt_changed_with_its_hash_is_one_line(run, tmp_path):
+    """A run.json without its config, and a member whose model.pt (and recorded sha256) were
+    replaced by one of another shape: one line each (RunError), not a KeyError or load_state_dict traceback."""
+    import shutil
+
+    import torch
+
+    from ensemble.checkpoint import sha256, torch_bytes
+    from ensemble.errors import RunError
+    from ensemble.run_folder import load_run
+
+    _, _, output = run
+    copy = tmp_path / "copy"
+    shutil.copytree(output, copy)
+    record = json.loads((copy / "run.json").read_text())
+    (copy / "run.json").write_text(json.dumps({k: v for k, v in record.items() if k != "config"}))
+    with pytest.raises(RunError, match=r"its run.json has no config, fingerprint or classes"):
+        load_run(str(copy))
+    (copy / "run.json").write_text(json.dumps(record))
+    member = copy / "members" / "member-1"
+    state = torch.load(member / "model.pt", weights_only=True)
+    state["fc.weight"] = torch.zeros(3, state["fc.weight"].shape[1])
+    data = torch_bytes(state)
+    (member / "model.pt").write_bytes(data)
+    meta = json.loads((member / "member.json").read_text())
+    meta["sha256"]["model.pt"] = sha256(data)
+    (member / "member.json").write_text(json.dumps(meta))
+    with pytest.raises(RunError) as info:
+        load_run(str(copy))
+    assert str(info.value).startswith(f"--run {copy}: member 1: its model.pt is not a ")
+    assert f"fc.weight is [3, {state['fc.weight'].shape[1]}], not [" in str(info.value)

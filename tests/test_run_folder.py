@@ -59,3 +59,39 @@ def test_a_replaced_weights_file_and_another_torch_are_refused(data, tmp_path, m
     monkeypatch.setattr(run_folder, "result_versions", lambda: {**real, "torch": "9.0"})
     with pytest.raises(ConfigError, match=rf"\(versions \(torch {real['torch']} then, 9.0 now\) differ\)"):
         _open(cfg, output)
+
+
+@pytest.mark.parametrize("run, output", [("s3://b/runs/r1", "S3://b/runs/r1"), ("s3://b/runs/r1", "s3://b/runs/r1/"),
+                                         ("s3://b/runs/r1", "S3://b/runs/r1/pred"), ("runs/r1", "./runs/x/../r1/pred")])
+def test_an_output_inside_the_run_is_refused_however_it_is_spelled(run, output):
+    """Storage resolves S3:// as s3:// and ignores a trailing slash; local paths are normalised."""
+    with pytest.raises(ConfigError, match="inside the run folder"):
+        run_folder.check_outside(run, output)
+    run_folder.check_outside("s3://b/runs/r1", "s3://b/runs/r10")  # a sibling is outside
+
+
+def test_a_run_folder_that_cannot_be_read_is_one_line_and_nothing_goes(data, tmp_path, monkeypatch):
+    """run.json there but not readable (EACCES, as a folder of another user's gives): StorageError in
+    one line naming the folder; the earlier run's files stay."""
+    import errno
+
+    from ensemble import storage
+    from ensemble.errors import StorageError
+
+    output = str(tmp_path / "run")
+    cfg = tiny_run_config(data, output)
+    _open(cfg, output)
+    real = storage.read_bytes
+
+    def denied(path):
+        if path.endswith("run.json"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        return real(path)
+
+    monkeypatch.setattr(storage, "READ_RETRY_S", (0.0, 0.0))
+    monkeypatch.setattr(storage, "read_bytes", denied)
+    with pytest.raises(StorageError) as info:
+        _open(cfg, output)
+    monkeypatch.undo()
+    assert "\n" not in str(info.value) and "run.json: Permission denied (EACCES)" in str(info.value)
+    assert (tmp_path / "run" / "run.json").exists()

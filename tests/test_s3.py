@@ -185,7 +185,7 @@ def test_run_lock_on_s3(s3_endpoint):
     out = f"s3://{BUCKET}/runs/locked"
     with RunLock(out) as lock:
         assert json.loads(storage.read_bytes(f"{out}/run.lock"))["token"] == lock.token
-        with pytest.raises(RunFolderBusy, match=rf"^--output {out} is in use by another driver \(pid {os.getpid()} "):
+        with pytest.raises(RunFolderBusy, match=rf"^--output {out} is in use by another process \(pid {os.getpid()} "):
             RunLock(out).acquire()
     assert not storage.exists(f"{out}/run.lock")
 
