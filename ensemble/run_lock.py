@@ -231,10 +231,18 @@ class RunLock:
                 continue
             try:
                 holder = self._read()
-                if holder is None or holder.get("token") != self.token:
-                    who = f"pid {holder.get('pid')} on {holder.get('host')}" if holder else "its lock is gone"
-                    self._lose(f"{self.output}: another process took over this run folder's lock ({who}); "
-                               f"this one stopped before writing again")
+                if holder is None and storage.create_new(self.path, self._content()):
+                    log.warning("%s: the lock was removed while this process held it; written again", self.path)
+                    holder = {"token": self.token}
+                elif holder is None:  # removed, and another process created it since
+                    holder = self._read() or {"token": None}
+                if holder == {}:  # not JSON: no process writes that (writes are atomic); ours again
+                    log.warning("%s: the lock's bytes are not JSON while this process holds it; written again",
+                                self.path)
+                elif holder.get("token") != self.token:
+                    self._lose(f"{self.output}: another process took over this run folder's lock (pid "
+                               f"{holder.get('pid', '?')} on {holder.get('host', '?')}); this one stopped before "
+                               f"writing again")
                     return
                 storage.write_bytes(self.path, self._content())
                 self._renewed = time.time()

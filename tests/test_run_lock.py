@@ -198,3 +198,26 @@ def test_a_held_folder_is_refused_before_the_cluster_and_a_new_folder_left_empty
     with RunLock(str(tmp_path / "new")):
         pass
     assert not (tmp_path / "new").exists()
+
+
+def test_a_holder_whose_lock_is_garbled_or_removed_writes_it_again_and_goes_on(tmp_path, monkeypatch):
+    """Not JSON, or removed, while its process runs: the holder (alive, and the only one that
+    writes it) writes its own content again at its next beat instead of stopping, so a second
+    driver started then still finds the folder held."""
+    monkeypatch.setattr(run_lock, "TICK_S", 0.05)
+    monkeypatch.setattr(run_lock, "HEARTBEAT_S", 0.1)
+    out = tmp_path / "run"
+    with RunLock(str(out)) as lock:
+        for damage in (lambda: (out / "run.lock").write_text("garbled"), lambda: (out / "run.lock").unlink()):
+            damage()
+            deadline = time.time() + 5
+            while time.time() < deadline:
+                try:
+                    if json.loads((out / "run.lock").read_text())["token"] == lock.token:
+                        break
+                except (OSError, ValueError):
+                    pass
+                time.sleep(0.05)
+            assert json.loads((out / "run.lock").read_text())["token"] == lock.token and not lock.lost
+        with pytest.raises(RunFolderBusy):
+            RunLock(str(out)).acquire()
