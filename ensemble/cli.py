@@ -26,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="draw val from train instead: this share of each class's train images (0 < F <= 0.5, "
                         "rounded half up, at least one image of each class left in train), seeded by --seed; "
                         "the data must then have no val split (default: the data's own val split)")
+    g.add_argument("--val-seed", type=int, metavar="N",
+                   help="seed of the --val-fraction draw instead of --seed: runs with other seeds keep one val split")
     g.add_argument("--output", help="results folder (default: runs/<timestamp>)")
     g.add_argument("--config", metavar="FILE.yaml", help="YAML with the same keys as these flags; flags override")
     g = p.add_argument_group("ensemble")

@@ -48,6 +48,7 @@ class EnsembleConfig:
     # --- data and outputs
     data: Optional[str] = None          # dataset root with train/ val/ test/; None = bundled digits
     val_fraction: Optional[float] = None  # share of each class's train images drawn (seeded) as val; None = the data's val
+    val_seed: Optional[int] = None      # seeds that draw; None = seed (a student keeps its teacher's val rows)
     output: Optional[str] = None        # results folder; None = runs/<timestamp>
     # --- ensemble
     members: int = 9                    # number of bagged models
@@ -127,6 +128,11 @@ class EnsembleConfig:
         return dataclasses.replace(self, **changes)
 
     @property
+    def split_seed(self) -> int:
+        """What seeds the --val-fraction draw: ``val_seed``, else ``seed``."""
+        return self.seed if self.val_seed is None else self.val_seed
+
+    @property
     def archs(self) -> tuple:
         """The architectures ``arch`` lists (one, or several comma-separated), in order."""
         return tuple(a.strip() for a in str(self.arch).split(","))
@@ -162,6 +168,7 @@ INT_RANGES = {
     "infer_actors": (1, 1024),
     "infer_batch_size": (1, 4096),
     "seed": (0, 2**32 - 1),
+    "val_seed": (0, 2**32 - 1),
     "bootstrap_size": (1, 100_000_000),   # also at most 10 x the train split (driver)
     "num_classes": (2, 100_000),
     "cache_side": (None, 4096),           # at least the crop size S

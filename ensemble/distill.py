@@ -131,7 +131,8 @@ def student_config(teacher: EnsembleConfig, flags: dict, output: str) -> Ensembl
     arch = flags.get("arch", teacher.archs[0])
     values = teacher.member_config(teacher.archs.index(arch) if arch in teacher.archs else 0).to_dict()
     values.update(flags)
-    values.update(output=output, members=1, bagging="full", bootstrap_size=None, calibrate_on="val", vote="soft")
+    values.update(output=output, members=1, bagging="full", bootstrap_size=None, calibrate_on="val", vote="soft",
+                  val_seed=teacher.split_seed if teacher.val_fraction is not None else None)  # the teacher's val rows
     return build_config(flag_values=values)
 
 
@@ -301,8 +302,7 @@ def val_pixels(index, cfg: EnsembleConfig, n: int) -> np.ndarray:
 def distill(run: str, output: str, flags: dict, *, temperature: float, alpha: float, fresh: bool = False,
             speed_images: int = 16) -> dict:
     """Train the student of ``run`` into ``output``; write distill.json and distill.md; return the summary."""
-    from ensemble.data import scan_layout
-    from ensemble.driver import run as run_pipeline
+    from ensemble.driver import data_index, run as run_pipeline
     from ensemble.run_folder import REPORT_SHA256, _read_report, check_output, check_outside, load_run
     from ensemble.report import write_json
     from ensemble.run_lock import RunLock
@@ -320,7 +320,7 @@ def distill(run: str, output: str, flags: dict, *, temperature: float, alpha: fl
     check_output(output)
     check_outside(run, output)
     cfg = student_config(teacher.config, flags, output)
-    index = scan_layout(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    index = data_index(cfg)  # the teacher's split, whatever the student's --seed
     if list(index.classes) != teacher.classes:
         raise ConfigError(f"--run {run}: its data {cfg.data} now has classes {list(index.classes)[:5]}..., not the "
                           f"{len(teacher.classes)} the run trained on; restore the data the run used")

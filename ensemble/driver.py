@@ -43,9 +43,8 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False, distillation=None, lock: Op
 
     from ensemble.actors import MemberPlan, show_progress
     from ensemble.cluster import cluster_capacity, connect, member_window, resolve_resources
-    from ensemble.data import quiet_ray_data, scan_layout
+    from ensemble.data import quiet_ray_data
     from ensemble.image_cache import cache_images
-    from ensemble.digits import ensure_digits
     from ensemble.scores.scoring import score_run
     from ensemble.shared_storage import check_nodes_see_storage, node_storage
     from ensemble.report import build_report, format_table, plan_lines, write_report
@@ -56,7 +55,7 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False, distillation=None, lock: Op
     started = time.time()
     cfg = cfg.replace(cache_side=cache_side(cfg))  # resolved: part of what a finished member depends on
     # inputs: the data index (names only), the initial weights, the output folder (nothing written yet)
-    index = scan_layout(cfg.data or ensure_digits(), val_fraction=cfg.val_fraction, seed=cfg.seed)
+    index = data_index(cfg)
     num_classes = len(index.classes)
     if cfg.num_classes is not None and cfg.num_classes != num_classes:
         raise ConfigError(f"--num-classes {cfg.num_classes} but the data has {num_classes} classes")
@@ -161,15 +160,22 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False, distillation=None, lock: Op
             return report
 
 
-def dry_run(cfg: EnsembleConfig) -> int:
-    """Print the plan and the parameter counts; trains nothing, starts no cluster."""
+def data_index(cfg: EnsembleConfig):
+    """The run's data index (names only): ``--data`` or the bundled digits, with val drawn from
+    train by ``--val-fraction`` seeded by ``cfg.split_seed`` (``--val-seed``, else ``--seed``)."""
     from ensemble.data import scan_layout
     from ensemble.digits import ensure_digits
+
+    return scan_layout(cfg.data or ensure_digits(), val_fraction=cfg.val_fraction, seed=cfg.split_seed)
+
+
+def dry_run(cfg: EnsembleConfig) -> int:
+    """Print the plan and the parameter counts; trains nothing, starts no cluster."""
     from ensemble.report import plan_lines
 
     sizes = None
     if cfg.data is not None or cfg.num_classes is None:
-        sizes = scan_layout(cfg.data or ensure_digits(), val_fraction=cfg.val_fraction, seed=cfg.seed).sizes()
+        sizes = data_index(cfg).sizes()
         if cfg.num_classes is not None and cfg.num_classes != sizes["classes"]:
             raise ConfigError(f"--num-classes {cfg.num_classes} but the data has {sizes['classes']} classes")
         check_bootstrap_size(cfg.bootstrap_size, sizes["train"])

@@ -126,6 +126,8 @@ def training_fingerprint(cfg: EnsembleConfig, index, n_samples: int, inputs=None
     # --val-fraction picks the train rows (the files above show it too, but not as a setting). Only
     # when set, so a run from before the flag keeps its fingerprint and resumes.
     drawn = {"val_fraction": cfg.val_fraction} if cfg.val_fraction is not None else {}
+    if cfg.val_fraction is not None and cfg.val_seed is not None and cfg.val_seed != cfg.seed:
+        drawn["val_seed"] = cfg.val_seed
     if cfg.recipes:  # per-architecture recipes, and the sha256 of any weights file they name
         drawn["recipes"] = {arch: dict(sorted(r.items())) for arch, r in sorted(cfg.recipes.items())}
         drawn["recipes_weights_sha256"] = {arch: weights_sha256(str(r["weights"])) for arch, r in

@@ -197,7 +197,7 @@ def run_search(base: EnsembleConfig, search: SearchSettings) -> dict:
     # config -> data index (names only) -> weights -> output (checked, not yet written)
     data = base.data if base.data is None or storage.is_uri(base.data) else os.path.abspath(base.data)
     index = scan_layout(data or ensure_digits(), val_fraction=base.val_fraction,
-                        seed=base.seed)  # absolute paths: Tune trials run in their own folders
+                        seed=base.split_seed)  # absolute paths: Tune trials run in their own folders
     num_classes = len(index.classes)
     initial_state = resolve_weights(base.arch, base.weights)
     model = build_model(base.arch, num_classes)

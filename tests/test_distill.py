@@ -4,6 +4,7 @@ pure, no Ray. The student's run end to end is in test_pipeline_ray.py (it shares
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -130,3 +131,23 @@ def test_parameters_come_from_the_runs_report_per_member():
     assert total_params(mixed, ["resnet18", "resnet34", "resnet18"]) == 11
     one = {"params": {"total": 7, "trainable": 2}}  # a run of one architecture
     assert total_params(one, ["resnet50"] * 3) == 21
+
+
+def test_a_student_with_its_own_seed_keeps_the_teachers_val_rows(tmp_path):
+    """--val-fraction run, distill --seed 9: the student's val rows are the teacher's (its own seed
+    drew other rows, some of them the teacher's training images), and they stay out of its train rows."""
+    from ensemble.driver import data_index
+    from tests.helpers import write_digits_tree
+
+    import shutil
+
+    data = write_digits_tree(tmp_path / "data", per_class_train=10, per_class_val=1, n_test=2, classes=3)
+    shutil.rmtree(os.path.join(data, "val"))
+    teacher = build_config(flag_values={"data": str(data), "output": "/runs/t", "val_fraction": 0.3, "seed": 3})
+    student = student_config(teacher, {"seed": 9}, "/runs/s")
+    assert student.seed == 9
+    names = {who: {split: sorted(getattr(data_index(cfg), split).column("path").to_pylist()) for split in ("train", "val")}
+             for who, cfg in (("teacher", teacher), ("student", student))}
+    assert names["student"] == names["teacher"]
+    own = data_index(student.replace(val_seed=None))  # what the student's own seed would have drawn
+    assert sorted(own.val.column("path").to_pylist()) != names["teacher"]["val"]
