@@ -296,20 +296,30 @@ def create_new(path: str, data: bytes) -> bool:
 def file_stats(paths: list[str]) -> list[tuple[int, int]]:
     """(size in bytes, modification time in ns) of each of ``paths``, (-1, -1) where none is.
 
-    Local files: one stat each. On an object store one recursive listing of the folder the
-    paths share gives every object's size and LastModified, instead of a request per object.
+    Local files: one stat each. On an object store, each folder that holds some of the paths is
+    listed once (not recursively), which gives its objects' sizes and LastModified instead of a
+    request per object; nothing outside those folders is listed. Paths may mix local files and
+    buckets (each is resolved on its own).
     """
-    if not paths:
-        return []
-    fs = resolve(paths[0])[0]
-    inner = [resolve(p)[1] for p in paths]
-    if _is_object_store(fs):
-        base = posixpath.commonpath([posixpath.dirname(p) for p in inner])
-        listed = {info.path: info for info in fs.get_file_info(pafs.FileSelector(base, recursive=True))}
-        infos = [listed.get(p) or fs.get_file_info(p) for p in inner]
-    else:
-        infos = fs.get_file_info(inner)
-    return [(info.size, info.mtime_ns) if info.type == pafs.FileType.File else (-1, -1) for info in infos]
+    resolved = [resolve(p) for p in paths]
+    out: list = [(-1, -1)] * len(paths)
+    groups: dict = {}
+    for k, (fs, inner) in enumerate(resolved):
+        key = (id(fs), posixpath.dirname(inner)) if _is_object_store(fs) else \
+            ("local", None) if isinstance(fs, pafs.LocalFileSystem) else (id(fs), None)
+        groups.setdefault(key, (fs, []))[1].append(k)
+    for (_, folder), (fs, members) in groups.items():
+        inner = [resolved[k][1] for k in members]
+        if folder is not None and len(members) > 1:
+            listed = {info.path: info for info in fs.get_file_info(pafs.FileSelector(folder, recursive=False,
+                                                                                     allow_not_found=True))}
+            infos = [listed.get(p) or fs.get_file_info(p) for p in inner]
+        else:
+            infos = fs.get_file_info(inner)
+        for k, info in zip(members, infos):
+            if info.type == pafs.FileType.File:
+                out[k] = (info.size, info.mtime_ns)
+    return out
 
 
 def write_text(path: str, text: str) -> None:

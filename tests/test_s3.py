@@ -293,3 +293,44 @@ def test_same_predictions_as_local_run(s3_run, s3_data, tmp_path):
     run(cfg.replace(data=local, output=str(tmp_path / "local")))
     on_disk = (tmp_path / "local" / "predictions.csv").read_bytes()
     assert storage.read_bytes(f"s3://{BUCKET}/runs/r1/predictions.csv") == on_disk
+
+
+def test_file_stats_lists_only_the_folders_it_is_asked_about_and_mixes_local_and_s3(s3_endpoint, tmp_path,
+                                                                                     monkeypatch):
+    """A manifest over two buckets' folders and a local file: each folder is listed once, not
+    recursively, and the bucket's other prefixes are never listed; a local row after an s3:// one
+    is a plain stat (it raised "Can't mix absolute and relative paths")."""
+    import pyarrow.fs as pafs
+
+    other = f"s3://{BUCKET}/unrelated"
+    for k in range(3):
+        storage.write_bytes(f"{other}/deep/{k}.png", b"x")
+    storage.write_bytes(f"s3://{BUCKET}/m/a/x.png", b"12345")
+    storage.write_bytes(f"s3://{BUCKET}/m/a/z.png", b"12")
+    (tmp_path / "local.png").write_bytes(b"123")
+    listed = []
+    real_resolve = storage.resolve
+
+    class Spy:  # the S3 filesystem, recording what is listed
+        def __init__(self, fs):
+            self.fs = fs
+
+        def __getattr__(self, name):
+            return getattr(self.fs, name)
+
+        def get_file_info(self, what):
+            if isinstance(what, pafs.FileSelector):
+                listed.append((what.base_dir, what.recursive))
+            return self.fs.get_file_info(what)
+
+    spies: dict = {}
+
+    def resolve(path):
+        fs, inner = real_resolve(path)
+        return (fs if isinstance(fs, pafs.LocalFileSystem) else spies.setdefault(id(fs), Spy(fs))), inner
+
+    monkeypatch.setattr(storage, "resolve", resolve)
+    stats = storage.file_stats([f"s3://{BUCKET}/m/a/x.png", str(tmp_path / "local.png"), f"s3://{BUCKET}/m/a/z.png",
+                                f"s3://{BUCKET}/m/a/gone.png"])
+    assert [size for size, _ in stats] == [5, 3, 2, -1]
+    assert listed == [(f"{BUCKET}/m/a", False)]
