@@ -21,8 +21,8 @@ Local folders get the lock by an atomic exclusive create. Object stores have no 
 create through pyarrow: the lock object is written, then read back after ``SETTLE_S`` seconds,
 and only a process that still finds its own token there goes on. Two that raced within the same
 seconds, one of whose writes became visible late: the one whose write lands last keeps the
-folder, and the other finds out at its next check (every ``TICK_S`` for the first minute, and
-``check()`` before each stage) and stops in one line. No Ray here.
+folder, and the other finds out at its next check (every ``TICK_S``, and ``check()`` before
+each stage) and stops in one line. No Ray here.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ LOCK_NAME = "run.lock"
 HEARTBEAT_S = 30.0   # how often the holder rewrites its heartbeat
 STALE_S = 300.0      # another machine's heartbeat older than this is a process that is gone
 SETTLE_S = 1.0       # object stores, and any takeover: the pause before reading the lock back
-TICK_S = 5.0         # how often the holder looks at the clock (a wake from sleep is seen within it)
+TICK_S = 5.0         # how often the holder reads its lock (a takeover, or a wake from sleep, is seen within it)
 
 
 class RunFolderBusy(RunError):
@@ -224,31 +224,34 @@ class RunLock:
                 f"taken over: at once on the same machine, after {STALE_S:.0f} s without a heartbeat from another)")
 
     def _beat(self) -> None:
-        fast_until = 0.0 if storage.is_local(self.output) else time.time() + 60.0
+        """Every TICK_S: read the lock (another token: lost, at once); every HEARTBEAT_S: rewrite it."""
+        warned = 0.0
         while not self._stop.wait(TICK_S):
-            now = time.time()
-            if now - self._renewed < HEARTBEAT_S and now > fast_until:
-                continue
             try:
                 holder = self._read()
+                due = time.time() - self._renewed >= HEARTBEAT_S
                 if holder is None and storage.create_new(self.path, self._content()):
                     log.warning("%s: the lock was removed while this process held it; written again", self.path)
-                    holder = {"token": self.token}
+                    holder, due = {"token": self.token}, True
                 elif holder is None:  # removed, and another process created it since
                     holder = self._read() or {"token": None}
                 if holder == {}:  # not JSON: no process writes that (writes are atomic); ours again
                     log.warning("%s: the lock's bytes are not JSON while this process holds it; written again",
                                 self.path)
+                    due = True
                 elif holder.get("token") != self.token:
                     self._lose(f"{self.output}: another process took over this run folder's lock (pid "
                                f"{holder.get('pid', '?')} on {holder.get('host', '?')}); this one stopped before "
                                f"writing again")
                     return
-                storage.write_bytes(self.path, self._content())
-                self._renewed = time.time()
+                if due:
+                    storage.write_bytes(self.path, self._content())
+                    self._renewed = time.time()
             except OSError as exc:  # a storage hiccup: the next tick tries again, within limits
                 silent = time.time() - self._renewed
-                log.warning("%s: could not renew the lock's heartbeat for %.0f s (%s)", self.path, silent, exc)
+                if time.time() - warned > HEARTBEAT_S:
+                    warned = time.time()
+                    log.warning("%s: could not renew the lock's heartbeat for %.0f s (%s)", self.path, silent, exc)
                 if silent > 0.8 * STALE_S:
                     self._lose(f"{self.output}: could not renew this run folder's lock {self.path} for {silent:.0f} s "
                                f"({exc}), so another process may take it over; this one stopped before writing "
