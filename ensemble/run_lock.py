@@ -260,9 +260,10 @@ class RunLock:
 
     def _lose(self, line: str) -> None:
         self.lost = line
-        log.error(line)
         if self._main and not self._stop.is_set():
-            _thread.interrupt_main()  # the block ends at once, with LockLost (__exit__)
+            _thread.interrupt_main()  # the block ends at once, with LockLost (__exit__): its line is the error
+        else:
+            log.error(line)
 
     def check(self) -> None:
         """LockLost if this lock was lost; on an object store, also reads it back now."""
