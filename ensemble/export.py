@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import time
 import warnings
@@ -137,10 +138,18 @@ def has_onnxruntime() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None
 
 
+#: How long the parity check looks for readable images of the run (data moved, a bucket that
+#: does not answer), and how many it tries, before it checks on random pixels instead.
+PARITY_SEARCH_S = 30.0
+PARITY_TRIES = 16
+
+
 def parity_pixels(run: str, finished: FinishedRun, n: int = PARITY_IMAGES) -> tuple[np.ndarray, str]:
     """(uint8 (n, S, S, 3), what they are): the first ``n`` readable val images the run recorded
     (inputs.parquet; train images if it has no val rows), decoded as predict decodes them; seeded
-    random pixels where none can be read (a run whose data moved)."""
+    random pixels where none can be read (a run whose data moved). At most ``PARITY_TRIES`` files
+    and ``PARITY_SEARCH_S`` seconds are spent looking; a local path that is not a regular file (a
+    FIFO, a device) is never opened."""
     import pyarrow.parquet as pq
 
     from ensemble.pixels import load_eval_pixels
@@ -155,8 +164,13 @@ def parity_pixels(run: str, finished: FinishedRun, n: int = PARITY_IMAGES) -> tu
             rows, split = list(inputs["path"]), "train"
     except (OSError, ValueError, KeyError):  # a run from before inputs.parquet, or a damaged one
         rows = []
-    for path in rows:
+    deadline = time.monotonic() + PARITY_SEARCH_S
+    for path in rows[:PARITY_TRIES]:
+        if time.monotonic() > deadline:
+            break
         try:
+            if storage.is_local(path) and not stat.S_ISREG(os.stat(path).st_mode):
+                continue
             pixels.append(load_eval_pixels(path, image_size=cfg.image_size, resize=cfg.eval_resize,
                                            side=cache_side(cfg)))
         except (OSError, ValueError):  # moved, unreadable, too large
@@ -249,8 +263,13 @@ def export_run(run: str, output: str, *, members: str = "all", external_data_ove
             if not diff <= PARITY_TOLERANCE:
                 raise ParityError(f"the exported graph's probabilities differ from the members run in torch by up to "
                                   f"{diff:.2e} on {what} (allowed {PARITY_TOLERANCE:g}); nothing was written")
+        # An earlier graph goes first, the new .onnx last: a crash in between leaves no .onnx (export
+        # again), never an earlier graph beside the new weights (same layout: wrong weights, silently).
+        if external and os.path.lexists(output):
+            os.unlink(output)
+            storage.fsync_local(parent)
         files = [(staged + ".data", output + ".data")] if external else []
-        for src, dst in files + [(staged, output)]:  # the .onnx file last: it names the data file
+        for src, dst in files + [(staged, output)]:
             storage.fsync_local(src)
             os.replace(src, dst)
         storage.fsync_local(parent)

@@ -340,3 +340,59 @@ def test_a_failed_write_or_parity_check_leaves_nothing(run, tmp_path, capsys, mo
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert os.listdir(out) == []
+
+
+@pytest.mark.ray
+@pytest.mark.reuses_tiny_run
+def test_a_crash_between_the_two_moves_never_pairs_an_earlier_graph_with_new_weights(run, tmp_path, monkeypatch):
+    """Stand-ins for the writer (no export here): a first export of graph + .data, then a second
+    one killed after its .data moved into place and before its .onnx did. No .onnx is left (export
+    again), rather than the first graph beside the second's weights."""
+    def save(traced, path, props, external_data):
+        Path(path).write_text(f"graph {len(os.listdir(out))}")
+        Path(path + ".data").write_text(f"weights {len(os.listdir(out))}")
+
+    monkeypatch.setattr(export, "_trace", lambda graph, example, folder: os.path.join(folder, "graph.onnx"))
+    monkeypatch.setattr(export, "_save", save)
+    monkeypatch.setattr(export, "has_onnxruntime", lambda: False)
+    out = tmp_path / "out"
+    out.mkdir()
+    export.export_run(run, str(out / "m.onnx"), external_data_over=0)
+    first = {name: (out / name).read_text() for name in ("m.onnx", "m.onnx.data")}
+    real_replace = os.replace
+
+    def crash_on_the_graph(src, dst):
+        if dst.endswith(".onnx"):
+            raise KeyboardInterrupt  # the process stops here
+        real_replace(src, dst)
+
+    monkeypatch.setattr(export.os, "replace", crash_on_the_graph)
+    with pytest.raises(KeyboardInterrupt):
+        export.export_run(run, str(out / "m.onnx"), external_data_over=0)
+    left = sorted(os.listdir(out))
+    assert "m.onnx" not in left and (out / "m.onnx.data").read_text() != first["m.onnx.data"]
+
+
+def test_the_parity_search_opens_no_fifo_and_gives_up_on_unreadable_data(tmp_path, monkeypatch):
+    """inputs.parquet naming a FIFO (which blocks a reader forever) and 40 moved files: the check
+    opens none of them, tries at most PARITY_TRIES, and falls back to random pixels at once."""
+    import types
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ensemble.config import EnsembleConfig
+
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    paths = [str(fifo)] + [str(tmp_path / f"gone-{k}.png") for k in range(40)]
+    run = tmp_path / "run"
+    run.mkdir()
+    pq.write_table(pa.table({"split": ["val"] * len(paths), "path": paths}), run / "inputs.parquet")
+    tried = []
+    monkeypatch.setattr("ensemble.pixels.load_eval_pixels", lambda path, **kw: tried.append(path) or
+                        (_ for _ in ()).throw(FileNotFoundError(path)))
+    finished = types.SimpleNamespace(config=EnsembleConfig(image_size=32, weights="none", arch="resnet18"))
+    pixels, what = export.parity_pixels(str(run), finished, n=4)
+    assert pixels.shape == (4, 32, 32, 3) and what.startswith("4 random images")
+    assert str(fifo) not in tried and len(tried) <= export.PARITY_TRIES
