@@ -97,8 +97,10 @@ def write_json(path: str, value) -> None:
 
 
 def build_report(cfg: EnsembleConfig, *, summaries: list, scores: dict, params: dict, index, skipped: list,
-                 seeds: list, fingerprint: dict, versions: dict, seconds: dict) -> dict:
-    """report.json's content: each member's summary with its scores, the ensemble's scores, the run."""
+                 seeds: list, fingerprint: dict, versions: dict, seconds: dict,
+                 cache_tier: Optional[str] = None) -> dict:
+    """report.json's content: each member's summary with its scores, the ensemble's scores, the run
+    (``image_cache``: the tier the members trained from, ``none`` when they streamed the files)."""
     members = [{**summary.to_dict(), "arch": cfg.arch_of(summary.member), **scored}
                for summary, scored in zip(summaries, scores["members"])]
     ensemble = {**scores["ensemble"], "vote": cfg.vote, "tta": cfg.tta, "bagging": cfg.bagging,
@@ -106,6 +108,7 @@ def build_report(cfg: EnsembleConfig, *, summaries: list, scores: dict, params: 
     return {"members": members, "ensemble": ensemble, "params": params,
             "data": {"root": index.root, **index.sizes(), "class_names": list(index.classes)},
             "skipped_files": skipped, "config": cfg.to_dict(), "seeds": seeds, "fingerprint": fingerprint,
+            "image_cache": {"tier": cache_tier or "none"},
             "versions": versions, "seconds": dict(seconds)}
 
 

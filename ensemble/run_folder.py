@@ -111,12 +111,19 @@ def input_files(index):
                      "size": [size for size, _ in stats], "mtime_ns": [mtime for _, mtime in stats]})
 
 
-def training_fingerprint(cfg: EnsembleConfig, index, n_samples: int, inputs=None) -> dict:
+#: The fingerprint's words for train pixels that are not the files' own: the compressed cache
+#: tier's JPEG re-encoding (the raw tier and no cache give the decoded files' exact pixels).
+TRAIN_PIXELS = {"compressed": "jpeg-q90"}
+
+
+def training_fingerprint(cfg: EnsembleConfig, index, n_samples: int, inputs=None, *,
+                         cache_tier: Optional[str] = None) -> dict:
     """What a finished member depends on; a run may reuse members only when this matches: the
     settings that change training, the files (``inputs``, default ``input_files(index)``: their
     paths, labels, sizes and modification times), the sha256 of a --weights file and the versions
     of the packages that change the numbers. ``index`` is the one the run trains on (with
-    --val-fraction, its val drawn from train)."""
+    --val-fraction, its val drawn from train). ``cache_tier``: the image cache's tier this run
+    trains from (None: no cache); the compressed one's pixels are other pixels (``train_pixels``)."""
     inputs = input_files(index) if inputs is None else inputs
     digest = hashlib.sha256()
     for column in INPUT_COLUMNS:
@@ -128,6 +135,8 @@ def training_fingerprint(cfg: EnsembleConfig, index, n_samples: int, inputs=None
     drawn = {"val_fraction": cfg.val_fraction} if cfg.val_fraction is not None else {}
     if cfg.val_fraction is not None and cfg.val_seed is not None and cfg.val_seed != cfg.seed:
         drawn["val_seed"] = cfg.val_seed
+    if cache_tier in TRAIN_PIXELS:  # only then: a run on exact pixels keeps its earlier fingerprint
+        drawn["train_pixels"] = TRAIN_PIXELS[cache_tier]
     if cfg.recipes:  # per-architecture recipes, and the sha256 of any weights file they name
         drawn["recipes"] = {arch: dict(sorted(r.items())) for arch, r in sorted(cfg.recipes.items())}
         drawn["recipes_weights_sha256"] = {arch: weights_sha256(str(r["weights"])) for arch, r in
@@ -226,6 +235,11 @@ def _differences(output: str, old: dict, new: dict, inputs) -> list[str]:
                                                 for p in sorted(set(then) | set(now)) if then.get(p) != now.get(p)) + ")")
         elif key == "weights_sha256" and then is not None and now is not None:
             out.append("weights_sha256 (the --weights file changed)")
+        elif key == "train_pixels":
+            words = {None: "the files' exact pixels", TRAIN_PIXELS["compressed"]: "the compressed cache's JPEG q90"}
+            earlier = "--cache-tier compressed" if then else "--cache-tier raw"
+            out.append(f"train pixels ({words.get(then, then)} then, {words.get(now, now)} now: the image cache "
+                       f"picked another tier; {earlier} trains on the earlier ones)")
         elif key == "teacher" and isinstance(then, dict) and isinstance(now, dict):
             out.append("teacher (" + ", ".join(f"{k} {then.get(k)} then, {now.get(k)} now"
                                                for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)) + ")")

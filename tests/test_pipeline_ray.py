@@ -66,6 +66,7 @@ def test_outputs_exist(run):
     params = on_disk["params"]["by_arch"]  # one count per architecture
     assert params["resnet34"]["total"] > params["resnet18"]["total"] == params["resnet18"]["trainable"] > 0
     assert on_disk["config"]["members"] == 3 and on_disk["config"]["data"] == os.path.abspath(cfg.data)
+    assert on_disk["image_cache"] == {"tier": "raw"} and "train_pixels" not in on_disk["fingerprint"]
 
 
 def test_members_recorded(run, tiny_digits):

@@ -95,3 +95,24 @@ def test_a_run_folder_that_cannot_be_read_is_one_line_and_nothing_goes(data, tmp
     monkeypatch.undo()
     assert "\n" not in str(info.value) and "run.json: Permission denied (EACCES)" in str(info.value)
     assert (tmp_path / "run" / "run.json").exists()
+
+
+def test_a_resume_on_other_train_pixels_is_refused_naming_the_cache_tier(data, tmp_path):
+    """A run trained on exact pixels (raw tier, or no cache: the same pixels, the same fingerprint)
+    and the same command where the cache fell back to its compressed tier (less memory): refused in
+    one line that names the tier and the flag that trains on the earlier pixels."""
+    output = str(tmp_path / "run")
+    cfg = tiny_run_config(data, output)
+    index = scan_layout(cfg.data)
+    inputs = input_files(index)
+
+    def fingerprint(tier):
+        return training_fingerprint(cfg, index, index.train.num_rows, inputs, cache_tier=tier)
+
+    assert fingerprint("raw") == fingerprint(None) != fingerprint("compressed")
+    assert open_output(output, fingerprint("raw"), fresh=False, inputs=inputs) is False
+    save_run_config(output, cfg, [1, 2, 3], fingerprint("raw"), inputs)
+    with pytest.raises(ConfigError) as info:
+        open_output(output, fingerprint("compressed"), fresh=False, inputs=inputs)
+    assert ("train pixels (the files' exact pixels then, the compressed cache's JPEG q90 now: the image cache "
+            "picked another tier; --cache-tier raw trains on the earlier ones)") in str(info.value)
