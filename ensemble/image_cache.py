@@ -102,7 +102,7 @@ def decode_chunk(paths: list, *, image_size: int, resize: str, side: int, keep_t
     """
     from ensemble.data import read_image
     from ensemble.image_check import unreadable_reason
-    from ensemble.pixels import check_eval_size, eval_pixels, shrink
+    from ensemble.pixels import check_eval_size, check_train_size, eval_pixels, shrink
 
     n = len(paths)
     compressed = keep_train and tier == "compressed"
@@ -112,6 +112,8 @@ def decode_chunk(paths: list, *, image_size: int, resize: str, side: int, keep_t
         reason, train = "", np.zeros((0, 0, 3), np.uint8)
         try:
             img = read_image(path, min_size=side)
+            if keep_train:  # its training copy's size is bounded like its eval resize
+                check_train_size(*img.size, side=side)
             if compressed:
                 check_eval_size(*img.size, image_size=image_size, resize=resize)
                 train = encode_jpeg(shrink(img, side))
@@ -193,6 +195,13 @@ def cache_images(index, cfg: EnsembleConfig, *, max_bytes: float, budget_from: s
         located[name] = cleaned[name].append_column("block", pa.array(block[keep])).append_column(
             "row", pa.array(row[keep]))
     nbytes = int(sum(c["bytes"] for c in checks))
+    if nbytes > max_bytes:  # the estimate assumes 4:3 images; the real bytes decide
+        del evals, trains  # the blocks leave the object store with their last reference
+        log.info("image cache: off (its %s tier took %s, over the budget of %s: the images are larger than the "
+                 "estimate of 4:3 images); members and voters decode the files where they use them",
+                 tier, _size(nbytes), _size(max_bytes))
+        check_classes_readable(index, cleaned["train"])
+        return DatasetIndex(root=index.root, classes=index.classes, **cleaned), skipped, None
     cache = ImageCache(eval_blocks=evals, train_blocks=trains, image_size=cfg.image_size, side=side,
                        resize=cfg.eval_resize, nbytes=nbytes, fetch_timeout=cfg.stall_timeout, tier=tier)
     n = sum(t.num_rows for t in splits.values())

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import io
 import logging
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 
 from ensemble import storage
-from ensemble.config import ConfigError
+from ensemble.config import ConfigError, cache_side
 from ensemble.data import DatasetIndex, to_dataset
 
 log = logging.getLogger("ensemble.data")
@@ -30,19 +31,22 @@ def unreadable_reason(path: str, exc: Exception) -> str:
     return f"{exc.__class__.__name__}: {exc}"[:200]
 
 
-def check_batch(batch: dict, *, image_size: int, resize: str) -> dict:
+def check_batch(batch: dict, *, image_size: int, resize: str, side: Optional[int] = None) -> dict:
     """Try to decode each file: ``ok`` and, when not, a short ``reason`` (``unreadable_reason``):
-    also a file the eval geometry (``image_size``, ``resize``) would resize past its limit."""
+    also a file the eval geometry (``image_size``, ``resize``) would resize past its limit, and
+    (with ``side``, the cache side) a train file whose training copy would be too large."""
     from PIL import Image
 
-    from ensemble.pixels import check_eval_size
+    from ensemble.pixels import check_eval_size, check_train_size
 
     ok, reasons = [], []
-    for path in batch["path"]:
+    for path, split in zip(batch["path"], batch["split"]):
         reason = ""
         try:
             with Image.open(io.BytesIO(storage.read_bytes(path))) as img:
                 check_eval_size(*img.size, image_size=image_size, resize=resize)
+                if side is not None and split == "train":
+                    check_train_size(*img.size, side=side)
                 img.draft("RGB", (64, 64))  # JPEG: decode at a reduced scale; still reads every byte
                 img.load()
         except Exception as exc:  # PIL raises many types for bad files; all mean "skip this one"
@@ -58,7 +62,7 @@ def check_images(index: DatasetIndex, cfg) -> tuple[DatasetIndex, list[dict]]:
     and the list of skipped files with reasons."""
     cleaned, skipped = check_files({"train": index.train, "val": index.val, "test": index.test},
                                    flag="--data", root=index.root, strict=cfg.strict, stall_timeout=cfg.stall_timeout,
-                                   image_size=cfg.image_size, resize=cfg.eval_resize)
+                                   image_size=cfg.image_size, resize=cfg.eval_resize, side=cache_side(cfg))
     check_classes_readable(index, cleaned["train"])
     return DatasetIndex(root=index.root, classes=index.classes, **cleaned), skipped
 
@@ -73,9 +77,10 @@ def check_classes_readable(index: DatasetIndex, train) -> None:
 
 
 def check_files(splits: dict, *, flag: str, root: str, strict: bool, stall_timeout: float, image_size: int,
-                resize: str) -> tuple[dict, list[dict]]:
+                resize: str, side: Optional[int] = None) -> tuple[dict, list[dict]]:
     """``check_images`` for any named file tables: (tables without unreadable files, skipped);
-    ``image_size`` and ``resize``: the eval geometry the files will go through.
+    ``image_size`` and ``resize``: the eval geometry the files will go through; ``side``: the
+    cache side the ``train`` table's files are kept at for training.
     A split left with no readable file, or any bad file under ``strict``, is a ConfigError
     naming ``flag`` and ``root``; so is a check that makes no progress for ``stall_timeout`` s."""
     from ensemble.watch import stall_error, watched
@@ -86,7 +91,7 @@ def check_files(splits: dict, *, flag: str, root: str, strict: bool, stall_timeo
     def batches():
         return to_dataset(pa.concat_tables(tables), rows_per_block=512).map_batches(
             check_batch, batch_format="numpy", batch_size=512, num_cpus=1,
-            fn_kwargs={"image_size": image_size, "resize": resize}).iter_batches(
+            fn_kwargs={"image_size": image_size, "resize": resize, "side": side}).iter_batches(
                 batch_size=None, batch_format="numpy")
 
     def stalled(waited: float) -> Exception:

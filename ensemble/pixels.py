@@ -30,6 +30,12 @@ CROP_SCALES = {"seed": (0.08, 1.0), "light": (0.6, 1.0)}  # its area range per -
 MAX_RESIZED_PIXELS = 40_000_000
 
 
+# The most pixels a train image may keep (at short side ``side`` or below, aspect kept) as a
+# multiple of side x side, what the cache estimates an image at: a 60000 x 100 strip would keep
+# 6 megapixels (18 MB) against an estimate of 0.2. 16 allows an aspect ratio of 16:1.
+MAX_TRAIN_PIXELS_FACTOR = 16
+
+
 class ImageTooLarge(ValueError):
     """An image that would decode, or resize, to more pixels than allowed (checked before the work)."""
 
@@ -46,6 +52,19 @@ def _resize_short(img: Image.Image, side: int) -> Image.Image:
 def shrink(img: Image.Image, side: int) -> np.ndarray:
     """(H, W, 3) uint8 with the short side at most ``side`` (aspect kept; smaller images as they are)."""
     return np.array(_resize_short(img, side) if min(img.size) > side else img)
+
+
+def check_train_size(width: int, height: int, *, side: int) -> None:
+    """ImageTooLarge when a train image kept at short side ``side`` (smaller ones as they are: see
+    ``shrink``) would hold more than MAX_TRAIN_PIXELS_FACTOR x side x side pixels, before any pixel is made."""
+    short, long = min(width, height), max(width, height)
+    if not short:
+        return
+    kept = (side, int(side * long / short)) if short > side else (short, long)
+    if kept[0] * kept[1] > MAX_TRAIN_PIXELS_FACTOR * side * side:
+        raise ImageTooLarge(f"image is {width} x {height} pixels: kept for training at {kept[0]} x {kept[1]} "
+                            f"({kept[0] * kept[1] / 1e6:.1f} megapixels, over {MAX_TRAIN_PIXELS_FACTOR} x {side} x "
+                            f"{side}: an aspect ratio past {MAX_TRAIN_PIXELS_FACTOR}:1); crop it")
 
 
 def check_eval_size(width: int, height: int, *, image_size: int, resize: str) -> None:

@@ -598,6 +598,29 @@ def _every_cpu_held():
         _wait_for_stage_threads()
 
 
+def test_a_cache_larger_than_its_budget_once_decoded_is_dropped_for_the_files(cluster, tmp_path, caplog):
+    """Train images far wider than the 4:3 the estimate assumes: the estimate fits the budget, the
+    decoded bytes do not; the cache is dropped (one log line) and the members decode the files, as
+    with a cache that never fitted, the rows the same."""
+    import logging
+
+    from PIL import Image
+
+    from ensemble.image_cache import cache_images, estimate_bytes
+    from tests.helpers import write_digits_tree
+
+    data = write_digits_tree(tmp_path / "wide", per_class_train=3, per_class_val=1, n_test=2, classes=2)
+    for folder in ("train/class_0", "train/class_1"):
+        for name in os.listdir(os.path.join(data, folder)):
+            Image.new("RGB", (240, 30), (10, 200, 10)).save(os.path.join(data, folder, name))  # 8:1
+    cfg = _config(data, tmp_path / "out", image_size=16)
+    estimate = estimate_bytes(scan_layout(data), cfg, "raw")
+    with caplog.at_level(logging.INFO, logger="ensemble.data"):
+        index, skipped, cache = cache_images(scan_layout(data), cfg, max_bytes=estimate * 1.5)
+    assert cache is None and not skipped and index.train.num_rows == 6
+    assert "image cache: off (its raw tier took" in caplog.text and "over the budget of" in caplog.text
+
+
 def test_image_cache_stage_that_cannot_start_is_reported(cluster, tiny_digits, tmp_path):
     """Every CPU held by other work: the decode tasks never start, and the stage stops with one
     line naming the CPUs after --stall-timeout instead of waiting."""

@@ -178,3 +178,26 @@ def test_short_side_resize_of_an_extreme_aspect_ratio_is_refused_before_any_pixe
     assert checked["ok"].tolist() == [False] and checked["reason"][0].startswith("ImageTooLarge: image is 6200 x 10")
     check, _, _ = decode_chunk([str(path)], image_size=224, resize="short-side", side=256, keep_train=True)
     assert check["ok"].tolist() == [False] and check["reason"][0] == checked["reason"][0]
+
+
+def test_a_train_image_whose_training_copy_would_be_huge_is_refused_like_an_unreadable_one(tmp_path):
+    """A 60000 x 100 PNG (a few KB) keeps its 6 megapixels at short side 100 (<= the cache side),
+    18 MB of the raw cache against an estimate of 0.2 MB: the image check and the cache's decode
+    refuse it as a train image (skipped and listed, or --strict stops), in one reason; as a test
+    image (squashed to S x S) it is fine, and so is an ordinary photo's training copy."""
+    from ensemble.image_cache import decode_chunk
+    from ensemble.image_check import check_batch
+    from ensemble.pixels import check_train_size
+
+    path = tmp_path / "strip.png"
+    Image.new("L", (60000, 100), 128).save(path)
+    expected = ("ImageTooLarge: image is 60000 x 100 pixels: kept for training at 100 x 60000 (6.0 megapixels, over "
+                "16 x 256 x 256: an aspect ratio past 16:1); crop it")
+    batch = {"split": np.array(["train", "test"]), "id": np.array([0, 0]), "path": np.array([str(path)] * 2)}
+    checked = check_batch(batch, image_size=224, resize="squash", side=256)
+    assert checked["ok"].tolist() == [False, True] and checked["reason"][0] == expected
+    check, _, _ = decode_chunk([str(path)], image_size=224, resize="squash", side=256, keep_train=True)
+    assert check["ok"].tolist() == [False] and check["reason"][0] == expected
+    assert decode_chunk([str(path)], image_size=224, resize="squash", side=256, keep_train=False)[0]["ok"].all()
+    check_train_size(4000, 3000, side=256)  # a photo: kept at 341 x 256
+    check_train_size(256 * 16, 256, side=256)  # 16:1 at the cache side: at the bound, kept
