@@ -100,6 +100,8 @@ class EnsembleConfig:
                 check_number(self, name, positive=not zero_ok, high=high)
         for name in ("gpus_per_member", "gpus_per_infer_actor"):
             check_gpus(self, name)
+        for name in ("batch_size", "infer_batch_size"):
+            check_batch_bytes(getattr(self, name), self.image_size, f"--{flag(name)}")
         check_archs(self)
         check_choice(self, "freeze", FREEZE_STAGES)
         check_choice(self, "augment", AUGMENTS)
@@ -278,6 +280,41 @@ def check_one_gpu(name: str, value: float) -> None:
 def flag(name: str) -> str:
     """The command-line spelling of a field: batch_size -> batch-size."""
     return name.replace("_", "-")
+
+
+# Each bound above holds alone; their product has its own: one batch as float32 (batch x S x S x 3
+# x 4 bytes) at most 4 GiB. The study's batch (64 at 224 px) is 39 MB; 4096 at 1024 px was 51 GB.
+MAX_BATCH_BYTES = 4 * 2**30
+
+
+def check_batch_bytes(batch: int, image_size: int, what: str) -> None:
+    """ConfigError when ``batch`` images of ``image_size`` px, as float32, take over MAX_BATCH_BYTES."""
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (batch, image_size)):
+        return  # the per-value checks name a value that is not a whole number
+    per_image = image_size * image_size * 3 * 4
+    if batch * per_image > MAX_BATCH_BYTES:
+        raise ConfigError(f"{what} {batch} at --image-size {image_size}: one batch is {batch * per_image / 2**30:.1f} "
+                          f"GiB as float32, over {MAX_BATCH_BYTES / 2**30:g} GiB; use {what} "
+                          f"{MAX_BATCH_BYTES // per_image} or less, or a smaller --image-size")
+
+
+# The vote holds every member's probabilities of every scored row (val, test and, for out-of-bag
+# scores, train) in the driver: rows x members x classes float32, at most 16 GiB (the study's
+# 21k images x 9 members x 100 classes: 76 MB).
+MAX_VOTE_BYTES = 16 * 2**30
+
+
+def check_vote_size(rows: int, members: int, num_classes: int, where: str) -> None:
+    """ConfigError when the data's classes (at most INT_RANGES' num_classes) or the vote's
+    probabilities (``rows`` scored by ``members``) are beyond their bounds, before anything runs."""
+    high = INT_RANGES["num_classes"][1]
+    if num_classes > high:
+        raise ConfigError(f"--data {where}: {num_classes} classes, over {high}; is a class folder level missing?")
+    need = rows * members * num_classes * 4
+    if need > MAX_VOTE_BYTES:
+        raise ConfigError(f"--data {where}: the vote would hold {rows} rows x {members} members x {num_classes} classes "
+                          f"= {need / 2**30:.1f} GiB of probabilities, over {MAX_VOTE_BYTES / 2**30:g} GiB; use fewer "
+                          f"--members, or --bagging full (no out-of-bag rows), or a smaller test split")
 
 
 def check_int(obj, name: str, *, low: int, high: Optional[int] = None) -> None:

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 from ensemble.bootstrap import check_bootstrap_size, member_counts, member_seeds
 from ensemble.cli import config_from_argv
-from ensemble.config import ConfigError, EnsembleConfig, cache_side
+from ensemble.config import ConfigError, EnsembleConfig, cache_side, check_vote_size
 from ensemble.errors import exit_process, redact, run_cli
 from ensemble.run_folder import (check_output, default_output, input_files, open_output, save_run_config,
                                  training_fingerprint, versions)
@@ -60,6 +60,8 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False, distillation=None, lock: Op
     if cfg.num_classes is not None and cfg.num_classes != num_classes:
         raise ConfigError(f"--num-classes {cfg.num_classes} but the data has {num_classes} classes")
     check_bootstrap_size(cfg.bootstrap_size, index.train.num_rows)
+    scored = index.val.num_rows + index.test.num_rows + (index.train.num_rows if cfg.bagging == "bootstrap" else 0)
+    check_vote_size(scored, cfg.members, num_classes, index.root)
     # per architecture, its initial weights and parameter counts (each model built once: a weights
     # file for another arch fails here)
     initial_states, params = arch_weights_and_params(cfg, num_classes)

@@ -342,3 +342,24 @@ def test_several_architectures_take_turns_with_their_own_recipes():
 def test_bad_architecture_lists_and_recipes_are_one_line(values, message):
     with pytest.raises(ConfigError, match=message):
         build_config(flag_values=values)
+
+
+def test_bounds_that_multiply_have_a_bound_of_their_own():
+    """--batch-size 4096 and --image-size 1024 each pass alone; together one float32 batch is 48 GiB
+    (tried: 111 s, then a member out of memory): one line with the largest batch that fits. The
+    data's classes and the vote's probabilities are bounded the same way."""
+    from ensemble.config import check_vote_size
+
+    with pytest.raises(ConfigError) as info:
+        build_config(flag_values={"batch_size": 4096, "image_size": 1024})
+    assert str(info.value) == ("--batch-size 4096 at --image-size 1024: one batch is 48.0 GiB as float32, over 4 GiB; "
+                               "use --batch-size 341 or less, or a smaller --image-size")
+    build_config(flag_values={"batch_size": 341, "image_size": 1024})  # 4 GiB less a little
+    with pytest.raises(ConfigError, match="--infer-batch-size 2048 at --image-size 1024"):
+        build_config(flag_values={"infer_batch_size": 2048, "image_size": 1024})
+    build_config(flag_values={"batch_size": 4096, "infer_batch_size": 4096})  # at the study's 224 px: 2.3 GiB
+    check_vote_size(21_000, 9, 100, "d")  # the study: 76 MB
+    with pytest.raises(ConfigError, match="d: 100001 classes, over 100000"):
+        check_vote_size(10, 1, 100_001, "d")
+    with pytest.raises(ConfigError, match=r"the vote would hold 5000000 rows x 9 members x 100 classes = 16\.8 GiB"):
+        check_vote_size(5_000_000, 9, 100, "d")
