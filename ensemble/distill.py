@@ -287,13 +287,22 @@ def inference_speed(teacher: "object", student: "object", pixels: np.ndarray, *,
 
 
 def val_pixels(index, cfg: EnsembleConfig, n: int) -> np.ndarray:
-    """The first ``n`` val images' eval pixels (uint8 (n, S, S, 3)), as predict decodes them."""
-    from ensemble.data import decode_batch
-
+    """The first ``n`` readable val images' eval pixels (uint8 (k, S, S, 3), k <= n), as predict
+    decodes them. ``index`` is the unchecked one: a file the run skipped (unreadable, too large) is
+    skipped here too, and at most 4 x ``n`` files are tried."""
     from ensemble.config import cache_side
+    from ensemble.pixels import load_eval_pixels
 
-    rows = index.val.slice(0, min(n, index.val.num_rows)).to_pydict()
-    return decode_batch(rows, image_size=cfg.image_size, resize=cfg.eval_resize, side=cache_side(cfg))["image"]
+    pixels = []
+    for path in index.val.column("path").to_pylist()[:4 * n]:
+        try:
+            pixels.append(load_eval_pixels(path, image_size=cfg.image_size, resize=cfg.eval_resize,
+                                           side=cache_side(cfg)))
+        except Exception:  # noqa: BLE001 - PIL raises many types for bad files; the run skipped it too
+            continue
+        if len(pixels) == n:
+            break
+    return np.stack(pixels) if pixels else np.zeros((0, cfg.image_size, cfg.image_size, 3), np.uint8)
 
 
 # ---------------------------------------------------------------- the command
@@ -337,7 +346,8 @@ def distill(run: str, output: str, flags: dict, *, temperature: float, alpha: fl
         if speed_images:
             log.info("timing inference: the ensemble's %d members, then the student, on %d val images",
                      len(teacher.states), min(speed_images, index.val.num_rows))
-            speed = inference_speed(teacher, student, val_pixels(index, cfg, speed_images))
+            pixels = val_pixels(index, cfg, speed_images)
+            speed = inference_speed(teacher, student, pixels) if len(pixels) else None
         summary = distill_summary(teacher_report, report, teacher_params=total_params(teacher_report, teacher.archs),
                                   student_params=total_params(report, [cfg.arch]),
                                   teacher_gflops=sum(gflops[a] for a in teacher.archs), student_gflops=gflops[cfg.arch],

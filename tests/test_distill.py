@@ -151,3 +151,22 @@ def test_a_student_with_its_own_seed_keeps_the_teachers_val_rows(tmp_path):
     assert names["student"] == names["teacher"]
     own = data_index(student.replace(val_seed=None))  # what the student's own seed would have drawn
     assert sorted(own.val.column("path").to_pylist()) != names["teacher"]["val"]
+
+
+def test_the_timing_pass_skips_val_images_the_run_skipped(tmp_path):
+    """distill times inference on val images from the unchecked index: an unreadable one (which
+    the run skipped) is skipped there too, instead of raising after the student trained."""
+    from ensemble.data import scan_layout
+    from ensemble.distill import val_pixels
+    from ensemble.pixels import load_eval_pixels
+    from tests.helpers import write_digits_tree
+
+    data = write_digits_tree(tmp_path / "data", per_class_train=2, per_class_val=2, n_test=1, classes=2)
+    index = scan_layout(data)
+    paths = index.val.column("path").to_pylist()
+    with open(paths[0], "wb") as fh:
+        fh.write(b"truncated")
+    cfg = build_config(flag_values={"data": data, "output": "/runs/s", "image_size": 16})
+    pixels = val_pixels(index, cfg, 2)
+    assert pixels.shape == (2, 16, 16, 3)
+    np.testing.assert_array_equal(pixels[0], load_eval_pixels(paths[1], image_size=16, side=18))
