@@ -120,11 +120,14 @@ class EnsembleServer:
         An error reaches every request of the batch (each answers 500, ``__call__``) and counts
         against the replica's health."""
         images = np.stack([image for image, _ in requests])
+        running = self.health.begin()
         try:
             result = await asyncio.to_thread(self.run.answer, images, [k for _, k in requests])
         except Exception as exc:
             self.health.record(exc)
             raise
+        finally:
+            self.health.end(running)
         self.health.record(None)
         self.batch_sizes[len(requests)] += 1
         for row in result:

@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import time
 from dataclasses import dataclass, fields
 from typing import Optional, Sequence
 
@@ -21,6 +22,7 @@ log = logging.getLogger("ensemble.serve")
 
 MAX_K = 1000  # ceiling on the k query parameter (k is also capped at the number of classes)
 UNHEALTHY_AFTER = 3  # failed batches in a row after which the replica's health check fails (Serve replaces it)
+BATCH_HUNG_S = 120.0  # a batch still running after this long is hung: the health check fails too
 
 
 @dataclass(frozen=True)
@@ -197,12 +199,24 @@ def run_name(run: str) -> str:
 
 
 class BatchHealth:
-    """Batches the members failed in a row; ``check`` (the replica's health check) fails once
-    ``UNHEALTHY_AFTER`` have, so Serve replaces the replica (a new one loads the members again)."""
+    """Batches the members failed in a row, and the batches running now; ``check`` (the replica's
+    health check) fails once ``UNHEALTHY_AFTER`` have failed, or one has run for ``BATCH_HUNG_S``
+    (a batch that never returns fails nothing, while every request behind it times out), so Serve
+    replaces the replica (a new one loads the members again)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock=time.monotonic) -> None:
         self.failed_in_a_row = 0
         self.last_error = ""
+        self.clock = clock
+        self.running: dict = {}  # batch token -> when it started
+
+    def begin(self) -> object:
+        token = object()
+        self.running[token] = self.clock()
+        return token
+
+    def end(self, token: object) -> None:
+        self.running.pop(token, None)
 
     def record(self, error: Optional[BaseException]) -> None:
         if error is None:
@@ -212,6 +226,11 @@ class BatchHealth:
             self.last_error = f"{error.__class__.__name__}: {one_line(error)}"
 
     def check(self) -> None:
+        if self.running:
+            oldest = self.clock() - min(self.running.values())
+            if oldest > BATCH_HUNG_S:
+                raise RuntimeError(f"a batch of the members has run for {oldest:.0f} s (over {BATCH_HUNG_S:g} s): "
+                                   f"they hang")
         if self.failed_in_a_row >= UNHEALTHY_AFTER:
             raise RuntimeError(f"the members failed the last {self.failed_in_a_row} batches in a row "
                                f"(last: {self.last_error})")

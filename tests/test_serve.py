@@ -756,3 +756,59 @@ def test_one_line_errors_for_missing_selection_and_tampered_runs(run, selected_c
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_batch_that_never_returns_fails_the_health_check():
+    """A batch that hangs fails nothing, so failed-batch counting alone kept the replica healthy
+    while every request behind it timed out: the health check fails once a batch has run for
+    BATCH_HUNG_S (a clock the test moves), and is healthy again when no batch is that old."""
+    from ensemble.served_run import BATCH_HUNG_S, BatchHealth
+
+    now = [1000.0]
+    health = BatchHealth(clock=lambda: now[0])
+    hung = health.begin()
+    now[0] += BATCH_HUNG_S - 1
+    quick = health.begin()
+    health.end(quick)
+    health.check()  # one batch, running for less than the bound
+    now[0] += 2
+    with pytest.raises(RuntimeError, match=rf"a batch of the members has run for {BATCH_HUNG_S + 1:.0f} s "
+                                           rf"\(over {BATCH_HUNG_S:g} s\): they hang"):
+        health.check()
+    health.end(hung)
+    health.check()
+
+
+def test_the_server_counts_a_batch_as_running_until_the_members_return():
+    """EnsembleServer.run_batch registers its batch with the health for as long as the members run
+    (here: until the test lets them), so check_health sees one that hangs."""
+    import threading
+    from collections import Counter
+
+    from ensemble.serve import EnsembleServer
+    from ensemble.served_run import BATCH_HUNG_S, BatchHealth, ServeOptions
+
+    release, now = threading.Event(), [0.0]
+
+    class HangingRun:
+        def answer(self, images, ks):
+            release.wait(30)
+            return [{"label": "x"} for _ in ks]
+
+    server = object.__new__(EnsembleServer.func_or_class)
+    server.run, server.options, server.health = HangingRun(), ServeOptions(run="r"), BatchHealth(clock=lambda: now[0])
+    server.batch_sizes, server.status_counts = Counter(), Counter()
+
+    async def scenario():
+        batch = asyncio.ensure_future(server.run_batch([(np.zeros((4, 4, 3), np.uint8), 1)]))
+        while not server.health.running:
+            await asyncio.sleep(0.01)
+        now[0] += BATCH_HUNG_S + 1
+        with pytest.raises(RuntimeError, match="they hang"):
+            server.check_health()
+        release.set()
+        return await batch
+
+    assert asyncio.run(scenario())[0]["batch_size"] == 1
+    server.check_health()
+    assert not server.health.running
