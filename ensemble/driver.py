@@ -22,8 +22,8 @@ from ensemble.bootstrap import check_bootstrap_size, member_counts, member_seeds
 from ensemble.cli import config_from_argv
 from ensemble.config import ConfigError, EnsembleConfig, cache_side, check_vote_size
 from ensemble.errors import exit_process, redact, run_cli
-from ensemble.run_folder import (check_output, default_output, input_files, open_output, save_run_config,
-                                 training_fingerprint, versions)
+from ensemble.run_folder import (check_output, default_output, input_files, matching_earlier, open_output,
+                                 save_run_config, training_fingerprint, versions)
 from ensemble.run_lock import RunLock
 
 log = logging.getLogger("ensemble.driver")
@@ -97,6 +97,7 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False, distillation=None, lock: Op
                                            cache_tier=cache.tier if cache is not None else None)
         if distillation is not None:  # another teacher, or another loss, trains another student
             fingerprint = {**fingerprint, "teacher": distillation.identity()}
+        fingerprint = matching_earlier(output, fingerprint)  # a run from before content hashes resumes
         held.check()  # (object stores: a driver that raced us to the lock within seconds)
         with tracked:
             resuming = open_output(output, fingerprint, fresh=fresh, inputs=inputs)

@@ -100,18 +100,23 @@ def decode_chunk(paths: list, *, image_size: int, resize: str, side: int, keep_t
     In the compressed tier a train chunk has no eval block (its eval pixels come from its JPEGs)
     and its train block holds JPEG bytes; val and test chunks are the same in both tiers.
     """
-    from ensemble.data import read_image
+    import hashlib
+
+    from ensemble import storage
+    from ensemble.data import open_image
     from ensemble.image_check import unreadable_reason
     from ensemble.pixels import check_eval_size, check_train_size, eval_pixels, shrink
 
     n = len(paths)
     compressed = keep_train and tier == "compressed"
     evals = None if compressed else np.zeros((n, image_size, image_size, 3), np.uint8)
-    trains, ok, reasons = [], np.zeros(n, bool), []
+    trains, ok, reasons, digests = [], np.zeros(n, bool), [], []
     for k, path in enumerate(paths):
-        reason, train = "", np.zeros((0, 0, 3), np.uint8)
+        reason, train, digest = "", np.zeros((0, 0, 3), np.uint8), ""
         try:
-            img = read_image(path, min_size=side)
+            data = storage.read_bytes(path)
+            digest = hashlib.sha256(data).hexdigest()  # every byte is read here anyway: the resume compares them
+            img = open_image(data, min_size=side)
             if keep_train:  # its training copy's size is bounded like its eval resize
                 check_train_size(*img.size, side=side)
             if compressed:
@@ -127,7 +132,8 @@ def decode_chunk(paths: list, *, image_size: int, resize: str, side: int, keep_t
         ok[k] = not reason
         reasons.append(reason)
         trains.append(train)
-    check = {"ok": ok, "reason": reasons, "bytes": 0 if evals is None else evals.nbytes}
+        digests.append(digest)
+    check = {"ok": ok, "reason": reasons, "sha256": digests, "bytes": 0 if evals is None else evals.nbytes}
     if not keep_train:
         return check, evals, None
     offsets = np.zeros(n + 1, np.int64)
@@ -166,7 +172,7 @@ def cache_images(index, cfg: EnsembleConfig, *, max_bytes: float, budget_from: s
     ``max_bytes`` is a share of, for the log line.
     """
     from ensemble.data import DatasetIndex
-    from ensemble.image_check import check_classes_readable, check_images, clean_splits
+    from ensemble.image_check import check_classes_readable, check_images, clean_splits, with_digests
 
     sizes = {tier: estimate_bytes(index, cfg, tier) for tier in TIERS}
     tier, why = choose_tier(sizes, max_bytes, cfg.cache_tier,
@@ -180,9 +186,12 @@ def cache_images(index, cfg: EnsembleConfig, *, max_bytes: float, budget_from: s
     side = cache_side(cfg)
     chunks, checks, evals, trains = _run_chunks(splits, cfg, side, tier)
     bad = {name: {} for name in splits}
-    for (name, lo, _), check in zip(chunks, checks):
+    digests = {name: [""] * table.num_rows for name, table in splits.items()}
+    for (name, lo, hi), check in zip(chunks, checks):
         for k in np.flatnonzero(~check["ok"]):
             bad[name][lo + int(k)] = check["reason"][k]
+        digests[name][lo:hi] = check["sha256"]
+    splits = with_digests(splits, digests)
     cleaned, skipped = clean_splits(splits, bad, flag="--data", root=index.root, strict=cfg.strict)
     located = {}
     for name, table in splits.items():

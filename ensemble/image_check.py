@@ -6,6 +6,7 @@ or stop the run under --strict; a split (or class) left with no readable image i
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 from typing import Optional
@@ -39,11 +40,13 @@ def check_batch(batch: dict, *, image_size: int, resize: str, side: Optional[int
 
     from ensemble.pixels import check_eval_size, check_train_size
 
-    ok, reasons = [], []
+    ok, reasons, digests = [], [], []
     for path, split in zip(batch["path"], batch["split"]):
-        reason = ""
+        reason, digest = "", ""
         try:
-            with Image.open(io.BytesIO(storage.read_bytes(path))) as img:
+            data = storage.read_bytes(path)
+            digest = hashlib.sha256(data).hexdigest()  # every byte is read here anyway: the resume compares them
+            with Image.open(io.BytesIO(data)) as img:
                 check_eval_size(*img.size, image_size=image_size, resize=resize)
                 if side is not None and split == "train":
                     check_train_size(*img.size, side=side)
@@ -53,7 +56,9 @@ def check_batch(batch: dict, *, image_size: int, resize: str, side: Optional[int
             reason = unreadable_reason(path, exc)
         ok.append(not reason)
         reasons.append(reason)
-    return {"split": batch["split"], "id": batch["id"], "ok": np.array(ok), "reason": np.array(reasons, dtype=object)}
+        digests.append(digest)
+    return {"split": batch["split"], "id": batch["id"], "ok": np.array(ok), "reason": np.array(reasons, dtype=object),
+            "sha256": np.array(digests, dtype=object)}
 
 
 def check_images(index: DatasetIndex, cfg) -> tuple[DatasetIndex, list[dict]]:
@@ -98,11 +103,20 @@ def check_files(splits: dict, *, flag: str, root: str, strict: bool, stall_timeo
         return stall_error(f"the image check made no progress in {waited:.0f} s", "its tasks need {need} each", 1)
 
     bad: dict[str, dict[int, str]] = {name: {} for name in splits}
+    digests = {name: [""] * t.num_rows for name, t in splits.items()}
     for batch in watched(batches, stall_timeout=stall_timeout, stalled=stalled, name="ensemble-image-check"):
-        for split, row_id, ok, reason in zip(batch["split"], batch["id"], batch["ok"], batch["reason"]):
+        for split, row_id, ok, reason, digest in zip(batch["split"], batch["id"], batch["ok"], batch["reason"],
+                                                     batch["sha256"]):
             if not ok:
                 bad[str(split)][int(row_id)] = str(reason)
-    return clean_splits(splits, bad, flag=flag, root=root, strict=strict)
+            digests[str(split)][int(row_id)] = str(digest)
+    return clean_splits(with_digests(splits, digests), bad, flag=flag, root=root, strict=strict)
+
+
+def with_digests(splits: dict, digests: dict) -> dict:
+    """Each table with a ``sha256`` column: its files' contents as the check read them (row = id)."""
+    return {name: (t.drop_columns(["sha256"]) if "sha256" in t.column_names else t).append_column(
+        "sha256", pa.array(digests[name], pa.string())) for name, t in splits.items()}
 
 
 def clean_splits(splits: dict, bad: dict, *, flag: str, root: str, strict: bool) -> tuple[dict, list[dict]]:

@@ -100,15 +100,42 @@ RESULT_PACKAGES = ("torch", "torchvision", "numpy", "pillow")
 def input_files(index):
     """The files the members learn from, train rows then val rows, as a pyarrow Table of
     INPUT_COLUMNS: split, path, label, size (bytes) and modification time (ns), from one stat per
-    local file or one listing of an object store (no file is read)."""
+    local file or one listing of the folders of an object store; and ``sha256``, the contents the
+    image check read, when the index carries them (every checked index does)."""
     import pyarrow as pa
 
     splits = [("train", index.train), ("val", index.val)]
     paths = [p for _, table in splits for p in table.column("path").to_pylist()]
     stats = storage.file_stats(paths)
-    return pa.table({"split": [name for name, table in splits for _ in range(table.num_rows)], "path": paths,
-                     "label": [label for _, table in splits for label in table.column("label").to_pylist()],
-                     "size": [size for size, _ in stats], "mtime_ns": [mtime for _, mtime in stats]})
+    columns = {"split": [name for name, table in splits for _ in range(table.num_rows)], "path": paths,
+               "label": [label for _, table in splits for label in table.column("label").to_pylist()],
+               "size": [size for size, _ in stats], "mtime_ns": [mtime for _, mtime in stats]}
+    if all(CONTENTS_COLUMN in table.column_names for _, table in splits):
+        columns[CONTENTS_COLUMN] = [d for _, table in splits for d in table.column(CONTENTS_COLUMN).to_pylist()]
+    return pa.table(columns)
+
+
+#: The column of a checked index (and of inputs.parquet) with each file's sha256, as read by the
+#: image check; its digest is the fingerprint's ``contents_sha256``.
+CONTENTS_COLUMN = "sha256"
+CONTENTS_KEY = "contents_sha256"
+
+
+def matching_earlier(output: str, fingerprint: dict) -> dict:
+    """``fingerprint``, without ``contents_sha256`` when ``output`` holds a run from before file
+    contents were fingerprinted (it resumes on sizes and times, as it was started)."""
+    if CONTENTS_KEY not in fingerprint:
+        return fingerprint
+    data = storage.read_stored(storage.join(output, "run.json"))
+    try:
+        old = json.loads(data).get("fingerprint") if data else None
+    except (ValueError, AttributeError):
+        old = None
+    if isinstance(old, dict) and CONTENTS_KEY not in old:
+        log.info("%s: a run from before file contents were fingerprinted; it resumes on the files' sizes and "
+                 "times", output)
+        return {k: v for k, v in fingerprint.items() if k != CONTENTS_KEY}
+    return fingerprint
 
 
 #: The fingerprint's words for train pixels that are not the files' own: the compressed cache
@@ -141,6 +168,8 @@ def training_fingerprint(cfg: EnsembleConfig, index, n_samples: int, inputs=None
         drawn["recipes"] = {arch: dict(sorted(r.items())) for arch, r in sorted(cfg.recipes.items())}
         drawn["recipes_weights_sha256"] = {arch: weights_sha256(str(r["weights"])) for arch, r in
                                            sorted(cfg.recipes.items()) if "weights" in r}
+    if CONTENTS_COLUMN in inputs.column_names:  # what the image check read: a same-size, same-time copy differs here
+        drawn[CONTENTS_KEY] = hashlib.sha256("\n".join(inputs.column(CONTENTS_COLUMN).to_pylist()).encode()).hexdigest()
     return {**{k: getattr(cfg, k) for k in keys}, **drawn, "bootstrap_size": n_samples, "classes": list(index.classes),
             "files_sha256": digest.hexdigest(), "weights_sha256": weights_sha256(cfg.weights),
             "versions": result_versions()}
@@ -228,8 +257,10 @@ def _differences(output: str, old: dict, new: dict, inputs) -> list[str]:
         then, now = old.get(key), new.get(key)
         if then == now:
             continue
-        if key == "files_sha256":
-            out.append(_files_changed(output, inputs))
+        if key == "files_sha256" or (key == CONTENTS_KEY and then is not None):
+            changed = _files_changed(output, inputs)
+            if changed not in out:
+                out.append(changed)
         elif key == "versions" and isinstance(then, dict) and isinstance(now, dict):
             out.append("versions (" + ", ".join(f"{p} {then.get(p)} then, {now.get(p)} now"
                                                 for p in sorted(set(then) | set(now)) if then.get(p) != now.get(p)) + ")")
@@ -261,8 +292,11 @@ def _files_changed(output: str, inputs) -> str:
     except (OSError, ValueError):  # a run from before it was written, or a damaged one
         return "files"
 
+    names = list(INPUT_COLUMNS) + ([CONTENTS_COLUMN] if CONTENTS_COLUMN in saved.column_names
+                                   and CONTENTS_COLUMN in inputs.column_names else [])
+
     def rows(table) -> dict:
-        columns = [table.column(c).to_pylist() for c in INPUT_COLUMNS]
+        columns = [table.column(c).to_pylist() for c in names]
         return {(split, path): rest for split, path, *rest in zip(*columns)}
 
     then, now = rows(saved), rows(inputs)

@@ -553,9 +553,15 @@ def test_streaming_path_gives_the_cached_pixels(cluster, tiny_digits, tmp_path, 
     with caplog.at_level(logging.INFO, logger="ensemble.data"):
         streamed_index, _, none = cache_images(scan_layout(tiny_digits), cfg, max_bytes=0)
     assert none is None and "image cache: off" in caplog.text
+    import hashlib
+
     for split in ("train", "val", "test"):
-        assert getattr(streamed_index, split).column("path").to_pylist() == \
-            getattr(cached_index, split).column("path").to_pylist()
+        paths = getattr(cached_index, split).column("path").to_pylist()
+        assert getattr(streamed_index, split).column("path").to_pylist() == paths
+        # both decode passes record what they read, for a resume to compare (run_folder.CONTENTS_KEY)
+        digests = [hashlib.sha256(open(p, "rb").read()).hexdigest() for p in paths]
+        assert getattr(cached_index, split).column("sha256").to_pylist() == digests
+        assert getattr(streamed_index, split).column("sha256").to_pylist() == digests
     side = cache_side(cfg)
     for split, augment in (("train", "seed"), ("train", "light"), ("val", None)):
         from_cache = SplitImages(getattr(cached_index, split), cache, image_size=24, resize="squash", side=side)

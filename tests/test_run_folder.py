@@ -116,3 +116,55 @@ def test_a_resume_on_other_train_pixels_is_refused_naming_the_cache_tier(data, t
         open_output(output, fingerprint("compressed"), fresh=False, inputs=inputs)
     assert ("train pixels (the files' exact pixels then, the compressed cache's JPEG q90 now: the image cache "
             "picked another tier; --cache-tier raw trains on the earlier ones)") in str(info.value)
+
+
+def _checked(index):
+    """The index as the image check leaves it: each file's sha256 (image_check.with_digests)."""
+    import hashlib
+
+    from ensemble.data import DatasetIndex
+    from ensemble.image_check import with_digests
+
+    splits = {"train": index.train, "val": index.val, "test": index.test}
+    digests = {name: [hashlib.sha256(open(p, "rb").read()).hexdigest() for p in t.column("path").to_pylist()]
+               for name, t in splits.items()}
+    return DatasetIndex(root=index.root, classes=index.classes, **with_digests(splits, digests))
+
+
+def test_a_same_size_replacement_with_its_time_kept_is_named_and_refused(data, tmp_path):
+    """cp -p / rsync -a / touch -r: other bytes, the same size and modification time. The contents
+    the image check read differ: refused, naming the file; a run from before contents were
+    fingerprinted still resumes (on sizes and times)."""
+    output = str(tmp_path / "run")
+    cfg = tiny_run_config(data, output)
+
+    def opened(index):
+        inputs = input_files(index)
+        fingerprint = run_folder.matching_earlier(output, training_fingerprint(cfg, index, index.train.num_rows, inputs))
+        resuming = open_output(output, fingerprint, fresh=False, inputs=inputs)
+        save_run_config(output, cfg, [1, 2, 3], fingerprint, inputs)
+        return resuming, fingerprint
+
+    assert opened(_checked(scan_layout(cfg.data)))[0] is False
+    assert opened(_checked(scan_layout(cfg.data)))[0] is True
+    image = os.path.join(data, "train", "class_2")
+    path = os.path.join(image, sorted(os.listdir(image))[1])
+    before, stat = open(path, "rb").read(), os.stat(path)
+    other = bytearray(before)
+    other[-20] ^= 0xFF  # inside the PNG's data: same size
+    with open(path, "wb") as fh:
+        fh.write(bytes(other))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.stat(path).st_size == stat.st_size and os.stat(path).st_mtime_ns == stat.st_mtime_ns
+    with pytest.raises(ConfigError) as info:
+        opened(_checked(scan_layout(cfg.data)))
+    assert f"(files (train/class_2/{os.path.basename(path)} changed) differ)" in str(info.value)
+
+    old = str(tmp_path / "old")  # an earlier run's fingerprint, from before contents were read
+    index = scan_layout(cfg.data)
+    open_output(old, training_fingerprint(cfg, index, index.train.num_rows), fresh=False)
+    save_run_config(old, cfg, [1], training_fingerprint(cfg, index, index.train.num_rows), input_files(index))
+    checked = _checked(index)
+    now = training_fingerprint(cfg, checked, checked.train.num_rows, input_files(checked))
+    assert run_folder.CONTENTS_KEY in now
+    assert open_output(old, run_folder.matching_earlier(old, now), fresh=False, inputs=input_files(checked)) is True
