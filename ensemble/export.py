@@ -214,12 +214,21 @@ def export_run(run: str, output: str, *, members: str = "all", external_data_ove
     """Write the run's ensemble (``members``: all, or the report's selection, weighted) to ``output``
     as one ONNX file (+ ``output.data`` past ``external_data_over`` bytes of weights), check it with
     ONNX Runtime where installed, and return what was written and checked."""
-    from ensemble.engine import eval_models
+    from ensemble.run_lock import RunLock
 
     if members not in MEMBER_CHOICES:
         raise ConfigError(f"--members {members}: choose {' or '.join(MEMBER_CHOICES)}")
     check_onnx_output(run, output)
     require_onnx()
+    # one export writes this file at a time (two would pair one's graph with the other's weights)
+    with RunLock(os.path.dirname(os.path.abspath(output)), name=f".{os.path.basename(output)}.lock"):
+        return _export_run(run, output, members=members, external_data_over=external_data_over,
+                           parity_images=parity_images)
+
+
+def _export_run(run: str, output: str, *, members: str, external_data_over: int, parity_images: int) -> dict:
+    from ensemble.engine import eval_models
+
     started = time.time()
     finished = load_run(run, members)  # unfinished or altered: one line (RunError, ConfigError)
     cfg = finished.config

@@ -133,8 +133,8 @@ class RunLock:
     ``check()`` raises LockLost once it is lost; a lock lost while the block runs in the main
     thread interrupts it, and the block ends with LockLost instead of KeyboardInterrupt."""
 
-    def __init__(self, output: str):
-        self.output, self.path = output, lock_path(output)
+    def __init__(self, output: str, *, name: str = LOCK_NAME):
+        self.output, self.path = output, storage.join(output, name)
         self.token = uuid.uuid4().hex
         self.started = time.time()
         self.lost: str = ""

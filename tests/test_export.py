@@ -396,3 +396,17 @@ def test_the_parity_search_opens_no_fifo_and_gives_up_on_unreadable_data(tmp_pat
     pixels, what = export.parity_pixels(str(run), finished, n=4)
     assert pixels.shape == (4, 32, 32, 3) and what.startswith("4 random images")
     assert str(fifo) not in tried and len(tried) <= export.PARITY_TRIES
+
+
+@pytest.mark.ray
+@pytest.mark.reuses_tiny_run
+def test_two_exports_to_one_file_do_not_interleave(run, tmp_path):
+    """One export writes a file at a time: while one holds it, a second to the same --output is
+    refused in one line (two would pair one's graph with the other's weights); the lock goes with it."""
+    from ensemble.run_lock import RunFolderBusy, RunLock
+
+    out = tmp_path / "m.onnx"
+    with RunLock(str(tmp_path), name=".m.onnx.lock"):  # as a running export holds it
+        with pytest.raises(RunFolderBusy, match=r"is in use by another process .*\.m\.onnx\.lock"):
+            export.export_run(run, str(out))
+    assert os.listdir(tmp_path) == []
