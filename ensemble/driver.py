@@ -53,6 +53,7 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False, distillation=None, lock: Op
     from ensemble.vote_stage import stack_splits, vote_splits
 
     started = time.time()
+    _Stop.signum = None  # a stop this process saw before (an earlier run in a notebook or a test) is not this run's
     cfg = cfg.replace(cache_side=cache_side(cfg))  # resolved: part of what a finished member depends on
     # inputs: the data index (names only), the initial weights, the output folder (nothing written yet)
     index = data_index(cfg)
