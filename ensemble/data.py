@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import os
-import posixpath
 import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -186,16 +185,6 @@ def scan_layout(root: str, *, val_fraction: Optional[float] = None, seed: int = 
         raise ConfigError(f"--data {root}: cannot read it ({reason})") from None
 
 
-def same_file_key(path: str) -> str:
-    """One spelling per file: a local path resolved (``..``, ``.``, symbolic links), an object's
-    URI with its scheme in lower case and its key normalised."""
-    parts = storage._split_bucket_uri(path)
-    if parts is not None:
-        scheme, bucket, key = parts
-        return f"{scheme}://{bucket}/{posixpath.normpath(key) if key else ''}"
-    return path if storage.is_uri(path) else os.path.realpath(path)
-
-
 def check_splits_apart(root: str, tables: dict) -> None:
     """ConfigError (one line) when one local file is in two splits (a link in val/ or test/ to a
     train image, or two links to one file): it would be scored on what trained on it."""
@@ -204,7 +193,7 @@ def check_splits_apart(root: str, tables: dict) -> None:
     seen: dict = {}
     for split, table in tables.items():
         for path in table.column("path").to_pylist():
-            key = same_file_key(path)
+            key = storage.canonical(path)
             other = seen.setdefault(key, (split, path))
             if other[0] != split:
                 raise ConfigError(f"--data {root}: {os.path.relpath(other[1], root)} ({other[0]}) and "
@@ -290,7 +279,7 @@ def scan_manifest(manifest: str, *, val_fraction: Optional[float] = None, seed: 
         if split != "test" and not label:
             raise ConfigError(f"{flag}: {row(k)}: a {split} row needs a label")
         full = path if storage.is_uri(path) or os.path.isabs(path) else storage.join(base, path)
-        key = same_file_key(full)  # a.jpg, ./a.jpg, sub/../a.jpg and a link to it are one image
+        key = storage.canonical(full)  # a.jpg, ./a.jpg, sub/../a.jpg and a link to it are one image
         if key in seen:
             first = seen[key]
             if splits[first] != split:

@@ -293,11 +293,10 @@ def val_pixels(index, cfg: EnsembleConfig, n: int) -> np.ndarray:
     from ensemble.config import cache_side
     from ensemble.pixels import load_eval_pixels
 
-    pixels = []
+    pixels, side = [], cache_side(cfg)
     for path in index.val.column("path").to_pylist()[:4 * n]:
         try:
-            pixels.append(load_eval_pixels(path, image_size=cfg.image_size, resize=cfg.eval_resize,
-                                           side=cache_side(cfg)))
+            pixels.append(load_eval_pixels(path, image_size=cfg.image_size, resize=cfg.eval_resize, side=side))
         except Exception:  # noqa: BLE001 - PIL raises many types for bad files; the run skipped it too
             continue
         if len(pixels) == n:
@@ -326,7 +325,7 @@ def distill(run: str, output: str, flags: dict, *, temperature: float, alpha: fl
     if teacher_report is None or sha is None:
         raise RunError(f"--run {run}: no report.json with its sha256; rerun the driver with --output {run} "
                        f"to finish the run first")
-    check_output(output)
+    checked = check_output(output)
     check_outside(run, output)
     cfg = student_config(teacher.config, flags, output)
     index = data_index(cfg)  # the teacher's split, whatever the student's --seed
@@ -335,7 +334,7 @@ def distill(run: str, output: str, flags: dict, *, temperature: float, alpha: fl
                           f"{len(teacher.classes)} the run trained on; restore the data the run used")
 
     # the student's folder is locked from its run's first write to distill.json (run_lock.py)
-    with RunLock(check_output(cfg.output)) as lock:
+    with RunLock(checked) as lock:
         spec = Distillation(run=run, temperature=temperature, alpha=alpha, report_sha256=sha)
         report = run_pipeline(cfg, fresh=fresh, distillation=spec, lock=lock)
 

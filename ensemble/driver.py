@@ -90,12 +90,12 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False, distillation=None, lock: Op
         # stops); the pixels stay in the object store for the members and voters when they fit
         store, whose = capacity.smallest_store()
         index, skipped, cache = cache_images(index, cfg, max_bytes=cfg.cache_share * store, budget_from=whose)
+        tier = cache.tier if cache is not None else None  # the pixels the members train from
 
         # output folder: the first write; an earlier run there is resumed (same fingerprint) or refused
         n_samples = cfg.bootstrap_size or index.train.num_rows
         inputs = input_files(index)  # the train and val files' sizes and modification times
-        fingerprint = training_fingerprint(cfg, index, n_samples, inputs,
-                                           cache_tier=cache.tier if cache is not None else None)
+        fingerprint = training_fingerprint(cfg, index, n_samples, inputs, cache_tier=tier)
         if distillation is not None:  # another teacher, or another loss, trains another student
             fingerprint = {**fingerprint, "teacher": distillation.identity()}
         fingerprint = matching_earlier(output, fingerprint)  # a run from before content hashes resumes
@@ -153,7 +153,7 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False, distillation=None, lock: Op
                                 calibrate_on=cfg.calibrate_on, archs=[cfg.arch_of(i) for i in range(cfg.members)], **oob)
             report = build_report(resolved, summaries=summaries, scores=scores, params=params, index=index,
                                   skipped=skipped, seeds=seeds, fingerprint=fingerprint, versions=versions(),
-                                  cache_tier=cache.tier if cache is not None else None,
+                                  cache_tier=tier,
                                   seconds={"train": t_vote - t_train, "vote": t_report - t_vote})
             write_report(output, report, val=voted["val"], test=voted["test"], classes=index.classes,
                          started=started)

@@ -100,11 +100,8 @@ def decode_chunk(paths: list, *, image_size: int, resize: str, side: int, keep_t
     In the compressed tier a train chunk has no eval block (its eval pixels come from its JPEGs)
     and its train block holds JPEG bytes; val and test chunks are the same in both tiers.
     """
-    import hashlib
-
-    from ensemble import storage
     from ensemble.data import open_image
-    from ensemble.image_check import unreadable_reason
+    from ensemble.image_check import read_hashed, unreadable_reason
     from ensemble.pixels import check_eval_size, check_train_size, eval_pixels, shrink
 
     n = len(paths)
@@ -114,8 +111,7 @@ def decode_chunk(paths: list, *, image_size: int, resize: str, side: int, keep_t
     for k, path in enumerate(paths):
         reason, train, digest = "", np.zeros((0, 0, 3), np.uint8), ""
         try:
-            data = storage.read_bytes(path)
-            digest = hashlib.sha256(data).hexdigest()  # every byte is read here anyway: the resume compares them
+            data, digest = read_hashed(path)
             img = open_image(data, min_size=side)
             if keep_train:  # its training copy's size is bounded like its eval resize
                 check_train_size(*img.size, side=side)

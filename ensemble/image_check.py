@@ -32,6 +32,13 @@ def unreadable_reason(path: str, exc: Exception) -> str:
     return f"{exc.__class__.__name__}: {exc}"[:200]
 
 
+def read_hashed(path: str) -> tuple[bytes, str]:
+    """A file's bytes and their sha256: every byte is read by the check (or the cache's decode)
+    anyway, and a resume compares the digests (run_folder.CONTENTS_KEY)."""
+    data = storage.read_bytes(path)
+    return data, hashlib.sha256(data).hexdigest()
+
+
 def check_batch(batch: dict, *, image_size: int, resize: str, side: Optional[int] = None) -> dict:
     """Try to decode each file: ``ok`` and, when not, a short ``reason`` (``unreadable_reason``):
     also a file the eval geometry (``image_size``, ``resize``) would resize past its limit, and
@@ -44,8 +51,7 @@ def check_batch(batch: dict, *, image_size: int, resize: str, side: Optional[int
     for path, split in zip(batch["path"], batch["split"]):
         reason, digest = "", ""
         try:
-            data = storage.read_bytes(path)
-            digest = hashlib.sha256(data).hexdigest()  # every byte is read here anyway: the resume compares them
+            data, digest = read_hashed(path)
             with Image.open(io.BytesIO(data)) as img:
                 check_eval_size(*img.size, image_size=image_size, resize=resize)
                 if side is not None and split == "train":

@@ -57,8 +57,8 @@ def predict(run: str, images: Union[str, Sequence[str]], output: str, *, address
 
 
 def _same_place(a, b) -> bool:
-    if isinstance(a, str) and isinstance(b, str) and not storage.is_uri(a) and not storage.is_uri(b):
-        return os.path.realpath(a) == os.path.realpath(b)
+    if isinstance(a, str) and isinstance(b, str):
+        return storage.canonical(a) == storage.canonical(b)
     return a == b
 
 

@@ -66,22 +66,12 @@ def check_writable_place(output: str, *, folder: bool = True) -> None:
 def check_outside(run: str, output: str) -> None:
     """ConfigError when ``output`` is the run's folder or lies inside it (predict would overwrite
     the run's own predictions.csv; distill or export would write among its members)."""
-    if storage.is_uri(run) or storage.is_uri(output):  # the scheme's case is not the key's: S3:// is s3://
-        run_path, out_path, sep = _uri_key(run), _uri_key(output), "/"
-    else:
-        run_path, out_path, sep = os.path.realpath(run), os.path.realpath(output), os.sep
+    # as storage resolves them: S3:// is s3://, a trailing slash or a link changes nothing
+    run_path, out_path = storage.canonical(run), storage.canonical(output)
+    sep = "/" if storage.is_uri(run) or storage.is_uri(output) else os.sep
     if out_path == run_path or out_path.startswith(run_path + sep):
         raise ConfigError(f"--output {output}: inside the run folder {run}, whose own files it would overwrite; "
                           f"pick a folder outside it")
-
-
-def _uri_key(path: str) -> str:
-    """The object ``path`` names, as storage resolves it (``S3://b/k`` and ``s3://b/k/`` are one)."""
-    parts = storage._split_bucket_uri(path)
-    if parts is None:
-        return path.rstrip("/") if storage.is_uri(path) else "file://" + os.path.realpath(path)
-    scheme, bucket, key = parts
-    return f"{scheme}://{bucket}/{key}".rstrip("/")
 
 
 def default_output() -> str:

@@ -59,10 +59,6 @@ class LockLost(RunError):
     be renewed): it stops before writing again (exit 2)."""
 
 
-def lock_path(output: str) -> str:
-    return storage.join(output, LOCK_NAME)
-
-
 def _pid_runs(pid: int) -> bool:
     """Whether process ``pid`` runs on this host (a zombie, dead but not yet reaped, does not)."""
     try:

@@ -88,6 +88,18 @@ def _fs_for(scheme: str, bucket: str) -> pafs.FileSystem:
     return fs
 
 
+def canonical(path: str) -> str:
+    """One spelling per file or folder, with nothing asked of storage: a local path resolved
+    (``..``, ``.``, symbolic links); a bucket URI with its scheme in lower case and its key
+    normalised, without a trailing slash (``S3://b/k/`` is ``s3://b/k``); another URI as it is,
+    without a trailing slash."""
+    parts = _split_bucket_uri(path)
+    if parts is not None:
+        scheme, bucket, key = parts
+        return f"{scheme}://{bucket}" + (f"/{posixpath.normpath(key)}" if key else "")
+    return path.rstrip("/") if is_uri(path) else os.path.realpath(path)
+
+
 def resolve(path: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path within it). Local paths become absolute; "s3://b/k" -> (S3, "b/k")."""
     parts = _split_bucket_uri(path)

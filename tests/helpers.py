@@ -268,3 +268,31 @@ def run_on_a_terminal(cmd, env: dict, *, cwd: str, timeout_s: float = 300) -> st
         if proc.poll() is None:
             proc.kill()
     return b"".join(chunks).decode(errors="replace")
+
+
+def fail_reads(monkeypatch, name: str, code: int) -> list:
+    """Make ``storage.read_bytes`` raise OSError(``code``) for every path ending with ``name`` (a
+    storage that times out, a stale NFS handle, a permission), with no pause between its retries;
+    other paths read as usual. Returns the list of the failed reads' paths, as they happen."""
+    from ensemble import storage
+
+    failed: list = []
+
+    def read(path):
+        if path.endswith(name):
+            failed.append(path)
+            raise OSError(code, os.strerror(code))
+        return REAL_READ(path)
+
+    monkeypatch.setattr(storage, "READ_RETRY_S", (0.0, 0.0))
+    monkeypatch.setattr(storage, "read_bytes", read)
+    return failed
+
+
+def _real_read():
+    from ensemble import storage
+
+    return storage.read_bytes
+
+
+REAL_READ = _real_read()  # storage.read_bytes itself: what a test puts back once storage answers again

@@ -16,6 +16,7 @@ from ensemble import storage
 from ensemble.checkpoint import DamagedFile
 from ensemble.errors import StorageError
 from ensemble.member_files import MemberFiles, MemberSummary, load_finished_member, reusable_member
+from tests.helpers import REAL_READ, fail_reads
 
 FINGERPRINT = {"lr": 0.002, "files_sha256": "abc"}
 
@@ -90,18 +91,7 @@ def test_a_read_that_fails_deletes_nothing_and_is_one_line_after_its_retries(tmp
     _finish(output, 0)
     files = MemberFiles(output, 1, FINGERPRINT)
     files.save_checkpoint(_snapshot(2))
-    real_read, tries = storage.read_bytes, []
-
-    def failing(name, code):
-        def read(path):
-            if path.endswith(name):
-                tries.append(path)
-                raise OSError(code, os.strerror(code))
-            return real_read(path)
-        return read
-
-    monkeypatch.setattr(storage, "READ_RETRY_S", (0.0, 0.0))
-    monkeypatch.setattr(storage, "read_bytes", failing("model.pt", errno.ESTALE))
+    tries = fail_reads(monkeypatch, "model.pt", errno.ESTALE)
     with pytest.raises(StorageError) as info:
         reusable_member(output, 0, FINGERPRINT)
     model = tmp_path / "members" / "member-0" / "model.pt"
@@ -109,12 +99,12 @@ def test_a_read_that_fails_deletes_nothing_and_is_one_line_after_its_retries(tmp
                                f"nothing was deleted: rerun the same command once storage answers")
     assert len(tries) == 3 and (tmp_path / "members" / "member-0" / "member.json").exists()
 
-    monkeypatch.setattr(storage, "read_bytes", failing("checkpoint.json", errno.EMFILE))
+    fail_reads(monkeypatch, "checkpoint.json", errno.EMFILE)
     with pytest.raises(StorageError, match=r"checkpoint.json: Too many open files \(EMFILE\)"):
         files.load_checkpoint()
     assert (tmp_path / "members" / "member-1" / "checkpoint.json").exists()
 
-    monkeypatch.setattr(storage, "read_bytes", real_read)
+    monkeypatch.setattr(storage, "read_bytes", REAL_READ)
     assert reusable_member(output, 0, FINGERPRINT)[0].member == 0
     assert files.load_checkpoint()["epoch"] == 2
 

@@ -13,7 +13,7 @@ from ensemble import run_folder
 from ensemble.config import ConfigError
 from ensemble.data import scan_layout
 from ensemble.run_folder import input_files, open_output, save_run_config, training_fingerprint
-from tests.helpers import tiny_run_config, write_digits_tree
+from tests.helpers import fail_reads, tiny_run_config, write_digits_tree
 
 
 @pytest.fixture
@@ -75,21 +75,12 @@ def test_a_run_folder_that_cannot_be_read_is_one_line_and_nothing_goes(data, tmp
     one line naming the folder; the earlier run's files stay."""
     import errno
 
-    from ensemble import storage
     from ensemble.errors import StorageError
 
     output = str(tmp_path / "run")
     cfg = tiny_run_config(data, output)
     _open(cfg, output)
-    real = storage.read_bytes
-
-    def denied(path):
-        if path.endswith("run.json"):
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
-        return real(path)
-
-    monkeypatch.setattr(storage, "READ_RETRY_S", (0.0, 0.0))
-    monkeypatch.setattr(storage, "read_bytes", denied)
+    fail_reads(monkeypatch, "run.json", errno.EACCES)
     with pytest.raises(StorageError) as info:
         _open(cfg, output)
     monkeypatch.undo()

@@ -16,6 +16,7 @@ import pytest
 from ensemble import run_lock
 from ensemble.run_folder import default_output
 from ensemble.run_lock import RunFolderBusy, RunLock
+from tests.helpers import REAL_READ, fail_reads
 
 
 @pytest.fixture(autouse=True)
@@ -123,18 +124,10 @@ def test_an_unreadable_lock_is_not_a_free_one(tmp_path, monkeypatch, caplog):
 
     out = tmp_path / "run"
     with RunLock(str(out)) as holder:
-        real_read = storage.read_bytes
-
-        def failing(path):
-            if path.endswith("run.lock"):
-                raise OSError(errno.EIO, os.strerror(errno.EIO))
-            return real_read(path)
-
-        monkeypatch.setattr(storage, "READ_RETRY_S", (0.0, 0.0))
-        monkeypatch.setattr(storage, "read_bytes", failing)
+        fail_reads(monkeypatch, "run.lock", errno.EIO)
         with pytest.raises(StorageError, match=r"could not read .*run.lock: Input/output error \(EIO\) \(tried 3 times\)"):
             RunLock(str(out)).acquire()
-        monkeypatch.setattr(storage, "read_bytes", real_read)
+        monkeypatch.setattr(storage, "read_bytes", REAL_READ)
         assert json.loads((out / "run.lock").read_text())["token"] == holder.token
 
     out.mkdir(exist_ok=True)
