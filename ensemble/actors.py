@@ -28,7 +28,7 @@ from ensemble.data import decode_batch, quiet_ray_data
 from ensemble.engine import (cross_entropy, distillation_loss, eval_models, pick_device, resolve_precision,
                              seed_everything, set_threads, vote_member_probabilities)
 from ensemble.epochs import Best, EpochStats, build_trainee, eval_batches, fit, member_outputs, train_batches
-from ensemble.gpu_memory import check_fit, member_memory, out_of_memory_line
+from ensemble.gpu_memory import check_fit, gpu_total_bytes, inference_batch, member_memory, out_of_memory_line
 from ensemble.image_cache import BlockReader, ImageCache
 from ensemble.member_files import BackgroundWriter, MemberFiles, MemberSummary
 from ensemble.scores.vote import soft_vote
@@ -224,7 +224,7 @@ class MemberTrainer:
         cfg = plan.config.member_config(member)
         bf16 = resolve_precision(cfg.precision, self.device) is torch.bfloat16
         memory = member_memory(cfg.arch, plan.num_classes, cfg.image_size, cfg.freeze, cfg.freeze_stem, bf16)
-        gpu_total = torch.cuda.get_device_properties(self.device).total_memory
+        gpu_total = gpu_total_bytes(self.device)
         gpus, precision = cfg.gpus_per_member or 1.0, "bf16" if bf16 else "fp32"
         check_fit(memory, member=member, arch=cfg.arch, batch=cfg.batch_size, image_size=cfg.image_size,
                   precision=precision, gpu_total=gpu_total, gpus_per_member=gpus)
@@ -273,12 +273,17 @@ class SoftVoter:
 
     def __init__(self, *, arch, num_classes: int, weight_refs: list, image_size: int,
                  threads: float, tta: str = "none", precision: str = "auto", resize: str = "squash",
-                 side: Optional[int] = None, cache: Optional[ImageCache] = None):
+                 side: Optional[int] = None, cache: Optional[ImageCache] = None, batch: int = 64, gpus: float = 0):
         set_threads(threads)
         self.device = pick_device(ray.get_gpu_ids())
         self.image_size, self.tta, self.resize, self.side = image_size, tta, resize, side
         self.reader = BlockReader(cache) if cache is not None else None
         self.amp = resolve_precision(precision, self.device)
+        # on a GPU: --infer-batch-size in passes that fit this voter's share (one line if it must), before any weight moves
+        self.max_batch = inference_batch(
+            self.device, [arch] * len(weight_refs) if isinstance(arch, str) else arch, num_classes, image_size, tta,
+            self.amp is torch.bfloat16, who="a voter", batch=batch, batch_flag="--infer-batch-size", share=gpus,
+            share_flag="--gpus-per-infer-actor", log=log.warning)
         self.models = eval_models(arch, num_classes, ray.get(list(weight_refs)), self.device)
 
     def __call__(self, batch: dict) -> dict:
@@ -287,7 +292,7 @@ class SoftVoter:
         else:
             pixels = decode_batch(batch, image_size=self.image_size, resize=self.resize, side=self.side)["image"]
         probs = vote_member_probabilities(self.models, torch.from_numpy(pixels), self.amp, self.tta,
-                                          device=self.device)  # (members, B, classes)
+                                          device=self.device, max_batch=self.max_batch)  # (members, B, classes)
         probs = probs.cpu().numpy()
         return {"id": batch["id"], "image_name": batch["image_name"], "label": batch["label"],
                 "probs": soft_vote(probs).astype(np.float32),

@@ -267,7 +267,16 @@ def inference_speed(teacher: "object", student: "object", pixels: np.ndarray, *,
 
     from ensemble.engine import eval_models, vote_member_probabilities
 
+    from ensemble.engine import resolve_precision
+    from ensemble.gpu_memory import inference_batch
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for who, finished in (("ensemble", teacher), ("student", student)):  # on a GPU: a batch both fit (fewer images)
+        bf16 = resolve_precision(finished.config.precision, device) is torch.bfloat16
+        fits = inference_batch(device, finished.archs, len(finished.classes), finished.config.image_size,
+                               finished.config.tta, bf16, who=f"the timing pass ({who})", batch=len(pixels),
+                               batch_flag="its batch of", share=1.0, share_flag="", log=log.info)
+        pixels = pixels[:fits] if fits is not None else pixels
     images = torch.from_numpy(pixels)
     out = {"batch": int(len(pixels)), "device": str(device), "threads": torch.get_num_threads()}
     for who, finished in (("ensemble", teacher), ("student", student)):
@@ -346,7 +355,12 @@ def distill(run: str, output: str, flags: dict, *, temperature: float, alpha: fl
             log.info("timing inference: the ensemble's %d members, then the student, on %d val images",
                      len(teacher.states), min(speed_images, index.val.num_rows))
             pixels = val_pixels(index, cfg, speed_images)
-            speed = inference_speed(teacher, student, pixels) if len(pixels) else None
+            from ensemble.gpu_memory import GpuMemoryError
+
+            try:
+                speed = inference_speed(teacher, student, pixels) if len(pixels) else None
+            except GpuMemoryError as exc:  # the student is trained and kept: the timing is left out, said in a line
+                log.warning("no inference timing: %s", exc)
         summary = distill_summary(teacher_report, report, teacher_params=total_params(teacher_report, teacher.archs),
                                   student_params=total_params(report, [cfg.arch]),
                                   teacher_gflops=sum(gflops[a] for a in teacher.archs), student_gflops=gflops[cfg.arch],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+from contextlib import nullcontext
 from typing import Callable, Iterable, Optional
 
 import numpy as np
@@ -167,18 +168,23 @@ def member_probabilities(models: list[nn.Module], images: torch.Tensor,
                          autocast_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Softmax outputs of every member on one batch (already on the members' device): (members, B,
     classes), float32."""
-    with torch.autocast(images.device.type, dtype=autocast_dtype or torch.float32,
-                        enabled=autocast_dtype is not None):
+    cast = torch.autocast(images.device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+    with cast:  # (without: also on the meta device, where gpu_memory measures inference)
         return torch.stack([torch.softmax(m(images).float(), dim=1) for m in models])
 
 
 @torch.no_grad()
 def vote_member_probabilities(models: list[nn.Module], images: torch.Tensor,
                               autocast_dtype: Optional[torch.dtype] = None, tta: str = "none",
-                              device: Optional[torch.device] = None) -> torch.Tensor:
+                              device: Optional[torch.device] = None, max_batch: Optional[int] = None) -> torch.Tensor:
     """``member_probabilities`` under the run's test-time augmentation: with ``tta="hflip"`` each
     member's output is the mean over the image and its mirror. ``images``: uint8 (B, S, S, 3) or
-    float (B, 3, S, S), moved to ``device`` (default: where they are). (members, B, classes), float32."""
+    float (B, 3, S, S), moved to ``device`` (default: where they are). (members, B, classes), float32.
+    ``max_batch``: at most this many images at once (``gpu_memory.inference_batch``), the rest in
+    further passes; each image's outputs do not depend on the others'."""
+    if max_batch is not None and len(images) > max_batch:
+        return torch.cat([vote_member_probabilities(models, images[i:i + max_batch], autocast_dtype, tta, device)
+                          for i in range(0, len(images), max_batch)], dim=1)
     images = _to_device(images, device or images.device)
     probs = member_probabilities(models, images, autocast_dtype)
     if tta == "hflip":

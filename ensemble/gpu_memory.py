@@ -14,18 +14,29 @@ ones are half (what CPU autocast saves: within 0.1%). ``per_step``: autocast's b
 every conv and linear weight, saved for backward once per step whatever the batch. Without its
 allowance the estimate is, to 1%, the peak of the tensors alive over a real CPU training step
 (forward, zero_grad, backward, Adam; tests/test_gpu_memory.py); against CUDA's own peak it is
-not checked yet (that test needs a GPU). Plain torch; no Ray.
+not checked yet (that test needs a GPU).
+
+Inference (the voters, a serve replica, distill's timing pass) holds every member's weights and,
+per image, the largest activations alive at once in one member's forward (members run one after
+another). It is measured the same way, on ``meta``: ``LiveTensors`` counts the storages alive
+through the real ``vote_member_probabilities`` (on CPU, to 0.01% of the same count on real
+tensors: resnext101_64x4d at 224 px, 16.5 MiB an image in fp32). A batch larger than a share
+fits runs in passes that fit (the same numbers); weights that do not fit are one line. Plain
+torch; no Ray.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from ensemble.errors import UserError
 
@@ -49,11 +60,11 @@ class GpuMemoryError(UserError):
 
 @dataclass(frozen=True)
 class MemberMemory:
-    """What one member's training step holds on its GPU, in bytes."""
+    """What one member's training step (or the members' inference pass) holds on its GPU, in bytes."""
 
     state: int       # weights (fp32), + gradients and Adam's exp_avg, exp_avg_sq of the trainable ones
     per_step: int    # saved for backward once per step: autocast's bf16 weight copies (0 in fp32)
-    per_image: int   # activations saved for backward, per image of the batch
+    per_image: int   # activations saved for backward (inference: alive at once), per image of the batch
 
     def need(self, batch: int) -> int:
         """The estimated peak of a training step at ``batch`` images, with the allowance."""
@@ -94,6 +105,75 @@ def saved_bytes(model: torch.nn.Module, image_size: int, *, batch: int = 2) -> d
     return by_dtype
 
 
+class LiveTensors(TorchDispatchMode):
+    """The bytes of the storages alive at once, at most (``peak``), while it is on: what CUDA's
+    caching allocator's ``max_memory_allocated`` counts (without its rounding), on any device,
+    ``meta`` included. ``held``: tensors alive before it starts (weights, the input)."""
+
+    def __init__(self, *held: torch.Tensor):
+        super().__init__()
+        self.sizes: dict = {}
+        self.now = self.peak = 0
+        for tensor in held:
+            self.track(tensor)
+
+    def track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        if id(storage) not in self.sizes:
+            self.sizes[id(storage)] = storage.nbytes()
+            self.now += storage.nbytes()
+            self.peak = max(self.peak, self.now)
+            weakref.finalize(storage, self._freed, id(storage))
+
+    def _freed(self, key: int) -> None:
+        self.now -= self.sizes.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in tree_flatten(out)[0]:
+            if isinstance(value, torch.Tensor):
+                self.track(value)
+        return out
+
+
+@functools.lru_cache(maxsize=None)
+def inference_memory(archs: tuple, num_classes: int, image_size: int, tta: str, bf16: bool) -> MemberMemory:
+    """The estimate for the members ``archs`` (one entry per member) voting on batches of uint8
+    ``image_size`` px images (``engine.vote_member_probabilities``, TTA as given). ``state``: every
+    member's weights and buffers; ``per_step``: under bf16 autocast, its copy of every member's
+    conv and linear weights (one autocast spans the members); ``per_image``: the most bytes alive
+    in one member's pass (each distinct architecture measured once, on ``meta``), plus the
+    members' outputs. Under bf16 the activations are taken as half (the input stays uint8 and fp32)."""
+    from ensemble.engine import vote_member_probabilities
+    from ensemble.models import make_member_model
+
+    def sizes(model):
+        tensors = (*model.parameters(), *model.buffers())
+        cast = sum(p.numel() for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+                   for p in m.parameters(recurse=False))
+        return tensors, sum(t.untyped_storage().nbytes() for t in tensors), cast
+
+    batch, state, per_step, per_image = 2, 0, 0, 0
+    measured: dict = {}
+    for arch in archs:
+        if arch not in measured:
+            with torch.device("meta"):
+                model = make_member_model(arch, num_classes, None, "none").eval()
+            tensors, weights, cast = sizes(model)
+            images = torch.zeros(batch, image_size, image_size, 3, dtype=torch.uint8, device="meta")
+            with LiveTensors(*tensors, images) as live:
+                vote_member_probabilities([model], images, tta=tta)
+            alive = (live.peak - weights) // batch
+            if bf16:
+                kept = image_size * image_size * 3 * (1 + 4 * (2 if tta == "hflip" else 1))  # uint8 + fp32 input(s)
+                alive = kept + max(0, alive - kept) // 2
+            measured[arch] = (weights, 2 * cast if bf16 else 0, alive)
+        weights, copies, alive = measured[arch]
+        state, per_step, per_image = state + weights, per_step + copies, max(per_image, alive)
+    per_image += len(archs) * num_classes * 4 * 3  # each member's probabilities (and TTA's sum), held to the end
+    return MemberMemory(state=state, per_step=per_step, per_image=per_image)
+
+
 @functools.lru_cache(maxsize=None)
 def member_memory(arch: str, num_classes: int, image_size: int, freeze: str, freeze_stem: bool,
                   bf16: bool) -> MemberMemory:
@@ -124,33 +204,69 @@ def share_bytes(gpu_total: int, gpus_per_member: float) -> float:
     return gpu_total * min(float(gpus_per_member), 1.0)
 
 
-def _fix(memory: MemberMemory, batch: int, share: float, gpu_total: int, gpus_per_member: float) -> str:
+def _fix(memory: MemberMemory, batch: int, share: float, gpu_total: int, gpus_per_member: float,
+         share_flag: str = "--gpus-per-member", fresh: str = " with --fresh") -> str:
     """What fits: a batch size at this share, and/or the whole GPU. Another batch size trains
     other members (it is in the run's fingerprint), so it needs --fresh; a GPU share does not."""
     options = []
     at_share = memory.largest_batch(share)
     if 0 < at_share < batch:
-        options.append(f"--batch-size {at_share} or less with --fresh")
+        options.append(f"--batch-size {at_share} or less{fresh}")
     if gpus_per_member < 1:
         whole = memory.largest_batch(gpu_total)
         if whole >= batch:
-            options.append("--gpus-per-member 1")
+            options.append(f"{share_flag} 1")
         elif whole > 0 and at_share == 0:
-            options.append(f"--gpus-per-member 1 with --batch-size {whole} or less and --fresh")
-    return ", or ".join(options) or "a GPU with more memory, or a smaller --image-size or a later --freeze stage with --fresh"
+            options.append(f"{share_flag} 1 with --batch-size {whole} or less{fresh.replace(' with', ' and')}")
+    return ", or ".join(options) or f"a GPU with more memory, or a smaller --image-size or a later --freeze stage{fresh}"
 
 
 def check_fit(memory: MemberMemory, *, member: int, arch: str, batch: int, image_size: int, precision: str,
-              gpu_total: int, gpus_per_member: float) -> None:
+              gpu_total: int, gpus_per_member: float, who: Optional[str] = None,
+              share_flag: str = "--gpus-per-member", fresh: str = " with --fresh") -> None:
     """Raise GpuMemoryError (one line: the member, its setting, the estimate, its share, the GPU
-    and the fix) when ``memory.need(batch)`` exceeds the member's share of a ``gpu_total``-byte GPU."""
+    and the fix) when ``memory.need(batch)`` exceeds the member's share of a ``gpu_total``-byte GPU.
+    ``who``, ``share_flag``, ``fresh``: for a Tune trial ("trial ...", --gpus-per-trial, no --fresh)."""
     need, share = memory.need(batch), share_bytes(gpu_total, gpus_per_member)
     if need <= share:
         return
     raise GpuMemoryError(
-        f"member {member}: {arch} at --batch-size {batch}, {image_size} px, {precision} needs about {_gib(need)} "
-        f"of GPU memory, more than its share, {_gib(share)} ({gpus_per_member:g} of a {_gib(gpu_total)} GPU); "
-        f"use {_fix(memory, batch, share, gpu_total, gpus_per_member)}")
+        f"{who or f'member {member}'}: {arch} at --batch-size {batch}, {image_size} px, {precision} needs about "
+        f"{_gib(need)} of GPU memory, more than its share, {_gib(share)} ({gpus_per_member:g} of a "
+        f"{_gib(gpu_total)} GPU); use {_fix(memory, batch, share, gpu_total, gpus_per_member, share_flag, fresh)}")
+
+
+def gpu_total_bytes(device: torch.device) -> int:
+    """The memory of the GPU ``device`` (CUDA's count, as nvidia-smi's MiB)."""
+    return torch.cuda.get_device_properties(device).total_memory
+
+
+def inference_batch(device: torch.device, archs: Sequence[str], num_classes: int, image_size: int, tta: str,
+                    bf16: bool, *, who: str, batch: int, batch_flag: str, share: float, share_flag: str,
+                    log: Optional[Callable[[str], None]] = None) -> Optional[int]:
+    """The most images one inference pass of the members ``archs`` may take on ``device`` within
+    ``share`` (0-1; 0 or None: all) of its memory: ``batch`` when that fits, fewer when not (the
+    caller runs a batch in passes of that many: the same numbers; ``log`` hears one line that
+    says so). None on CPU (no limit). GpuMemoryError (one line) when not even one image fits
+    beside the weights."""
+    if device.type != "cuda":
+        return None
+    memory = inference_memory(tuple(archs), num_classes, image_size, tta, bf16)
+    gpu_total = gpu_total_bytes(device)
+    available = share_bytes(gpu_total, share or 1.0)
+    fits = memory.largest_batch(available)
+    where = f"{_gib(available)} ({(share or 1.0):g} of a {_gib(gpu_total)} GPU)"
+    if fits == 0:
+        fix = f"{share_flag} 1, or " if share_flag and (share or 1.0) < 1 and memory.largest_batch(gpu_total) else ""
+        raise GpuMemoryError(f"{who}: the members' weights need about {_gib(memory.need(1))} of GPU memory with one "
+                             f"image, more than its share, {where}; use {fix}fewer members (--members selected) "
+                             f"or a GPU with more memory")
+    if fits < batch:
+        if log is not None:
+            log(f"{who}: {batch_flag} {batch} needs about {_gib(memory.need(batch))} of GPU memory, more than its "
+                f"share, {where}; it runs each batch in passes of {fits} images (the same results)")
+        return fits
+    return batch
 
 
 @contextmanager

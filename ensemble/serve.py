@@ -54,12 +54,12 @@ ROUTE = "/"            # its route prefix: POST / and GET /
 class EnsembleServer:
     """The HTTP ingress: decode each request (in a thread), batch, vote; JSON out."""
 
-    def __init__(self, options: ServeOptions, threads: float):
+    def __init__(self, options: ServeOptions, threads: float, gpus: float = 0):
         import ray
 
         from ensemble.engine import pick_device
 
-        self.run = ServedRun(options, device=pick_device(ray.get_gpu_ids()), threads=threads)
+        self.run = ServedRun(options, device=pick_device(ray.get_gpu_ids()), threads=threads, gpus=gpus)
         self.options = options
         self.vote.set_max_batch_size(options.max_batch_size)
         self.vote.set_batch_wait_timeout_s(options.batch_wait_s)
@@ -175,7 +175,7 @@ def build_app(options: ServeOptions):
         # beyond those, this many wait at Ray's proxy; more get 503 (Serve's default: no limit)
         max_queued_requests=options.max_queued_requests,
         ray_actor_options={"num_gpus": gpus, "num_cpus": cpus},
-    ).bind(options, cpus)
+    ).bind(options, cpus, gpus)
 
 
 def app(args: dict):

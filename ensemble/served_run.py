@@ -240,10 +240,11 @@ class ServedRun:
     """A finished run's members in this process, ready to answer (plain torch; the deployment
     below is its thin Ray Serve wrapper, and a test can use it without Ray)."""
 
-    def __init__(self, options: ServeOptions, *, device=None, threads: float = 1):
+    def __init__(self, options: ServeOptions, *, device=None, threads: float = 1, gpus: float = 0):
         import torch
 
         from ensemble.engine import eval_models, resolve_precision, set_threads
+        from ensemble.gpu_memory import inference_batch
 
         set_threads(threads)
         self.options = options
@@ -251,6 +252,11 @@ class ServedRun:
         cfg = self.finished.config
         self.device = device or torch.device("cpu")
         self.amp = resolve_precision(cfg.precision, self.device)
+        # on a GPU (``gpus``: the replica's share): --max-batch-size in passes that fit it, before any weight moves
+        self.max_batch = inference_batch(self.device, self.finished.archs, len(self.finished.classes), cfg.image_size,
+                                         cfg.tta, self.amp is torch.bfloat16, who="the server",
+                                         batch=options.max_batch_size, batch_flag="--max-batch-size", share=gpus,
+                                         share_flag="--gpus", log=logging.getLogger("ensemble.serve").warning)
         self.models = eval_models(self.finished.archs, len(self.finished.classes), self.finished.states, self.device)
         self.finished = dataclasses.replace(self.finished, states=[])  # the models hold the weights now
 
@@ -273,7 +279,7 @@ class ServedRun:
         from ensemble.engine import vote_member_probabilities
 
         return vote_member_probabilities(self.models, torch.from_numpy(images), self.amp, self.finished.config.tta,
-                                         device=self.device).cpu().numpy()
+                                         device=self.device, max_batch=self.max_batch).cpu().numpy()
 
     def answer(self, images: np.ndarray, ks: Sequence[int]) -> list[dict]:
         return answers(self.member_probs(images), self.finished.classes, rule=self.finished.config.vote,

@@ -127,8 +127,26 @@ def settings_from_argv(argv: Optional[Sequence[str]]) -> tuple[EnsembleConfig, S
 
 # ---------------------------------------------------------------- one trial (runs in a Tune actor)
 
+def check_trial_memory(cfg: EnsembleConfig, num_classes: int, device, *, gpus: float, trial: str) -> None:
+    """On a GPU: GpuMemoryError (one line, the batch size or share that fits) when the trial's
+    training step, estimated as a member's (``gpu_memory``), exceeds its --gpus-per-trial share."""
+    if device.type != "cuda":
+        return
+    from ensemble.engine import resolve_precision
+    from ensemble.gpu_memory import check_fit, gpu_total_bytes, member_memory
+
+    import torch
+
+    bf16 = resolve_precision(cfg.precision, device) is torch.bfloat16
+    memory = member_memory(cfg.arch, num_classes, cfg.image_size, cfg.freeze, cfg.freeze_stem, bf16)
+    check_fit(memory, member=0, arch=cfg.arch, batch=cfg.batch_size, image_size=cfg.image_size,
+              precision="bf16" if bf16 else "fp32", gpu_total=gpu_total_bytes(device),
+              gpus_per_member=gpus or 1.0, who=f"trial {trial} (--freeze {cfg.freeze})",
+              share_flag="--gpus-per-trial", fresh="")
+
+
 def train_trial(config: dict, *, base: EnsembleConfig, train_table, val_table, num_classes: int,
-                initial_state, max_epochs: int, threads: float) -> None:
+                initial_state, max_epochs: int, threads: float, gpus: float = 1.0) -> None:
     """Tune function trainable: the members' epoch loop (``epochs.fit``) on every train row, with
     the trial's lr and frozen stages, reporting each epoch's val accuracy (ASHA may stop it)."""
     import ray
@@ -143,7 +161,9 @@ def train_trial(config: dict, *, base: EnsembleConfig, train_table, val_table, n
     set_threads(threads)
     seed_everything(base.seed)
     cfg = base.replace(lr=config["lr"], freeze=config["freeze"])
-    trainee = build_trainee(cfg, num_classes, initial_state, pick_device(ray.get_gpu_ids()))
+    device = pick_device(ray.get_gpu_ids())
+    check_trial_memory(cfg, num_classes, device, gpus=gpus, trial=tune.get_context().get_trial_id())
+    trainee = build_trainee(cfg, num_classes, initial_state, device)
     train_images, val_images = (SplitImages(t, None, image_size=cfg.image_size, resize=cfg.eval_resize,
                                             side=cache_side(cfg)) for t in (train_table, val_table))
     every_row = np.ones(train_table.num_rows, dtype=np.int64)  # no bootstrap: each row once per epoch
@@ -223,7 +243,8 @@ def run_search(base: EnsembleConfig, search: SearchSettings) -> dict:
         trainable = tune.with_resources(
             tune.with_parameters(train_trial, base=base, train_table=index.train, val_table=index.val,
                                  num_classes=num_classes, initial_state=initial_state,
-                                 max_epochs=search.max_epochs, threads=search.cpus_per_trial),
+                                 max_epochs=search.max_epochs, threads=search.cpus_per_trial,
+                                 gpus=resources["gpu"]),
             resources=resources)
         tuner = tune.Tuner(
             trainable,

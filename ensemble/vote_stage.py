@@ -51,7 +51,8 @@ def soft_vote_stage(cfg: EnsembleConfig, table, *, weight_refs: list, num_classe
                 fn_constructor_kwargs={"arch": archs, "num_classes": num_classes, "weight_refs": weight_refs,
                                        "image_size": cfg.image_size, "threads": cfg.cpus_per_infer_actor,
                                        "tta": cfg.tta, "precision": cfg.precision, "resize": cfg.eval_resize,
-                                       "side": cache_side(cfg), "cache": cache})
+                                       "side": cache_side(cfg), "cache": cache,
+                                       "batch": cfg.infer_batch_size, "gpus": gpus})
         return ds.iter_batches(batch_size=None, batch_format="numpy")
 
     try:

@@ -3,49 +3,17 @@ the one line when CUDA runs out of memory. No GPU and no Ray cluster needed."""
 
 from __future__ import annotations
 
-import weakref
-
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
+from ensemble import gpu_memory
 from ensemble.errors import UserError, run_cli
-from ensemble.gpu_memory import (CUDA_OVERHEAD, GIB, GpuMemoryError, MemberMemory, check_fit, member_memory,
-                                 out_of_memory_line)
+from ensemble.gpu_memory import (CUDA_OVERHEAD, GIB, GpuMemoryError, LiveTensors, MemberMemory, check_fit,
+                                 inference_batch, inference_memory, member_memory, out_of_memory_line)
 
 MIB = 2**20
 A10G = 23028 * MIB  # a "24 GB" A10G as CUDA reports it (nvidia-smi: 23028 MiB)
-
-
-class _LiveTensors(TorchDispatchMode):
-    """The bytes of the storages alive at once, at most, while it is on: what the CUDA caching
-    allocator's ``max_memory_allocated`` counts (without its rounding), on any device."""
-
-    def __init__(self, *held: torch.Tensor):
-        super().__init__()
-        self.sizes, self.now, self.peak = {}, 0, 0
-        for tensor in held:
-            self.track(tensor)
-
-    def track(self, tensor: torch.Tensor) -> None:
-        storage = tensor.untyped_storage()
-        if id(storage) not in self.sizes:
-            self.sizes[id(storage)] = storage.nbytes()
-            self.now += storage.nbytes()
-            self.peak = max(self.peak, self.now)
-            weakref.finalize(storage, self._freed, id(storage))
-
-    def _freed(self, key: int) -> None:
-        self.now -= self.sizes.pop(key)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for value in tree_flatten(out)[0]:
-            if isinstance(value, torch.Tensor):
-                self.track(value)
-        return out
 
 
 def _peaks_of_training_steps(arch: str, image_size: int, batches: tuple) -> list:
@@ -67,7 +35,7 @@ def _peaks_of_training_steps(arch: str, image_size: int, batches: tuple) -> list
         x, y = torch.randn(batch, 3, image_size, image_size), torch.randint(0, 100, (batch,))
         held = [*model.parameters(), *model.buffers(), *(p.grad for p in trained),
                 *(v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))]
-        with _LiveTensors(*held) as live:
+        with LiveTensors(*held) as live:
             del held
             loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad(set_to_none=True)
@@ -75,6 +43,23 @@ def _peaks_of_training_steps(arch: str, image_size: int, batches: tuple) -> list
             optimizer.step()
         peaks.append(live.peak)
     return peaks
+
+
+def test_live_tensors_counts_the_bytes_alive_at_once():
+    """By hand: a, then b = 2a (both alive: 8000 bytes), a freed, c = b + 1 (b and c: 8000 again),
+    then a 16000-byte tensor with b and c alive: 24000, the peak; views share their storage."""
+    held = torch.zeros(10)  # 40 bytes alive before
+    with LiveTensors(held) as live:
+        a = torch.empty(1000)
+        b = a * 2
+        assert live.now == 40 + 8000
+        del a
+        c = b + 1
+        view = c[:10]
+        assert live.now == 40 + 8000
+        d = torch.empty(4000)
+        del b, c, view, d
+    assert live.peak == 40 + 24000 and live.now == 40
 
 
 def test_the_estimate_is_the_peak_of_a_real_cpu_step():
@@ -154,6 +139,107 @@ def test_the_issue_s_packing_two_fp32_members_on_an_a10g_is_refused_and_bf16_fit
     bf16 = member_memory("resnext101_64x4d", 100, 224, "layer1", False, True)
     check_fit(bf16, member=0, arch="resnext101_64x4d", batch=64, image_size=224, precision="bf16",
               gpu_total=A10G, gpus_per_member=0.5)  # 10.7 GiB of 11.2: fits, by the estimate
+
+
+def _vote_peak(states: list, batch: int, image_size: int, tta: str) -> int:
+    """Peak bytes of live tensors while real CPU members (resnet18, from ``states``) vote on a
+    batch (engine.vote_member_probabilities), their weights and the uint8 batch included."""
+    from ensemble.engine import eval_models, vote_member_probabilities
+
+    models = eval_models("resnet18", 10, states, torch.device("cpu"))
+    images = torch.randint(0, 256, (batch, image_size, image_size, 3), dtype=torch.uint8)
+    with LiveTensors(*(t for m in models for t in (*m.parameters(), *m.buffers())), images) as live:
+        vote_member_probabilities(models, images, tta=tta)
+    return live.peak
+
+
+def test_the_inference_estimate_is_the_peak_of_real_cpu_members_voting():
+    """Two real resnet18 members voting on CPU with TTA, counted tensor by tensor at 3 and 7
+    images: the estimate made on ``meta`` (weights, and per image the largest pass) within 1%."""
+    from ensemble.models import make_member_model
+
+    states = [make_member_model("resnet18", 10, None, "none").state_dict() for _ in range(2)]
+    memory = inference_memory(("resnet18", "resnet18"), 10, 64, "hflip", False)
+    weights = sum(t.untyped_storage().nbytes() for state in states for t in state.values())
+    assert memory.state == weights and memory.per_step == 0
+    small, large = _vote_peak(states, 3, 64, "hflip"), _vote_peak(states, 7, 64, "hflip")
+    assert (large - small) / 4 == pytest.approx(memory.per_image, rel=0.01)
+    assert large == pytest.approx(memory.state + 7 * memory.per_image, rel=0.01)
+    # the study's member at 224 px: ~16.5 MiB an image voting (fp32), against 236 MiB training
+    study = inference_memory(("resnext101_64x4d",), 100, 224, "none", False)
+    assert 15 * MIB < study.per_image < 18 * MIB and study.state > 4 * 81_611_172
+    assert inference_memory(("resnext101_64x4d",), 100, 224, "none", True).per_image < 0.55 * study.per_image
+
+
+def test_a_vote_in_passes_gives_the_same_probabilities():
+    from ensemble.engine import eval_models, vote_member_probabilities
+    from ensemble.models import make_member_model
+
+    torch.manual_seed(0)
+    models = eval_models("resnet18", 10, [make_member_model("resnet18", 10, None, "none").state_dict()],
+                         torch.device("cpu"))
+    images = torch.randint(0, 256, (5, 32, 32, 3), dtype=torch.uint8)
+    whole = vote_member_probabilities(models, images, tta="hflip")
+    passes = vote_member_probabilities(models, images, tta="hflip", max_batch=2)
+    assert passes.shape == whole.shape == (1, 5, 10)
+    torch.testing.assert_close(passes, whole, rtol=1e-5, atol=1e-6)
+
+
+def _fake_gpu(monkeypatch, total: float) -> torch.device:
+    """A CUDA device of ``total`` bytes, as gpu_memory sees it (no GPU here: only its size is asked)."""
+    monkeypatch.setattr(gpu_memory, "gpu_total_bytes", lambda device: int(total))
+    return torch.device("cuda")
+
+
+def test_inference_runs_a_batch_that_does_not_fit_in_passes_that_do(monkeypatch):
+    archs = ("resnext101_64x4d",) * 9
+    memory = inference_memory(archs, 100, 224, "none", True)
+    gpu = _fake_gpu(monkeypatch, 2 * memory.need(100))  # a half share holds 100 images
+    lines = []
+
+    def limit(batch, share):
+        return inference_batch(gpu, archs, 100, 224, "none", True, who="a voter", batch=batch,
+                               batch_flag="--infer-batch-size", share=share, share_flag="--gpus-per-infer-actor",
+                               log=lines.append)
+
+    assert limit(64, 0.5) == 64 and limit(100, 0.5) == 100 and not lines
+    assert limit(4096, 0.5) == 100
+    assert lines == [f"a voter: --infer-batch-size 4096 needs about {memory.need(4096) / GIB:.1f} GiB of GPU memory, "
+                     f"more than its share, {memory.need(100) / GIB:.1f} GiB (0.5 of a "
+                     f"{2 * memory.need(100) / GIB:.1f} GiB GPU); it runs each batch in passes of 100 images "
+                     f"(the same results)"]
+    assert inference_batch(torch.device("cpu"), archs, 100, 224, "none", True, who="a voter", batch=4096,
+                           batch_flag="--infer-batch-size", share=0.5, share_flag="") is None  # no limit on CPU
+    # nine members' weights on a quarter of a GPU that holds them whole: the share is the fix
+    gpu = _fake_gpu(monkeypatch, memory.need(1) * 1.5)
+    with pytest.raises(GpuMemoryError, match=r"^a voter: the members' weights need about .* with one image, more "
+                                             r"than its share, .*; use --gpus-per-infer-actor 1, or fewer members"):
+        limit(64, 0.25)
+
+
+def test_each_inference_path_asks_for_its_share_before_it_loads_weights(monkeypatch, tiny_digits):
+    """The voter (Ray Data's callable class) and a Tune trial on a GPU too small: one line naming
+    their own flags, before a weight is fetched or moved (no Ray: nothing is fetched)."""
+    import ray
+
+    from ensemble import actors
+    from ensemble.config import EnsembleConfig
+    from ensemble.tune import check_trial_memory
+
+    gpu = _fake_gpu(monkeypatch, 1.2 * GIB)
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [0])
+    monkeypatch.setattr(actors, "pick_device", lambda ids: gpu)
+    monkeypatch.setattr(ray, "get", lambda refs: pytest.fail("fetched the weights before the check"))
+    with pytest.raises(GpuMemoryError, match=r"^a voter: the members' weights .* \(0\.5 of a 1\.2 GiB GPU\)"):
+        actors.SoftVoter(arch="resnext101_64x4d", num_classes=100, weight_refs=[None] * 9, image_size=224,
+                         threads=1, precision="fp32", batch=64, gpus=0.5)
+    cfg = EnsembleConfig(arch="resnet18", batch_size=64, image_size=224, precision="fp32", freeze="layer1")
+    _fake_gpu(monkeypatch, 3 * GIB)
+    with pytest.raises(GpuMemoryError, match=r"^trial t1 \(--freeze layer1\): resnet18 at --batch-size 64, .* "
+                                             r"\(0\.5 of a 3\.0 GiB GPU\); use --batch-size \d+ or less, or "
+                                             r"--gpus-per-trial 1$"):
+        check_trial_memory(cfg, 100, gpu, gpus=0.5, trial="t1")
+    check_trial_memory(cfg, 100, torch.device("cpu"), gpus=0.5, trial="t1")  # on CPU: nothing to check
 
 
 class _OutOfMemory(torch.nn.Module):

@@ -720,6 +720,25 @@ def test_predict_and_serve_with_selected_members(selected_copy, in_process, tiny
 
 
 @pytest.mark.ray
+def test_a_server_whose_members_do_not_fit_its_gpu_share_is_one_line_before_weights_move(run, monkeypatch):
+    """ServedRun on a (fake) GPU whose half cannot hold the members with one image: the line names
+    --gpus 1 (the whole GPU holds them); no weight reaches the device (there is none here)."""
+    import torch
+
+    from ensemble import gpu_memory
+    from ensemble.run_folder import load_run
+    from ensemble.served_run import ServedRun, ServeOptions
+
+    _, output = run
+    finished = load_run(output)
+    memory = gpu_memory.inference_memory(tuple(finished.archs), len(finished.classes), finished.config.image_size,
+                                         finished.config.tta, False)
+    monkeypatch.setattr(gpu_memory, "gpu_total_bytes", lambda device: int(1.5 * memory.need(1)))
+    with pytest.raises(gpu_memory.GpuMemoryError, match=r"^the server: the members' weights need about .* more than "
+                                                        r"its share, .* \(0\.5 of a .* GPU\); use --gpus 1, or fewer"):
+        ServedRun(ServeOptions(run=output, max_batch_size=8), device=torch.device("cuda"), gpus=0.5)
+
+
 def test_one_line_errors_for_missing_selection_and_tampered_runs(run, selected_copy, tiny_digits, tmp_path, capsys):
     from ensemble import predict, serve
     from ensemble.run_folder import write_report_sha256
