@@ -12,7 +12,8 @@ all members (TTA as the run's), voted and scaled by the temperature its report f
 (``k`` classes with probabilities; query ``k``, default 5), ``probabilities`` (every class),
 ``entropy`` (nats), ``disagreement`` (share of members whose top class differs from ``label``),
 ``members`` and ``batch_size`` (how many requests the members ran together). ``GET /``: the run's
-name, the limits, a histogram of batch sizes and counts of the answers by status. A body over
+name, the limits, a histogram of batch sizes, counts of the answers by status and how many
+request bodies are being received now. A body over
 ``--max-upload-mb`` gets 413 before it is read in full, one not in within ``--body-timeout-s``
 408; an image whose header claims more than ``--max-megapixels`` gets 400 before a pixel is
 decoded (decompression bombs); anything else PIL cannot read gets 400; a failure of the server's
@@ -34,13 +35,15 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import numpy as np
+import ray
 from ray import serve
 
-from ensemble.config import ConfigError, check_number
+from ensemble.config import ConfigError
 from ensemble.errors import run_cli
 from ensemble.run_folder import MEMBER_CHOICES, FinishedRun, load_run
-from ensemble.served_run import (REQUEST_TIMEOUT_RANGE, REQUEST_TIMEOUT_S, BatchHealth, ServedRun, ServeOptions, UploadTimedOut,
-                                  UploadTooLarge, bad_image_reason, one_line, parse_k, read_upload, server_error)
+from ensemble.served_run import (REQUEST_TIMEOUT_S, BatchHealth, ServedRun, ServeOptions, TooManyUploads, UploadsPerClient,
+                                  UploadTimedOut, UploadTooLarge, bad_image_reason, one_line, parse_k, read_upload,
+                                  server_error)
 
 log = logging.getLogger("ensemble.serve")
 
@@ -66,13 +69,19 @@ class EnsembleServer:
         self.batch_sizes: Counter = Counter()  # batch size -> how many batches of that size ran
         self.status_counts: Counter = Counter()  # HTTP status -> how many answers
         self.health = BatchHealth()
+        self.uploads = UploadsPerClient(options.max_uploads_per_client)
 
     async def __call__(self, request):
         from starlette.responses import JSONResponse
 
         try:
-            status, body = await self._handle(request)
+            # the app's own limit, end to end in the replica (the proxy's, where Serve has one, counts the queue too)
+            status, body = await asyncio.wait_for(self._handle(request), self.options.request_timeout_s)
             response = JSONResponse(body, status_code=status)
+        except asyncio.TimeoutError:
+            status = 408
+            response = JSONResponse({"error": f"not answered within {self.options.request_timeout_s:g} s "
+                                              f"(--request-timeout-s)"}, status_code=status)
         except Exception as exc:  # the server's own failure (a batch the members could not run): JSON as well
             status = 500
             response = JSONResponse({"error": server_error(exc)}, status_code=status)
@@ -91,16 +100,20 @@ class EnsembleServer:
             return 404, {"error": f"no such path {request.url.path}; POST an image to / or GET / for the run"}
         if request.method == "GET":
             return 200, {**self.run.info(), "batches": {str(k): v for k, v in sorted(self.batch_sizes.items())},
-                         "requests": {str(k): v for k, v in sorted(self.status_counts.items())}}
+                         "requests": {str(k): v for k, v in sorted(self.status_counts.items())},
+                         "receiving": sum(self.uploads.receiving.values())}
         if request.method != "POST":
             return 405, {"error": f"{request.method} not allowed; POST an image's bytes, or GET"}
         try:
             k = parse_k(request.query_params.get("k"))
-            data = await read_upload(request, self.options.max_bytes, self.options.body_timeout_s)
+            with self.uploads.slot(request.client.host if request.client else "unknown"):
+                data = await read_upload(request, self.options.max_bytes, self.options.body_timeout_s)
         except UploadTooLarge as exc:
             return 413, {"error": one_line(exc)}
         except UploadTimedOut as exc:
             return 408, {"error": one_line(exc)}
+        except TooManyUploads as exc:
+            return 429, {"error": one_line(exc)}
         except ValueError as exc:
             return 400, {"error": one_line(exc)}
         try:
@@ -181,8 +194,9 @@ def build_app(options: ServeOptions):
 def app(args: dict):
     """Ray Serve application builder: ``serve run ensemble.serve:app run=OUTPUT [members=selected]
     [max_upload_mb=20] [max_megapixels=40] [max_batch_size=16] [batch_wait_s=0.025]
-    [max_queued_requests=64] [body_timeout_s=30] [gpus=..] [cpus=..]``. (The request timeout is
-    Serve's own setting there: its config file's ``http_options.request_timeout_s``.)
+    [max_queued_requests=64] [body_timeout_s=30] [request_timeout_s=120] [max_uploads_per_client=8]
+    [gpus=..] [cpus=..]``. (``request_timeout_s`` holds in the replica; Serve's proxy has its own,
+    its config file's ``http_options.request_timeout_s``, none unless set, which counts the queue.)
 
     Under the ``serve`` command line (which calls builders in its own process, before it starts
     anything), a run or argument we cannot use is one ``error:`` line and exit code 2, as in
@@ -220,6 +234,9 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"a request body not in within this gets 408 (default {d.body_timeout_s:g} s)")
     p.add_argument("--request-timeout-s", type=float, default=REQUEST_TIMEOUT_S,
                    help=f"a request not answered within this, waiting included, gets 408 (default {REQUEST_TIMEOUT_S:g} s)")
+    p.add_argument("--max-uploads-per-client", type=int, default=d.max_uploads_per_client,
+                   help=f"request bodies one client address may send at once; more get 429 "
+                        f"(default {d.max_uploads_per_client})")
     p.add_argument("--gpus", type=float, help="GPUs for the server (default 0.5 where the cluster has GPUs, else 0)")
     p.add_argument("--cpus", type=float, help="CPUs and torch threads (default: the run's --cpus-per-infer-actor)")
     p.add_argument("--address", help="Ray cluster address, as for ensemble.driver (default: start a local one)")
@@ -270,20 +287,58 @@ def apps_in_the_way() -> list[str]:
             if name == APP_NAME or app.get("route_prefix") == ROUTE]
 
 
+@ray.remote(num_cpus=0)
+class AppClaim:
+    """The app's name, held by one server process: a named actor (APP_NAME in CLAIM_NAMESPACE),
+    which Ray creates once per cluster, so of two servers started together one holds it and the
+    other is refused (both would pass the "app exists" check, and either's stop would delete the
+    other's app). Not detached: it ends with the process that made it, a killed one included."""
+
+    def __init__(self, holder: str):
+        self.holder = holder
+
+    def who(self) -> str:
+        return self.holder
+
+
+CLAIM_NAMESPACE = "ensemble-serve"
+
+
+def claim_app(url: str):
+    """This process's claim on APP_NAME (keep the handle: without one Ray ends the actor), or
+    ConfigError naming the server that holds it."""
+    import socket
+
+    holder = f"pid {os.getpid()} on {socket.gethostname()}"
+    try:
+        return AppClaim.options(name=APP_NAME, namespace=CLAIM_NAMESPACE).remote(holder)
+    except ValueError:  # the name is taken
+        try:
+            other = ray.get(ray.get_actor(APP_NAME, namespace=CLAIM_NAMESPACE).who.remote(), timeout=10)
+        except Exception:  # it ended meanwhile, or does not answer: the line still holds
+            other = "another process"
+        raise ConfigError(f"another ensemble.serve ({other}) is starting or serving the application "
+                          f"'{APP_NAME}' at {url}; this server replaces no other: stop that one first, "
+                          f"or serve on another Ray cluster") from None
+
+
 def deploy(options: ServeOptions, *, host: str, port: int, request_timeout_s: Optional[float],
-           claimed: Callable[[], None] = lambda: None) -> ServeAddress:
-    """Start Serve on the connected cluster (or find it running), refuse to replace an application
-    that is there (ConfigError: this server never takes over, nor on stopping deletes, an app it
-    did not start), then deploy the run's app and return the address Serve really uses.
-    ``claimed`` is called once the app's name is this process's to deploy (and delete)."""
+           claimed: Callable[[object], None] = lambda claim: None) -> ServeAddress:
+    """Start Serve on the connected cluster (or find it running), claim the app's name (one server
+    at a time, ``claim_app``), refuse to replace an application that is there (ConfigError: this
+    server never takes over, nor on stopping deletes, an app it did not start), then deploy the
+    run's app and return the address Serve really uses. ``claimed`` gets the claim once the app's
+    name is this process's to deploy (and delete); it holds it until the app is deleted."""
     serve.start(http_options={"host": host, "port": port, "request_timeout_s": request_timeout_s})
     address = serve_address()
+    claim = claim_app(address.url)
     in_the_way = apps_in_the_way()
     if in_the_way:
+        ray.kill(claim)
         raise ConfigError(f"Serve at {address.url} already runs the application {', '.join(in_the_way)}; "
                           f"this server replaces no other: stop that one first (serve delete NAME), "
                           f"or serve on another Ray cluster")
-    claimed()
+    claimed(claim)
     serve.run(build_app(options), name=APP_NAME, route_prefix=ROUTE, blocking=False)
     return address
 
@@ -300,8 +355,10 @@ def serving_lines(run: str, address: ServeAddress, *, host: str, port: int,
         ignored.append(f"--request-timeout-s {request_timeout_s:g}")
     if ignored:
         its_timeout = "none" if address.request_timeout_s is None else f"{address.request_timeout_s:g} s"
-        lines.append(f"note: Serve was already running on this cluster and keeps its own settings (request "
-                     f"timeout: {its_timeout}); not applied: {', '.join(ignored)}")
+        lines.append(f"note: Serve was already running on this cluster and keeps its own settings (its proxy's "
+                     f"request timeout: {its_timeout}); not applied there: {', '.join(ignored)}"
+                     + (f" (the app itself still answers 408 past {request_timeout_s:g} s)"
+                        if request_timeout_s is not None else ""))
     return lines
 
 
@@ -313,8 +370,8 @@ def _start(args: argparse.Namespace, started: dict) -> int:
     options = ServeOptions(run=args.run, members=args.members, max_upload_mb=args.max_upload_mb,
                            max_megapixels=args.max_megapixels, max_batch_size=args.max_batch_size,
                            batch_wait_s=args.batch_wait_s, max_queued_requests=args.max_queued_requests,
-                           body_timeout_s=args.body_timeout_s, gpus=args.gpus, cpus=args.cpus)
-    check_number(args, "request_timeout_s", positive=not REQUEST_TIMEOUT_RANGE[0], high=REQUEST_TIMEOUT_RANGE[1])
+                           body_timeout_s=args.body_timeout_s, request_timeout_s=args.request_timeout_s,
+                           max_uploads_per_client=args.max_uploads_per_client, gpus=args.gpus, cpus=args.cpus)
     load_run(options.run, options.members)  # one line now, before a cluster starts, if it is not a finished run
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port {args.port}: choose 1-65535")
@@ -322,7 +379,7 @@ def _start(args: argparse.Namespace, started: dict) -> int:
         _check_port_free(args.host, args.port)  # a cluster on this machine: its proxy binds here
     connect(args.address)
     started["address"] = deploy(options, host=args.host, port=args.port, request_timeout_s=args.request_timeout_s,
-                                claimed=lambda: started.update(app=True))
+                                claimed=lambda claim: started.update(app=True, claim=claim))
     return 0
 
 
@@ -363,6 +420,7 @@ def _stop(started: dict) -> None:
     try:
         if started.get("app"):
             serve.delete(APP_NAME)
+            ray.kill(started["claim"])  # the name is free for the next server
     finally:
         ray.shutdown()
 

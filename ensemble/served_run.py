@@ -9,8 +9,10 @@ import dataclasses
 import logging
 import os
 import time
+from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -38,6 +40,10 @@ class ServeOptions:
                                           # (a request's HTTP path takes longer than that; BENCHMARKS.md)
     max_queued_requests: int = 64         # requests waiting at Ray's proxy while the replica is full; more get 503
     body_timeout_s: float = 30.0          # a request body not in within this (s) gets 408 (20 MiB needs ~5.6 Mbit/s)
+    request_timeout_s: float = 120.0      # a request the replica has not answered within this (s), body included,
+                                          # gets 408, whatever Serve's proxy is set to (serve run sets none)
+    max_uploads_per_client: int = 8       # bodies one client address may be sending at once; more get 429 at once
+                                          # (slow senders from one address cannot hold every place in the replica)
     gpus: Optional[float] = None          # GPUs for the deployment; None: 0.5 where the cluster has GPUs, else 0
     cpus: Optional[float] = None          # CPUs (= torch threads); None: the run's cpus_per_infer_actor
 
@@ -72,7 +78,8 @@ class ServeOptions:
             raise ConfigError("run=OUTPUT is required: the --output folder of a finished ensemble.driver run")
         values = {}
         for name, value in args.items():
-            kind = {"max_batch_size": int, "max_queued_requests": int, "run": str, "members": str}.get(name, float)
+            kind = {"max_batch_size": int, "max_queued_requests": int, "max_uploads_per_client": int, "run": str,
+                    "members": str}.get(name, float)
             try:
                 values[name] = None if value in (None, "", "auto") else kind(value)
             except ValueError:
@@ -85,6 +92,7 @@ class ServeOptions:
 INT_RANGES = {
     "max_batch_size": (1, 1024),          # the replica takes 4 x this many requests at once
     "max_queued_requests": (1, 10_000),   # each may hold a body at Ray's proxy (README, "Limits")
+    "max_uploads_per_client": (1, 4096),  # at most the replica's 4 x max_batch_size matter
 }
 # Numbers: (0 allowed, high); otherwise above 0.
 NUMBER_RANGES = {
@@ -92,13 +100,13 @@ NUMBER_RANGES = {
     "max_megapixels": (False, 178.0),     # PIL itself refuses images past ~179 megapixels
     "batch_wait_s": (True, 60.0),
     "body_timeout_s": (False, 3600.0),
+    "request_timeout_s": (False, 3600.0),
     "cpus": (False, config.NUMBER_RANGES["cpus_per_infer_actor"][1]),  # as the run's voters
 }
 OPTIONAL = {f.name for f in fields(ServeOptions) if f.default is None}  # None = decided from the cluster
-# python -m ensemble.serve --request-timeout-s: a setting of the whole Serve instance (not an option
-# of the app), end to end: waiting in the queue, the body, the batch. Default and (0 allowed, high).
-REQUEST_TIMEOUT_S = 120.0
-REQUEST_TIMEOUT_RANGE = (False, 3600.0)
+# python -m ensemble.serve --request-timeout-s: the app's request_timeout_s, and also the Serve
+# instance's own (its proxy's, end to end: waiting in the queue too) where it starts Serve.
+REQUEST_TIMEOUT_S = ServeOptions.request_timeout_s
 
 
 def answers(member_probs, classes: Sequence[str], *, rule: str, temperature: float, weights=None,
@@ -168,6 +176,34 @@ async def read_upload(request, max_bytes: int, timeout_s: Optional[float] = None
         return await asyncio.wait_for(body(), timeout_s)
     except asyncio.TimeoutError:
         raise UploadTimedOut(f"the request body did not arrive within {timeout_s:g} s (--body-timeout-s)") from None
+
+
+class UploadsPerClient:
+    """Request bodies being received now, per client address: ``slot`` is a context that holds
+    one, or raises TooManyUploads when the address already holds ``limit`` (a client sending a
+    byte now and then holds a place in the replica until --body-timeout-s; this bounds how many
+    places one address can hold, so other clients keep being answered)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.receiving: Counter = Counter()
+
+    @contextmanager
+    def slot(self, client: str) -> Iterator[None]:
+        if self.receiving[client] >= self.limit:
+            raise TooManyUploads(f"{client} is already sending {self.receiving[client]} request bodies "
+                                 f"(--max-uploads-per-client {self.limit}); send fewer at once")
+        self.receiving[client] += 1
+        try:
+            yield
+        finally:
+            self.receiving[client] -= 1
+            if not self.receiving[client]:
+                del self.receiving[client]
+
+
+class TooManyUploads(ValueError):
+    """A client address that already sends --max-uploads-per-client bodies (HTTP 429)."""
 
 
 def bad_image_reason(exc: BaseException) -> str:
@@ -296,4 +332,6 @@ class ServedRun:
                 "eval_resize": cfg.eval_resize, "tta": cfg.tta, "device": str(self.device),
                 "limits": {"max_upload_mb": o.max_upload_mb, "max_megapixels": o.max_megapixels,
                            "max_batch_size": o.max_batch_size, "batch_wait_s": o.batch_wait_s,
-                           "max_queued_requests": o.max_queued_requests, "body_timeout_s": o.body_timeout_s}}
+                           "max_queued_requests": o.max_queued_requests, "body_timeout_s": o.body_timeout_s,
+                           "request_timeout_s": o.request_timeout_s,
+                           "max_uploads_per_client": o.max_uploads_per_client}}

@@ -270,20 +270,20 @@ class FailingRun:
         return {"run": "exp1"}
 
 
-def test_a_failed_batch_answers_json_500_counted_and_fails_the_health_check():
-    """The deployment's own code without Serve: each request of a batch the members failed gets
-    a JSON 500 (not Ray's plain "Internal Server Error"), GET / counts them, and after
-    UNHEALTHY_AFTER failed batches in a row check_health fails, so Serve replaces the replica."""
+def _bare_server(run, options):
+    """The deployment's object without Serve (its __init__ loads a run: set what it would) and a
+    function that sends it one request: (method, body) -> (status, JSON body)."""
     from collections import Counter
 
     from starlette.requests import Request
 
     from ensemble.serve import EnsembleServer
-    from ensemble.served_run import UNHEALTHY_AFTER, BatchHealth, ServeOptions
+    from ensemble.served_run import BatchHealth, UploadsPerClient
 
-    server = object.__new__(EnsembleServer.func_or_class)  # __init__ loads a run; set what it would
-    server.run, server.options, server.health = FailingRun(), ServeOptions(run="r"), BatchHealth()
+    server = object.__new__(EnsembleServer.func_or_class)
+    server.run, server.options, server.health = run, options, BatchHealth()
     server.batch_sizes, server.status_counts = Counter(), Counter()
+    server.uploads = UploadsPerClient(options.max_uploads_per_client)
 
     async def one_request_batches(item):  # @serve.batch needs a replica; a batch of one calls the same code
         return (await server.run_batch([item]))[0]
@@ -295,10 +295,61 @@ def test_a_failed_batch_answers_json_500_counted_and_fails_the_health_check():
             return {"type": "http.request", "body": body, "more_body": False}
 
         scope = {"type": "http", "method": method, "path": "/", "query_string": b"", "root_path": "",
-                 "headers": [(b"content-length", str(len(body)).encode())]}
+                 "headers": [(b"content-length", str(len(body)).encode())], "client": ("10.0.0.7", 5000)}
         response = asyncio.run(server(Request(scope, receive)))
         return response.status_code, json.loads(response.body)
 
+    return server, http
+
+
+class HangingRun(FailingRun):
+    """Members that take 3 times the request timeout of the test (a wedged GPU, say)."""
+
+    def answer(self, images, ks):
+        import time
+
+        time.sleep(1.5)
+        return [{"label": "0"}]
+
+
+def test_the_app_answers_408_past_its_request_timeout_whatever_serve_is_set_to():
+    """``serve run ensemble.serve:app`` starts Serve with no request timeout: the replica keeps its
+    own (request_timeout_s), so a request the members never answer gets 408 in one line of JSON,
+    counted, and the replica answers the next request."""
+    from ensemble.served_run import ServeOptions
+
+    server, http = _bare_server(HangingRun(), ServeOptions(run="r", request_timeout_s=0.5))
+    assert http("POST", b"an image") == (408, {"error": "not answered within 0.5 s (--request-timeout-s)"})
+    status, info = http("GET")
+    assert status == 200 and info["requests"] == {"408": 1}
+
+
+def test_one_client_address_holds_at_most_its_upload_places():
+    """UploadsPerClient: the (limit + 1)th body of one address is refused at once, in one line;
+    another address is not; a place is free again once its body is in (or failed)."""
+    from ensemble.served_run import TooManyUploads, UploadsPerClient
+
+    uploads = UploadsPerClient(2)
+    with uploads.slot("10.0.0.7"), uploads.slot("10.0.0.7"):
+        with pytest.raises(TooManyUploads, match=r"^10\.0\.0\.7 is already sending 2 request bodies "
+                                                 r"\(--max-uploads-per-client 2\); send fewer at once$"):
+            with uploads.slot("10.0.0.7"):
+                pass
+        with uploads.slot("10.0.0.8"):
+            assert uploads.receiving == {"10.0.0.7": 2, "10.0.0.8": 1}
+    with pytest.raises(RuntimeError):
+        with uploads.slot("10.0.0.7"):
+            raise RuntimeError("the body failed")
+    assert not uploads.receiving
+
+
+def test_a_failed_batch_answers_json_500_counted_and_fails_the_health_check():
+    """The deployment's own code without Serve: each request of a batch the members failed gets
+    a JSON 500 (not Ray's plain "Internal Server Error"), GET / counts them, and after
+    UNHEALTHY_AFTER failed batches in a row check_health fails, so Serve replaces the replica."""
+    from ensemble.served_run import UNHEALTHY_AFTER, ServeOptions
+
+    server, http = _bare_server(FailingRun(), ServeOptions(run="r"))
     for i in range(UNHEALTHY_AFTER):
         server.check_health()  # healthy until UNHEALTHY_AFTER batches in a row have failed
         status, body = http("POST", b"an image")
@@ -373,8 +424,9 @@ def test_serving_line_names_the_address_serve_really_uses():
     theirs = ServeAddress("0.0.0.0", 8000, None)  # a Serve instance that was running keeps its settings
     lines = serving_lines("runs/a", theirs, host="127.0.0.1", port=8001, request_timeout_s=60.0)
     assert lines[0].startswith("serving runs/a at http://0.0.0.0:8000/ ")
-    assert lines[1] == ("note: Serve was already running on this cluster and keeps its own settings (request "
-                        "timeout: none); not applied: --host 127.0.0.1 --port 8001, --request-timeout-s 60")
+    assert lines[1] == ("note: Serve was already running on this cluster and keeps its own settings (its proxy's "
+                        "request timeout: none); not applied there: --host 127.0.0.1 --port 8001, --request-timeout-s "
+                        "60 (the app itself still answers 408 past 60 s)")
 
 
 def test_public_answers_name_the_run_not_its_path():
@@ -421,10 +473,13 @@ def served(run):
 
     port = free_port()
     options = ServeOptions(run=run[1], max_upload_mb=50 / 1024, max_batch_size=GROUP, batch_wait_s=60.0, cpus=1.0,
-                           max_queued_requests=GROUP, body_timeout_s=BODY_TIMEOUT_S)
-    address = deploy(options, host="127.0.0.1", port=port, request_timeout_s=REQUEST_TIMEOUT_S)
+                           max_queued_requests=GROUP, body_timeout_s=BODY_TIMEOUT_S, max_uploads_per_client=2 * GROUP)
+    address = deploy(options, host="127.0.0.1", port=port, request_timeout_s=REQUEST_TIMEOUT_S, claimed=CLAIMS.append)
     assert address == ServeAddress("127.0.0.1", port, REQUEST_TIMEOUT_S)  # what Serve reports back
     yield "127.0.0.1", port
+
+
+CLAIMS: list = []  # the test app's claim on its name (serve.claim_app), held as python -m ensemble.serve holds it
 
 
 def request(address, method: str, path: str = "/", body=None, *, chunked: bool = False) -> tuple[int, dict]:
@@ -537,9 +592,10 @@ def test_bad_requests_get_one_line_and_the_server_keeps_serving(served, run, tin
     assert info["classes"] == report["data"]["class_names"] and info["limits"]["max_batch_size"] == GROUP
 
 
-def slow_client(address, declared: int) -> "socket.socket":
-    """A POST that declares ``declared`` bytes of body, sends one, and stalls."""
-    sock = socket.create_connection(address, timeout=30)
+def slow_client(address, declared: int, source: str = "127.0.0.1") -> "socket.socket":
+    """A POST from ``source`` (any 127.x address is this machine) that declares ``declared``
+    bytes of body, sends one, and stalls."""
+    sock = socket.create_connection(address, timeout=30, source_address=(source, 0))
     sock.sendall(f"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: {declared}\r\n\r\nx".encode())
     return sock
 
@@ -603,8 +659,8 @@ def test_slow_clients_time_out_a_full_queue_gets_503_and_others_are_answered(ser
     before = request(served, "GET")[1]["requests"].get("408", 0)
     start, stalled = time.monotonic(), []
     try:
-        for _ in range(4 * GROUP):
-            stalled.append(slow_client(served, 40_000))  # under the 50 KiB limit
+        for k in range(4 * GROUP):  # from two addresses: one may send 2 x GROUP bodies at once
+            stalled.append(slow_client(served, 40_000, f"127.0.0.{1 + 2 * (k % 2)}"))  # under the 50 KiB limit
             time.sleep(0.03)
         time.sleep(1.0)  # all in the replica, reading their bodies
         with ThreadPoolExecutor(2 * GROUP + 1) as pool:
@@ -629,21 +685,88 @@ def test_slow_clients_time_out_a_full_queue_gets_503_and_others_are_answered(ser
 
 
 @pytest.mark.ray
+def test_one_address_s_slow_senders_hold_only_its_own_places_and_others_are_answered(served, tiny_digits):
+    """2 x GROUP + 2 stalled bodies from 127.0.0.2: the 2 past --max-uploads-per-client get 429 at
+    once; GROUP requests from 127.0.0.1 are then answered, as one batch, while the stalled ones
+    still hold their places (none has timed out yet); then each of those gets 408."""
+    import time
+
+    test_dir = os.path.join(tiny_digits, "test")
+    image = open(os.path.join(test_dir, sorted(os.listdir(test_dir))[0]), "rb").read()
+    def until(what, reached) -> dict:
+        """GET / until ``reached(answer)``: the server's own counts, not a sleep."""
+        deadline = time.monotonic() + 30
+        while True:
+            status, answer, _ = raw_request(served, "GET")
+            if status == 200 and reached(json.loads(answer)):
+                return json.loads(answer)
+            assert time.monotonic() < deadline, f"not seen in 30 s: {what}"
+            time.sleep(0.02)
+
+    counts = request(served, "GET")[1]["requests"]
+    before = {code: counts.get(code, 0) for code in ("408", "429")}
+    stalled = []
+    try:
+        for k in range(2 * GROUP + 2):  # one at a time, each in the replica before the next
+            stalled.append(slow_client(served, 40_000, "127.0.0.2"))
+            until(f"body {k} received or refused", lambda info: info["receiving"] == min(k + 1, 2 * GROUP) and
+                  info["requests"].get("429", 0) - before["429"] == max(0, k + 1 - 2 * GROUP))
+        answered = post_group(served, [image] * GROUP)
+        counts = request(served, "GET")[1]["requests"]
+        stalled_answers = [answer_of(sock) for sock in stalled]
+    finally:
+        for sock in stalled:
+            sock.close()
+    assert [s for s, _ in answered] == [200] * GROUP and all(a["batch_size"] == GROUP for _, a in answered)
+    assert counts.get("408", 0) == before["408"]  # answered while every stalled body still held its place
+    statuses = sorted(status for status, _ in stalled_answers)
+    assert statuses == [408] * (2 * GROUP) + [429] * 2, statuses
+    refused = [json.loads(body) for status, body in stalled_answers if status == 429]
+    assert refused == [{"error": f"127.0.0.2 is already sending {2 * GROUP} request bodies (--max-uploads-per-client "
+                                 f"{2 * GROUP}); send fewer at once"}] * 2
+
+
+@pytest.mark.ray
 def test_a_second_server_refuses_to_replace_the_app_and_names_the_address_serve_uses(served, run, capsys):
-    """python -m ensemble.serve on a cluster whose Serve already runs an app at / (this file's, on
-    port P): one line naming Serve's real address (P, not the --port asked for), exit 2, and the
-    app it found keeps serving. GET / names the run, never its path."""
+    """python -m ensemble.serve on a cluster where this file's server (on port P) holds the app's
+    name: one line naming it and Serve's real address (P, not the --port asked for), exit 2. With
+    that claim gone (its server killed: its app stays), the app it would replace is named, exit 2.
+    The app keeps serving. GET / names the run, never its path."""
+    import socket
+    import time
+
+    import ray
+
     from ensemble import serve
     from tests.helpers import free_port
 
     _, output = run
     other = free_port()
-    capsys.readouterr()
-    assert serve.main(["--run", output, "--port", str(other)]) == 2
-    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]  # not Ray's log lines
+
+    def second_server() -> list:
+        capsys.readouterr()
+        assert serve.main(["--run", output, "--port", str(other)]) == 2
+        return [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]  # not Ray's lines
+
+    err = second_server()
+    assert err == [f"error: another ensemble.serve (pid {os.getpid()} on {socket.gethostname()}) is starting or "
+                   f"serving the application 'ensemble' at http://127.0.0.1:{served[1]}/; this server replaces no "
+                   f"other: stop that one first, or serve on another Ray cluster"], err
+    ray.kill(CLAIMS.pop())
+    deadline = time.monotonic() + 30
+    while True:  # until Ray has freed the name
+        try:
+            ray.get_actor(serve.APP_NAME, namespace=serve.CLAIM_NAMESPACE)
+        except ValueError:
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    err = second_server()
     assert err == [f"error: Serve at http://127.0.0.1:{served[1]}/ already runs the application 'ensemble' "
                    f"(route /); this server replaces no other: stop that one first (serve delete NAME), "
                    f"or serve on another Ray cluster"], err
+    with pytest.raises(ValueError):  # the refused server let its claim go
+        ray.get_actor(serve.APP_NAME, namespace=serve.CLAIM_NAMESPACE)
     status, info = request(served, "GET")
     assert status == 200 and info["run"] == os.path.basename(output)
     assert output not in json.dumps(info) and os.path.dirname(output) not in json.dumps(info)
