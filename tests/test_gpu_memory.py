@@ -217,7 +217,7 @@ def test_inference_runs_a_batch_that_does_not_fit_in_passes_that_do(monkeypatch)
         limit(64, 0.25)
 
 
-def test_each_inference_path_asks_for_its_share_before_it_loads_weights(monkeypatch, tiny_digits):
+def test_each_inference_path_asks_for_its_share_before_it_loads_weights(monkeypatch):
     """The voter (Ray Data's callable class) and a Tune trial on a GPU too small: one line naming
     their own flags, before a weight is fetched or moved (no Ray: nothing is fetched)."""
     import ray
