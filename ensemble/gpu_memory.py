@@ -136,6 +136,12 @@ class LiveTensors(TorchDispatchMode):
         return out
 
 
+def _cast_weights(model: torch.nn.Module) -> int:
+    """How many weights bf16 autocast copies for a pass: those of every conv and linear layer."""
+    return sum(p.numel() for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+               for p in m.parameters(recurse=False))
+
+
 @functools.lru_cache(maxsize=None)
 def inference_memory(archs: tuple, num_classes: int, image_size: int, tta: str, bf16: bool) -> MemberMemory:
     """The estimate for the members ``archs`` (one entry per member) voting on batches of uint8
@@ -147,19 +153,14 @@ def inference_memory(archs: tuple, num_classes: int, image_size: int, tta: str, 
     from ensemble.engine import vote_member_probabilities
     from ensemble.models import make_member_model
 
-    def sizes(model):
-        tensors = (*model.parameters(), *model.buffers())
-        cast = sum(p.numel() for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
-                   for p in m.parameters(recurse=False))
-        return tensors, sum(t.untyped_storage().nbytes() for t in tensors), cast
-
     batch, state, per_step, per_image = 2, 0, 0, 0
     measured: dict = {}
     for arch in archs:
         if arch not in measured:
             with torch.device("meta"):
                 model = make_member_model(arch, num_classes, None, "none").eval()
-            tensors, weights, cast = sizes(model)
+            tensors = (*model.parameters(), *model.buffers())
+            weights, cast = sum(t.untyped_storage().nbytes() for t in tensors), _cast_weights(model)
             images = torch.zeros(batch, image_size, image_size, 3, dtype=torch.uint8, device="meta")
             with LiveTensors(*tensors, images) as live:
                 vote_member_probabilities([model], images, tta=tta)
@@ -190,8 +191,7 @@ def member_memory(arch: str, num_classes: int, image_size: int, freeze: str, fre
     per_image = ((floating // 2 if bf16 else floating) + other) // batch
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    cast = sum(p.numel() for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
-               for p in m.parameters(recurse=False))
+    cast = _cast_weights(model)
     return MemberMemory(state=4 * params + 3 * 4 * trainable, per_step=2 * cast if bf16 else 0, per_image=per_image)
 
 
@@ -252,12 +252,12 @@ def inference_batch(device: torch.device, archs: Sequence[str], num_classes: int
     if device.type != "cuda":
         return None
     memory = inference_memory(tuple(archs), num_classes, image_size, tta, bf16)
-    gpu_total = gpu_total_bytes(device)
-    available = share_bytes(gpu_total, share or 1.0)
+    gpu_total, share = gpu_total_bytes(device), share or 1.0
+    available = share_bytes(gpu_total, share)
     fits = memory.largest_batch(available)
-    where = f"{_gib(available)} ({(share or 1.0):g} of a {_gib(gpu_total)} GPU)"
+    where = f"{_gib(available)} ({share:g} of a {_gib(gpu_total)} GPU)"
     if fits == 0:
-        fix = f"{share_flag} 1, or " if share_flag and (share or 1.0) < 1 and memory.largest_batch(gpu_total) else ""
+        fix = f"{share_flag} 1, or " if share_flag and share < 1 and memory.largest_batch(gpu_total) else ""
         raise GpuMemoryError(f"{who}: the members' weights need about {_gib(memory.need(1))} of GPU memory with one "
                              f"image, more than its share, {where}; use {fix}fewer members (--members selected) "
                              f"or a GPU with more memory")

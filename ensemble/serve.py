@@ -58,8 +58,6 @@ class EnsembleServer:
     """The HTTP ingress: decode each request (in a thread), batch, vote; JSON out."""
 
     def __init__(self, options: ServeOptions, threads: float, gpus: float = 0):
-        import ray
-
         from ensemble.engine import pick_device
 
         self.run = ServedRun(options, device=pick_device(ray.get_gpu_ids()), threads=threads, gpus=gpus)
@@ -154,8 +152,6 @@ def resources(options: ServeOptions, finished: FinishedRun) -> tuple[float, floa
     threads): ``--cpus``, else the run's ``cpus_per_infer_actor``, capped at the largest node.
     Without a Ray connection yet (``serve run`` calls the builder before it starts Ray) the
     cluster is taken to be this machine."""
-    import ray
-
     from ensemble.cluster import cluster_capacity, fit_cpus, resolve_gpus
 
     if ray.is_initialized():
@@ -413,8 +409,6 @@ def _stop(started: dict) -> None:
     """Take down what this process started: its app (never another's; on a shared cluster other
     Serve apps keep running), then the connection; a cluster this process started ends with it,
     Serve included."""
-    import ray
-
     if not ray.is_initialized():
         return
     try:
