@@ -38,7 +38,8 @@ def clean_run(cluster, data, tiny_run_cache, tmp_path_factory):
 def test_a_damaged_member_is_trained_again_and_the_others_reused(cluster, data, clean_run, tmp_path, caplog):
     """After a power loss member 1's committed model.pt is empty: the rerun logs it in one line and
     trains member 1 alone again (members 0 and 2 are loaded); with the same seed it predicts what
-    the undisturbed run did. The driver holds the folder's lock for the run and removes it after."""
+    the undisturbed run did. The rerun adds --mlflow, which changes no member's fingerprint. The
+    driver holds the folder's lock for the run and removes it after."""
     import json
     import shutil
     import threading
@@ -61,7 +62,7 @@ def test_a_damaged_member_is_trained_again_and_the_others_reused(cluster, data, 
     watcher = threading.Thread(target=watch_lock)
     watcher.start()
     try:
-        report = run(tiny_run_config(data, copy))
+        report = run(tiny_run_config(data, copy, mlflow=True))  # tracking added: the run still resumes
     finally:
         done.set()
         watcher.join()

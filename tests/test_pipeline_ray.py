@@ -141,8 +141,8 @@ def _sequential_test_probs(cfg, index, output, *, hflip=False, split="test") -> 
 
 
 def test_test_probabilities_equal_sequential_inference(run, tiny_digits):
-    """The Ray Data soft-vote stage == the saved members run one after another in this process,
-    scaled by the temperature the report fitted (probabilities.parquet holds calibrated probabilities)."""
+    """The members' outputs on the test rows (computed in their trainers: the run is cached) == the
+    saved members run one after another in this process, scaled by the temperature the report fitted (probabilities.parquet holds calibrated probabilities)."""
     from ensemble.scores.calibration import scale_probs
 
     cfg, report, output = run
@@ -155,6 +155,28 @@ def test_test_probabilities_equal_sequential_inference(run, tiny_digits):
     order = {n: k for k, n in enumerate(table.column("image_name").to_pylist())}
     got = got[[order[n] for n in index.test.column("image_name").to_pylist()]]
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_the_same_seed_without_the_cache_writes_the_same_predictions(run, tiny_digits, tmp_path, monkeypatch):
+    """--cache-share 0: the members decode the files every epoch and the Ray Data voter pool runs
+    every member (the shared run is cached, so its members voted in their trainers). Same seed,
+    same files: predictions.csv byte for byte, and the same probabilities."""
+    import ensemble
+    from ensemble import vote_stage
+    from tests.helpers import tiny_run_values
+
+    pool_runs = []
+    real_stage = vote_stage.soft_vote_stage
+    monkeypatch.setattr(vote_stage, "soft_vote_stage", lambda *a, **k: pool_runs.append(1) or real_stage(*a, **k))
+    uncached = ensemble.train(data=tiny_digits, output=tmp_path, **tiny_run_values(cache_share=0.0))
+    assert pool_runs == [1] and uncached.report["image_cache"] == {"tier": "none"}
+    _, report, output = run
+    assert (tmp_path / "predictions.csv").read_bytes() == open(os.path.join(output, "predictions.csv"), "rb").read()
+    assert [m["val_acc"] for m in uncached.report["members"]] == [m["val_acc"] for m in report["members"]]
+    cached, streamed = (pq.read_table(os.path.join(folder, "probabilities.parquet")) for folder in (output, tmp_path))
+    assert streamed.column("image_name").to_pylist() == cached.column("image_name").to_pylist()
+    for column in cached.column_names[1:]:
+        np.testing.assert_allclose(streamed.column(column).to_numpy(), cached.column(column).to_numpy(), atol=1e-5)
 
 
 def test_distilled_student_is_a_one_member_run(run, tiny_digits, tmp_path, capsys):
@@ -240,15 +262,24 @@ def test_oob_and_size_curve_values(run, tiny_digits):
 
 
 def test_entropy_and_disagreement_columns(run, tiny_digits):
-    from ensemble.scores.metrics import predictive_entropy
+    """Both columns recomputed from the saved members run one after another in this process: the
+    entropy (nats) of the calibrated soft vote, and the share of members whose own top class is not
+    the vote's, by the formulas, not by the functions that wrote them."""
+    from ensemble.scores.calibration import scale_probs
 
-    cfg, _, output = run
+    cfg, report, output = run
     index = scan_layout(tiny_digits)
+    member_probs = _sequential_test_probs(cfg, index, output).astype(np.float64)  # (members, n, classes)
+    vote = scale_probs(member_probs.mean(axis=0), report["ensemble"]["calibration"]["temperature"])
+    entropy = -np.sum(vote * np.log(np.clip(vote, 1e-300, None)), axis=1)
+    disagreement = (member_probs.argmax(axis=2) != vote.argmax(axis=1)).mean(axis=0)
     table = pq.read_table(os.path.join(output, "probabilities.parquet"))
-    probs = np.stack([table.column(c).to_numpy() for c in index.classes], axis=1)
-    np.testing.assert_allclose(table.column("predictive_entropy").to_numpy(), predictive_entropy(probs), atol=1e-5)
-    disagreement = table.column("member_disagreement").to_numpy()
-    assert set(np.round(disagreement * cfg.members).astype(int)) <= set(range(cfg.members + 1))
+    order = {n: k for k, n in enumerate(table.column("image_name").to_pylist())}
+    rows = [order[n] for n in index.test.column("image_name").to_pylist()]
+    np.testing.assert_allclose(table.column("predictive_entropy").to_numpy()[rows], entropy, atol=1e-4)
+    np.testing.assert_array_equal(table.column("member_disagreement").to_numpy()[rows],
+                                  disagreement.astype(np.float32))
+    assert 0 < disagreement.max() < 1 and 0 < entropy.min()  # the run's members disagree on some images
 
 
 @contextlib.contextmanager

@@ -41,7 +41,7 @@ def test_tracking_uri_flag_then_environment_then_sqlite_in_the_run_folder(monkey
     assert tracking_uri(on.replace(mlflow_uri="http://127.0.0.1:5000"), out)  # a server needs no SQLAlchemy
 
 
-def test_tracking_flags_need_mlflow_and_stay_out_of_the_fingerprint():
+def test_tracking_flags_need_mlflow_and_stay_out_of_the_fingerprint(tiny_digits):
     from ensemble.cli import config_from_argv
 
     cfg = config_from_argv(["--mlflow", "--mlflow-uri", "http://h:5000", "--mlflow-experiment", "study"])[0]
@@ -51,10 +51,19 @@ def test_tracking_flags_need_mlflow_and_stay_out_of_the_fingerprint():
                        (["--mlflow", "--mlflow-experiment", ""], "--mlflow-experiment '': must be a non-empty")):
         with pytest.raises(ConfigError, match="^" + line):
             config_from_argv(argv)
-    import inspect
-
+    # Adding --mlflow to a run resumes it (test_faults.py reruns a run with it): the members'
+    # fingerprint is the same with and without the tracking flags, and differs for a setting that trains.
+    from ensemble.data import scan_layout
     from ensemble.run_folder import training_fingerprint
-    assert "mlflow" not in inspect.getsource(training_fingerprint)  # adding --mlflow to a run resumes it
+
+    index = scan_layout(tiny_digits)
+    plain = config_from_argv(["--data", tiny_digits])[0]
+    tracked = config_from_argv(["--data", tiny_digits, "--mlflow", "--mlflow-uri", "http://h:5000",
+                                "--mlflow-experiment", "study"])[0]
+    assert tracked.mlflow and not plain.mlflow
+    fingerprint = training_fingerprint(plain, index, index.train.num_rows)
+    assert training_fingerprint(tracked, index, index.train.num_rows) == fingerprint
+    assert training_fingerprint(plain.replace(lr=plain.lr / 2), index, index.train.num_rows) != fingerprint
 
 
 def test_what_the_runs_log():
