@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import yaml
 
@@ -112,13 +113,16 @@ def data_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def search(ray_cluster, data_root, tmp_path_factory):
-    """One 4-trial ASHA search, 2 epochs at most, 16 px images on CPU: (output folder, printed text)."""
+    """One 4-trial ASHA search, 2 epochs at most, 16 px images on CPU: (output folder, printed text).
+    Each trial takes both CPUs, so the trials run one after another in their sampled order and
+    ASHA's decisions do not depend on which finished first; seed 5's first trial scores highest
+    at epoch 1 (0.75 against 0.42, 0.42 and 0.33 on this machine), so the later ones are stopped."""
     output = tmp_path_factory.mktemp("tune_out") / "out"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         rc = main(["--data", data_root, "--output", str(output), "--trials", str(TRIALS),
                    "--max-epochs", str(MAX_EPOCHS), "--image-size", "16", "--batch-size", "8", "--arch", "resnet18",
-                   "--weights", "none", "--augment", "light", "--cpus-per-trial", "1", "--seed", "3"])
+                   "--weights", "none", "--augment", "light", "--cpus-per-trial", "2", "--seed", "5"])
     assert rc == 0
     return output, printed.getvalue()
 
@@ -163,15 +167,15 @@ def test_asha_stops_only_trials_that_another_trial_beat(search):
         assert (r["status"] == "completed") == (int(r["epochs_reached"]) == MAX_EPOCHS)
     # The first trial to reach a rung is never stopped there, so one trial always trains to the end.
     assert any(r["status"] == "completed" for r in rows)
-    # A trial stopped after epoch k scored below the rung's median of others: some other trial
-    # scored strictly higher at epoch k.
+    # ASHA's rule at its one rung (epoch 1; reduction factor 2): a trial stops when its val accuracy
+    # is below the median of the trials that reached the rung before it, here the earlier trials.
     trials = json.loads((output / "tune_report.json").read_text())["trials"]
-    at = {t["trial_id"]: {h["epoch"]: h["val_acc"] for h in t["history"]} for t in trials}
-    for t in trials:
-        if t["status"] == "stopped":
-            k = t["epochs_reached"]
-            assert any(other[k] > at[t["trial_id"]][k] for tid, other in at.items()
-                       if tid != t["trial_id"] and k in other), t
+    assert [t["trial_id"] for t in trials] == [r["trial_id"] for r in rows] == sorted(r["trial_id"] for r in rows)
+    first_epoch = [t["history"][0]["val_acc"] for t in trials]
+    expected = ["stopped" if k and first_epoch[k] < np.median(first_epoch[:k]) else "completed"
+                for k in range(len(trials))]
+    assert [t["status"] for t in trials] == expected
+    assert expected.count("stopped") >= 1, first_epoch  # the search above must stop one, or this checks nothing
 
 
 def test_trials_sample_the_search_space(search):
