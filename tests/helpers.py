@@ -164,22 +164,32 @@ class RayHead:
         log = self.log()
         assert self.proc.poll() is None and "exited unexpectedly" not in log, log[-3000:]
 
-    def _leftovers(self) -> list[int]:
-        """Processes of this cluster still alive: any whose command line names its temp dir, or
-        whose environment carries this cluster's mark."""
+    def _ours(self, pid: str) -> bool:
+        """Whether process ``pid`` is this cluster's: its command line names the temp dir, or its
+        environment carries the cluster's mark."""
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            if self.temp_dir.encode() in fh.read():
+                return True
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            return self.mark in fh.read().split(b"\0")
+
+    def processes(self, title: bytes = b"") -> list[int]:
+        """Processes of this cluster still alive whose command line starts with ``title`` (Ray titles
+        its workers ``ray::<class or task>``); another cluster's or job's are never among them."""
         pids = []
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                    ours = self.temp_dir.encode() in fh.read()
-                if not ours:
-                    with open(f"/proc/{pid}/environ", "rb") as fh:
-                        ours = self.mark in fh.read().split(b"\0")
+                    titled = fh.read().startswith(title)
+                ours = titled and self._ours(pid)
             except OSError:
                 continue
             if ours and process_alive(int(pid)):
                 pids.append(int(pid))
         return pids
+
+    def _leftovers(self) -> list[int]:
+        return self.processes()
 
     def stop(self) -> None:
         import signal

@@ -53,7 +53,8 @@ def head(tmp_path_factory):
                           log_path=str(tmp_path_factory.mktemp("head") / "head.log"))
         try:
             cluster.wait_ready()
-            yield {"address": f"127.0.0.1:{port}", "jobs": f"http://127.0.0.1:{dashboard}", "env": env}
+            yield {"address": f"127.0.0.1:{port}", "jobs": f"http://127.0.0.1:{dashboard}", "env": env,
+                   "cluster": cluster}
         finally:
             cluster.stop()
 
@@ -105,18 +106,9 @@ def _moved_on(output, before: dict):
     return check
 
 
-def _trainers_alive() -> list[int]:
-    """Member processes (Ray titles them ray::MemberTrainer...) still alive on this machine."""
-    pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                trainer = fh.read().startswith(b"ray::MemberTrainer")
-        except OSError:
-            continue
-        if trainer and process_alive(int(pid)):
-            pids.append(int(pid))
-    return pids
+def _trainers_alive(head) -> list[int]:
+    """The test cluster's member processes (Ray titles them ray::MemberTrainer...) still alive."""
+    return head["cluster"].processes(b"ray::MemberTrainer")
 
 
 def _stopped_cleanly(returncode: int, err: str) -> None:
@@ -132,15 +124,32 @@ def _job(head, *args, check=False, timeout=120):
     return proc
 
 
-def test_every_stop_keeps_finished_work_and_reruns_resume(head, data, tmp_path):
+@pytest.fixture
+def other_trainer():
+    """A process titled as a member is, outside the test's cluster (another module's leftover or a
+    parallel job's): waits for this cluster's members must not wait for it."""
+    proc = subprocess.Popen(["bash", "-c", "exec -a ray::MemberTrainer.train sleep 600"])
+    try:
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_every_stop_keeps_finished_work_and_reruns_resume(head, data, tmp_path, other_trainer):
     output = tmp_path / "out"
+    deadline = time.time() + 10  # bash has replaced itself with the titled sleep
+    while not open(f"/proc/{other_trainer}/cmdline", "rb").read().startswith(b"ray::MemberTrainer"):
+        assert time.time() < deadline, "the titled process did not start"
+        time.sleep(0.02)
+    assert other_trainer not in _trainers_alive(head)
     driver = [sys.executable, *_driver_args(data, output, head["address"])]
     # member -> the epochs it must resume after: what each stop left committed (a member stopped
     # again before its next commit resumes after the same epoch once more, recorded once)
     resumes = {i: [] for i in range(3)}
 
     def note_stop(what: str) -> dict:
-        _wait_for(lambda: not _trainers_alive(), 60, f"the members to end after {what}")
+        _wait_for(lambda: not _trainers_alive(head), 60, f"the members to end after {what}")
         committed = _committed(output)  # the stopped driver's members are gone: these no longer change
         for i, epoch in committed.items():
             if 0 < epoch < EPOCHS and epoch not in resumes[i]:
