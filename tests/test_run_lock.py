@@ -214,3 +214,123 @@ def test_a_holder_whose_lock_is_garbled_or_removed_writes_it_again_and_goes_on(t
             assert json.loads((out / "run.lock").read_text())["token"] == lock.token and not lock.lost
         with pytest.raises(RunFolderBusy):
             RunLock(str(out)).acquire()
+
+
+def _wait_for(what: str, reached, *, timeout_s: float = 5.0, state=lambda: "") -> None:
+    """Poll ``reached()`` until it is true; past ``timeout_s`` fail naming ``what`` and ``state()``."""
+    deadline = time.monotonic() + timeout_s
+    while not reached():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout_s:.0f} s ({state()})", pytrace=False)
+        time.sleep(0.01)
+
+
+def _held_from_a_thread(out) -> RunLock:
+    """A lock taken outside the main thread (as a Tune trial or a serve replica would): one it loses
+    is logged and kept in ``lost``, nothing is interrupted."""
+    box: list = []
+    taker = threading.Thread(target=lambda: box.append(RunLock(str(out)).acquire()))
+    taker.start()
+    taker.join()
+    assert box, "the first driver did not get the folder"
+    return box[0]
+
+
+def test_the_heartbeat_advances_the_locks_time_while_it_is_held(tmp_path, monkeypatch):
+    """The holder rewrites run.lock with a later heartbeat every HEARTBEAT_S (not every TICK_S), its
+    token, pid and start time kept."""
+    monkeypatch.setattr(run_lock, "TICK_S", 0.01)
+    monkeypatch.setattr(run_lock, "HEARTBEAT_S", 0.05)
+    out = tmp_path / "run"
+    with RunLock(str(out)) as lock:
+        first = json.loads((out / "run.lock").read_text())
+        beats = [first["heartbeat"]]
+
+        def beat_seen() -> bool:
+            now = json.loads((out / "run.lock").read_text())["heartbeat"]
+            if now != beats[-1]:
+                beats.append(now)
+            return len(beats) > 3
+
+        _wait_for("three heartbeats written to run.lock", beat_seen,
+                  state=lambda: f"heartbeats seen {beats}, held for {time.time() - lock.started:.1f} s")
+        last = json.loads((out / "run.lock").read_text())
+        assert {k: last[k] for k in ("token", "pid", "started")} == {k: first[k] for k in ("token", "pid", "started")}
+        gaps = [b - a for a, b in zip(beats, beats[1:])]
+        assert all(gap >= run_lock.HEARTBEAT_S for gap in gaps), gaps  # later each time, one a HEARTBEAT_S
+        assert not lock.lost
+
+
+def test_a_beating_holder_is_refused_long_past_the_stale_timeout_and_taken_over_once_it_stops(
+        tmp_path, monkeypatch, caplog):
+    """Seen from another machine only the heartbeat says the holder lives: while it beats, a second
+    driver gets the one busy line however long the first has held the folder (3 x STALE_S here);
+    once its beats stop for STALE_S the folder is taken over (so it was the beats that kept it)."""
+    monkeypatch.setattr(run_lock, "TICK_S", 0.01)
+    monkeypatch.setattr(run_lock, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(run_lock, "STALE_S", 0.5)
+    monkeypatch.setattr(run_lock, "_same_machine", lambda holder: False)  # the second driver runs elsewhere
+    out = tmp_path / "run"
+
+    def second_driver() -> str:
+        """The busy line a second driver gets; a failure when it takes the folder instead."""
+        other = RunLock(str(out))
+        try:
+            other.acquire()
+        except RunFolderBusy as exc:
+            return str(exc)
+        held_s = time.time() - holder.started
+        other.release()
+        pytest.fail(f"a second driver took over {out} {held_s:.2f} s after the first took it, while the first "
+                    f"still held it", pytrace=False)
+
+    holder = _held_from_a_thread(out)
+    try:
+        lines = [second_driver()]
+        while time.time() - holder.started < 3 * run_lock.STALE_S:
+            lines.append(second_driver())
+            time.sleep(run_lock.TICK_S)
+        assert len(lines) > 3, lines
+        for line in lines:
+            assert "\n" not in line and line.startswith(f"--output {out} is in use by another process (pid ")
+            assert "last heartbeat 0 s ago" in line, line
+        assert not holder.lost
+
+        monkeypatch.setattr(run_lock, "HEARTBEAT_S", 3600.0)  # its beats stop (a machine gone), its reads go on
+        _wait_for("the stopped holder's heartbeat to be older than STALE_S",
+                  lambda: time.time() - json.loads((out / "run.lock").read_text())["heartbeat"] > run_lock.STALE_S)
+        with RunLock(str(out)) as taker:
+            assert "taking over the lock of an earlier process (its heartbeat is" in caplog.text
+            _wait_for("the first holder to notice the takeover", lambda: holder.lost)
+            assert json.loads((out / "run.lock").read_text())["token"] == taker.token
+    finally:
+        holder.release()
+
+
+def test_a_holder_that_finds_another_token_stops_beating_and_leaves_the_others_lock(tmp_path, monkeypatch, caplog):
+    """Held outside the main thread (nothing to interrupt): another token in run.lock is noticed at
+    the next tick, logged once, and check() raises LockLost with that one line; the heartbeat ends
+    without writing the other's lock again, release leaves it, and the block ends with LockLost."""
+    import logging
+
+    monkeypatch.setattr(run_lock, "TICK_S", 0.01)
+    monkeypatch.setattr(run_lock, "HEARTBEAT_S", 0.05)
+    out = tmp_path / "run"
+    lock = _held_from_a_thread(out)
+    lock.check()  # held: nothing to say
+    beat = lock._thread
+    _leave_lock(out, token="other", pid=4242)
+    theirs = (out / "run.lock").read_bytes()
+    _wait_for("the holder to notice another token in run.lock", lambda: lock.lost,
+              state=lambda: f"run.lock's token is {json.loads((out / 'run.lock').read_text())['token']!r}")
+    line = (f"{out}: another process took over this run folder's lock (pid 4242 on {socket.gethostname()}); "
+            f"this one stopped before writing again")
+    with pytest.raises(run_lock.LockLost) as info:
+        lock.check()
+    assert str(info.value) == line and info.value.exit_code == 2
+    _wait_for("the heartbeat thread to end", lambda: not beat.is_alive())
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [line]
+    assert (out / "run.lock").read_bytes() == theirs  # never written again
+    with pytest.raises(run_lock.LockLost, match="another process took over"):
+        lock.__exit__(None, None, None)  # the end of `with RunLock(...)`: release, then the line
+    assert (out / "run.lock").read_bytes() == theirs

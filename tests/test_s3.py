@@ -2,7 +2,9 @@
 
 The server runs as a subprocess on a free 127.0.0.1 port; this process and the Ray workers it
 starts reach it through the standard AWS variables (AWS_ENDPOINT_URL, keys, region), exactly as
-a run on EC2 reaches S3, so the URIs stay plain ``s3://bucket/prefix``.
+a run on EC2 reaches S3, so the URIs stay plain ``s3://bucket/prefix``. Without the test extra's
+moto[server] (or pyarrow's S3 support) the module skips; with it, a server that does not start
+fails the module: a slow machine must not turn the S3 tests into skips.
 """
 
 from __future__ import annotations
@@ -51,31 +53,66 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint(tmp_path_factory):
-    """A moto S3 server on 127.0.0.1 and the AWS variables pointing at it; skips if it cannot start."""
-    if importlib.util.find_spec("moto") is None or importlib.util.find_spec("flask") is None:
-        pytest.skip("moto[server] is not installed (pip install -e '.[test]')")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
+#: moto's server answers here within a second or two; a slow machine gets far longer before the
+#: module fails (once: the fixture's failure is kept for every test that asks for it).
+MOTO_START_S = 120.0
+
+
+def _missing_s3_support() -> str:
+    """What this module needs and this environment lacks ("" when nothing): pyarrow's S3 support, or
+    the test extra's moto[server] (moto, boto3, its Flask app). Only a missing install skips: a
+    server that is installed and does not start fails the module."""
+    if not hasattr(pafs, "S3FileSystem"):
+        return "pyarrow was built without S3 support (no pyarrow.fs.S3FileSystem)"
+    missing = [name for name in ("moto", "boto3", "flask", "flask_cors") if importlib.util.find_spec(name) is None]
+    if missing:
+        return f"moto[server] is not installed (no {', '.join(missing)}): pip install -e '.[test]'"
+    return ""
+
+
+def _last_line(log) -> str:
+    lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+    return lines[-1][:300] if lines else "no output"
+
+
+def _start_moto(url: str, log, *, command: list, timeout_s: float = MOTO_START_S) -> subprocess.Popen:
+    """Run ``command`` (moto's server, its output into ``log``) until ``url`` answers. One that exits
+    first, or does not answer within ``timeout_s``, fails the test in one line naming why, and is
+    not left running."""
     # Its request log goes to a file: a pipe nobody reads fills up and blocks the server.
-    log = tmp_path_factory.mktemp("moto") / "server.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout_s
     try:
-        deadline = time.time() + 30
         while True:
             if proc.poll() is not None:
-                err = log.read_text(errors="replace").strip().splitlines()
-                pytest.skip(f"moto server exited with code {proc.returncode}: {err[-1] if err else 'no output'}")
+                pytest.fail(f"moto server ({' '.join(command[1:])}) exited with code {proc.returncode} before it "
+                            f"answered on {url}: {_last_line(log)}", pytrace=False)
             try:
                 with urllib.request.urlopen(f"{url}/moto-api/", timeout=1):
-                    break
+                    return proc
             except OSError:
-                if time.time() > deadline:
-                    pytest.skip(f"moto server did not answer on {url} within 30 s")
+                if time.monotonic() > deadline:
+                    pytest.fail(f"moto server did not answer on {url} within {timeout_s:.0f} s, though moto is "
+                                f"installed (its log {log}: {_last_line(log)})", pytrace=False)
                 time.sleep(0.2)
+    except BaseException:
+        _stop(proc)
+        raise
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(tmp_path_factory):
+    """A moto S3 server on 127.0.0.1 and the AWS variables pointing at it. Skips where moto[server]
+    or pyarrow's S3 is not installed; fails where it is and the server does not start."""
+    missing = _missing_s3_support()
+    if missing:
+        pytest.skip(missing)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _start_moto(url, tmp_path_factory.mktemp("moto") / "server.log",
+                       command=[sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)])
+    try:
         with pytest.MonkeyPatch.context() as mp:
             for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE",
                          "AWS_SHARED_CREDENTIALS_FILE"):
@@ -110,6 +147,39 @@ def s3_data(s3_endpoint, tmp_path_factory):
 def _keys(admin, prefix: str) -> list[str]:
     infos = admin.get_file_info(pafs.FileSelector(f"{BUCKET}/{prefix}", recursive=True, allow_not_found=True))
     return sorted(i.path[len(BUCKET) + 1:] for i in infos if i.type == pafs.FileType.File)
+
+
+def _outcome(call):
+    """What ``call()`` raised (pytest's skip and fail included), or None."""
+    try:
+        call()
+    except BaseException as exc:  # noqa: BLE001 (Skipped and Failed are BaseExceptions)
+        return exc
+    return None
+
+
+def test_a_moto_server_that_does_not_start_fails_instead_of_skipping(tmp_path, monkeypatch):
+    """Where moto[server] is installed (else this skips, as the module does), a server that exits
+    (here: a wrong port) or never answers within the deadline fails the module in one line naming
+    why, instead of turning its S3 tests into skips; neither is left running."""
+    missing = _missing_s3_support()
+    if missing:
+        pytest.skip(missing)
+    started, real_popen = [], subprocess.Popen
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: started.append(real_popen(*a, **k)) or started[-1])
+    url = f"http://127.0.0.1:{_free_port()}"
+
+    exited = _outcome(lambda: _start_moto(url, tmp_path / "exits.log",
+                                          command=[sys.executable, "-m", "moto.server", "-p", "not-a-port"]))
+    assert isinstance(exited, pytest.fail.Exception), f"a server that exited gave {type(exited).__name__}: {exited}"
+    assert str(exited).startswith(f"moto server (-m moto.server -p not-a-port) exited with code 2 before it "
+                                  f"answered on {url}: ") and "invalid int value: 'not-a-port'" in str(exited)
+
+    silent = _outcome(lambda: _start_moto(url, tmp_path / "silent.log", timeout_s=1,
+                                          command=[sys.executable, "-c", "import time; time.sleep(60)"]))
+    assert isinstance(silent, pytest.fail.Exception), f"a silent server gave {type(silent).__name__}: {silent}"
+    assert str(silent).startswith(f"moto server did not answer on {url} within 1 s, though moto is installed")
+    assert len(started) == 2 and [proc.poll() is None for proc in started] == [False, False]
 
 
 # ---------------------------------------------------------------- storage on S3 (no Ray)
@@ -187,6 +257,111 @@ def test_run_lock_on_s3(s3_endpoint):
         assert json.loads(storage.read_bytes(f"{out}/run.lock"))["token"] == lock.token
         with pytest.raises(RunFolderBusy, match=rf"^--output {out} is in use by another process \(pid {os.getpid()} "):
             RunLock(out).acquire()
+    assert not storage.exists(f"{out}/run.lock")
+
+
+def test_of_drivers_started_together_on_s3_one_gets_the_folder(s3_endpoint):
+    """Six drivers released by one barrier onto the same s3:// output, where no create is exclusive
+    (each writes the lock object and reads it back after SETTLE_S): exactly one holds the folder,
+    its token is the object's and its check() passes; the other five get the one busy line; the
+    racing writes leave no temporary objects, and the holder's release removes the lock."""
+    import os
+    import threading
+
+    from ensemble.run_lock import RunFolderBusy, RunLock
+
+    out, drivers = f"s3://{BUCKET}/runs/raced", 6
+    start = threading.Barrier(drivers)
+    held, busy, failed = [], [], []
+
+    def driver() -> None:
+        start.wait()
+        try:
+            held.append(RunLock(out).acquire())
+        except RunFolderBusy as exc:
+            busy.append(str(exc))
+        except Exception as exc:  # noqa: BLE001 (reported below, not lost in a thread)
+            failed.append(repr(exc))
+
+    threads = [threading.Thread(target=driver) for _ in range(drivers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    try:
+        assert not [t for t in threads if t.is_alive()], "a driver still waits for the lock after 60 s"
+        assert not failed
+        on_s3 = json.loads(storage.read_bytes(f"{out}/run.lock"))["token"]
+        assert len(held) == 1, (f"{len(held)} drivers hold {out} at once (tokens {[h.token for h in held]}; "
+                                f"the lock object's: {on_s3})")
+        assert on_s3 == held[0].token
+        held[0].check()
+        assert len(busy) == drivers - 1
+        for line in busy:
+            assert "\n" not in line and line.startswith(f"--output {out} is in use by another process (pid "
+                                                        f"{os.getpid()} "), line
+        assert _keys(s3_endpoint, "runs/raced") == ["runs/raced/run.lock"]
+    finally:
+        for lock in held:
+            lock.release()
+    assert _keys(s3_endpoint, "runs/raced") == []
+
+
+def test_a_lock_write_that_lands_late_on_s3_leaves_one_holder_once_each_checks(s3_endpoint, monkeypatch):
+    """The window the read-back cannot close: driver B found no lock, but its write lands only after
+    driver A has written and read back its own. Both acquire() calls return (an object store has no
+    exclusive create through pyarrow); check(), which the driver calls before its first write and
+    each stage, leaves exactly one of them holding the folder: the one whose token the object holds."""
+    import threading
+
+    from ensemble import run_lock
+    from ensemble.run_lock import LockLost, RunFolderBusy, RunLock
+
+    monkeypatch.setattr(run_lock, "SETTLE_S", 0.2)  # the order comes from the events below, not from it
+    out = f"s3://{BUCKET}/runs/late"
+    b_found_none, a_returned = threading.Event(), threading.Event()
+    real_write = storage.write_bytes
+
+    def write(path, data):  # B's lock upload waits until A's acquire() has returned
+        if threading.current_thread().name == "B" and path.endswith("/run.lock") and not b_found_none.is_set():
+            b_found_none.set()
+            assert a_returned.wait(30), "driver A did not return from acquire() within 30 s"
+        return real_write(path, data)
+
+    monkeypatch.setattr(storage, "write_bytes", write)
+    got: dict = {}
+
+    def driver(name: str) -> None:
+        try:
+            got[name] = RunLock(out).acquire()
+        except RunFolderBusy as exc:
+            got[name] = exc
+
+    b = threading.Thread(target=driver, args=("B",), name="B")
+    b.start()
+    assert b_found_none.wait(30), "driver B did not reach its lock upload within 30 s"
+    a = threading.Thread(target=driver, args=("A",), name="A")
+    a.start()
+    a.join(timeout=30)
+    a_returned.set()
+    b.join(timeout=30)
+    holders = {name: lock for name, lock in got.items() if isinstance(lock, RunLock)}
+    try:
+        assert sorted(got) == ["A", "B"] and holders, got
+        kept, lost = [], []
+        for name, lock in sorted(holders.items()):
+            try:
+                lock.check()
+                kept.append(name)
+            except LockLost as exc:
+                lost.append(str(exc))
+        assert len(kept) == 1, f"after check() {kept} hold {out} (acquire() returned for {sorted(holders)})"
+        assert json.loads(storage.read_bytes(f"{out}/run.lock"))["token"] == holders[kept[0]].token
+        assert lost == [f"{out}: another process took over this run folder's lock; this one stopped before "
+                        f"writing again"] * (len(holders) - 1)
+    finally:
+        for lock in holders.values():
+            lock.release()
     assert not storage.exists(f"{out}/run.lock")
 
 
