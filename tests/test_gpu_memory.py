@@ -141,6 +141,40 @@ def test_the_issue_s_packing_two_fp32_members_on_an_a10g_is_refused_and_bf16_fit
               gpu_total=A10G, gpus_per_member=0.5)  # 10.7 GiB of 11.2: fits, by the estimate
 
 
+def test_a_trainer_on_a_gpu_too_small_for_its_share_refuses_its_member_in_one_line(monkeypatch, capsys):
+    """MemberTrainer._check_gpu_memory, the first thing a member does on a GPU, with CUDA's device
+    properties faked as an A10G's (no GPU here): the study's member at --gpus-per-member 0.5 in fp32
+    is one line and exit 2; in bf16 it fits; on CPU nothing is asked of CUDA."""
+    from types import SimpleNamespace
+
+    from ensemble.actors import MemberTrainer
+    from ensemble.config import build_config
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: asked.append(device) or SimpleNamespace(total_memory=A10G))
+    trainer = MemberTrainer.__ray_metadata__.modified_class.__new__(MemberTrainer.__ray_metadata__.modified_class)
+
+    def plan(precision: str):
+        cfg = build_config(flag_values={"arch": "resnext101_64x4d", "freeze": "layer1", "batch_size": 64,
+                                        "image_size": 224, "gpus_per_member": 0.5, "precision": precision})
+        return SimpleNamespace(config=cfg, num_classes=100, output="runs/exp1")
+
+    trainer.device = torch.device("cuda", 0)
+    assert run_cli(lambda: trainer._check_gpu_memory(4, plan("fp32"))) == 2
+    assert capsys.readouterr().err == (
+        "error: member 4: resnext101_64x4d at --batch-size 64, 224 px, fp32 needs about 18.5 GiB of GPU memory, "
+        "more than its share, 11.2 GiB (0.5 of a 22.5 GiB GPU); use --batch-size 35 or less with --fresh, or "
+        "--gpus-per-member 1\n")
+    assert asked == [torch.device("cuda", 0)]
+    with trainer._check_gpu_memory(4, plan("bf16")):  # 10.7 GiB of 11.2: the member trains
+        pass
+    trainer.device = torch.device("cpu")
+    with trainer._check_gpu_memory(4, plan("fp32")):
+        pass
+    assert len(asked) == 2
+
+
 def _vote_peak(states: list, batch: int, image_size: int, tta: str) -> int:
     """Peak bytes of live tensors while real CPU members (resnet18, from ``states``) vote on a
     batch (engine.vote_member_probabilities), their weights and the uint8 batch included."""
