@@ -306,3 +306,76 @@ def _real_read():
 
 
 REAL_READ = _real_read()  # storage.read_bytes itself: what a test puts back once storage answers again
+
+
+def processes_marked(name: str, value: str) -> list[int]:
+    """Live processes whose environment holds ``name=value``: everything a command started with
+    that mark started in turn, Ray's workers included (their process titles no longer name it)."""
+    mark = f"{name}={value}".encode()
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                marked = mark in fh.read().split(b"\0")
+        except OSError:
+            continue
+        if marked and process_alive(int(pid)):
+            pids.append(int(pid))
+    return pids
+
+
+# ---------------------------------------------------------------- a checkpoint write held open
+
+HOLD_WRITES = "ENSEMBLE_TEST_HOLD_WRITES"  # a folder: where hold requests and held writes meet
+
+
+def checkpoint_write_holder():
+    """A Ray ``worker_process_setup_hook`` (test_storm.py), made here so that Ray ships it by value
+    (workers cannot import ``tests``): where ``$ENSEMBLE_TEST_HOLD_WRITES`` names a folder, a
+    member's checkpoint write (storage's local write of a ``checkpoint-e*.pt``) can be held at its
+    temporary file, its bytes written and synced, before the rename. A write holds when
+    ``FOLDER/hold`` lists its member folder (``["member-2", ...]``): the first such write takes the
+    request (renamed, so one write holds), records ``held.json`` (its pid, member and temporary
+    file) and waits there until its process is killed (at most 300 s)."""
+
+    def hold_checkpoint_writes() -> None:
+        import json
+        import time
+
+        control = os.environ.get(HOLD_WRITES)
+        if not control:
+            return
+        from ensemble import storage
+
+        real = storage.os
+
+        class HeldOs:  # what storage.py calls os: the real module, but for the fsync of a checkpoint's temporary file
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+            @staticmethod
+            def fsync(fd: int) -> None:
+                real.fsync(fd)
+                path = real.readlink(f"/proc/self/fd/{fd}")
+                name, member = real.path.basename(path), real.path.basename(real.path.dirname(path))
+                if not (name.startswith("checkpoint-e") and ".pt.tmp-" in name):
+                    return
+                request = real.path.join(control, "hold")
+                try:
+                    with open(request) as fh:
+                        wanted = json.load(fh)
+                    if member not in wanted:
+                        return
+                    real.rename(request, real.path.join(control, f"taken-{real.getpid()}"))  # one write takes it
+                except (OSError, ValueError):
+                    return
+                with open(real.path.join(control, "held.json.tmp"), "w") as fh:
+                    json.dump({"pid": real.getpid(), "member": member, "tmp": path}, fh)
+                real.replace(real.path.join(control, "held.json.tmp"), real.path.join(control, "held.json"))
+                deadline = time.time() + 300
+                while time.time() < deadline:  # the test kills this process here
+                    time.sleep(0.05)
+
+        storage.os = HeldOs()
+
+    return hold_checkpoint_writes

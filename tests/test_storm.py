@@ -6,13 +6,12 @@ finished epoch trained again; the torn checkpoint is never loaded); and the pred
 undisturbed run's with the same seed, on the same cluster.
 
 Victims and moments are drawn from a seeded RNG; the seed is in every assertion message.
-The test waits on files the members write (checkpoint records, a checkpoint's temporary file),
-never on how long work takes.
+The test waits on files the members write (checkpoint records; a checkpoint write that a
+worker hook holds open at its temporary file until the kill), never on how long work takes.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import random
@@ -26,7 +25,7 @@ ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from ensemble.config import CPU_PRESET, build_config  # noqa: E402
-from tests.helpers import process_alive, write_digits_tree  # noqa: E402
+from tests.helpers import HOLD_WRITES, checkpoint_write_holder, process_alive, write_digits_tree  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -35,12 +34,15 @@ STORM_SEED = int(os.environ.get("ENSEMBLE_STORM_SEED", "0"))  # another value dr
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(tmp_path_factory):
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     nodes = [cluster.add_node(num_cpus=2) for _ in range(2)]
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, logging_level="WARNING")
-    yield cluster, nodes
+    holds = str(tmp_path_factory.mktemp("holds"))  # every worker can hold a checkpoint write there
+    ray.init(address=cluster.address, logging_level="WARNING",
+             runtime_env={"worker_process_setup_hook": checkpoint_write_holder(),
+                          "env_vars": {HOLD_WRITES: holds}})
+    yield cluster, nodes, holds
     ray.shutdown()
     cluster.shutdown()
 
@@ -90,8 +92,8 @@ class Storm:
     """The disturbances, run on a thread beside the driver; ``expected`` maps member -> the
     epochs it must have resumed after (what it had committed when it was hit)."""
 
-    def __init__(self, output: str, nodes: list, cluster, rng: random.Random):
-        self.output, self.nodes, self.cluster, self.rng = output, nodes, cluster, rng
+    def __init__(self, output: str, nodes: list, cluster, rng: random.Random, holds: str):
+        self.output, self.nodes, self.cluster, self.rng, self.holds = output, nodes, cluster, rng, holds
         self.hit: set[int] = set()      # members killed or on the removed node: not picked again
         self.killed: list[int] = []
         self.expected: dict[int, list[int]] = {}
@@ -134,24 +136,39 @@ class Storm:
         self._expect(i, "SIGKILL mid-epoch")
 
     def kill_mid_write(self) -> None:
-        """SIGKILL a member while its next checkpoint's temporary file is being written."""
-        def writing():
-            for i in self._candidates():
-                tmp = glob.glob(os.path.join(_folder(self.output, i), "checkpoint-e*.pt.tmp-*"))
-                if tmp:
-                    return i, tmp[0]
-            return None
+        """SIGKILL a member while it writes its next checkpoint: the write is held after its
+        temporary file is written and before its rename (helpers.hold_checkpoint_writes), so the
+        kill lands mid-write whatever the timing."""
+        def writers():  # members that will write another checkpoint (none is written after the last epoch)
+            found = [i for i in self._candidates() if _record(self.output, i)["epoch"] < EPOCHS - 1]
+            return found or None
 
-        i, tmp = self._wait(writing, "a checkpoint write")
+        members = self._wait(writers, "a member with a checkpoint still to write")
+        request = os.path.join(self.holds, "hold")
+        with open(request + ".tmp", "w") as fh:
+            json.dump([f"member-{i}" for i in members], fh)
+        os.replace(request + ".tmp", request)
+
+        def held():
+            try:
+                with open(os.path.join(self.holds, "held.json")) as fh:
+                    return json.load(fh)
+            except (OSError, ValueError):
+                return None
+
+        write = self._wait(held, f"one of members {members} to write a checkpoint")
+        i = int(write["member"].split("-")[1])
         record = _record(self.output, i)
-        _kill(record["pid"])
+        assert record["pid"] == write["pid"] and os.path.exists(write["tmp"]), (record, write)
+        _kill(write["pid"])
         self.hit.add(i)
         self.killed.append(i)
-        _wait_gone(record["pid"])
+        _wait_gone(write["pid"])
+        tmp = os.path.basename(write["tmp"])
         after = _record(self.output, i)
-        if after and after["epoch"] == record["epoch"] and os.path.exists(tmp):
-            self.torn = {"member": i, "file": os.path.basename(tmp), "committed": record["epoch"]}
-        self._expect(i, f"SIGKILL during the write of {os.path.basename(tmp)}")
+        assert after["epoch"] == record["epoch"] and os.path.exists(write["tmp"]), (after, record, write)
+        self.torn = {"member": i, "file": tmp, "committed": record["epoch"]}
+        self._expect(i, f"SIGKILL during the write of {tmp}")
 
     def remove_node(self) -> None:
         """Remove the worker node that runs the most unfinished members."""
@@ -188,7 +205,7 @@ class Storm:
 def test_storm_of_failures_changes_no_prediction(cluster, tmp_path):
     from ensemble.driver import run
 
-    cluster, nodes = cluster
+    cluster, nodes, holds = cluster
     data = write_digits_tree(tmp_path / "data", per_class_train=24, per_class_val=6, n_test=20, classes=4)
     started = time.time()
     calm = run(_config(data, tmp_path / "calm"))
@@ -196,7 +213,7 @@ def test_storm_of_failures_changes_no_prediction(cluster, tmp_path):
 
     output = str(tmp_path / "storm")
     started = time.time()
-    storm = Storm(output, nodes, cluster, random.Random(STORM_SEED))
+    storm = Storm(output, nodes, cluster, random.Random(STORM_SEED), holds)
     result = {}
 
     def drive():
