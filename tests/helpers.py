@@ -379,3 +379,48 @@ def checkpoint_write_holder():
         storage.os = HeldOs()
 
     return hold_checkpoint_writes
+
+
+# ---------------------------------------------------------------- a full disk, a process that dies
+
+STORAGE_FAULTS = "ENSEMBLE_TEST_STORAGE_FAULTS"  # a folder: which writes fail, and how
+
+
+def storage_fault_injector():
+    """A Ray ``worker_process_setup_hook`` (test_faults.py), shipped by value like
+    ``checkpoint_write_holder``: where ``$ENSEMBLE_TEST_STORAGE_FAULTS`` names a folder, a local
+    write (storage's ``_write_local``) under the path written in ``FOLDER/enospc`` raises ENOSPC, as
+    a full disk does, and one under the path in ``FOLDER/die`` ends its process at once (exit 1),
+    as a preempted or OOM-killed worker does, in every process it starts, restarts included (each
+    death's pid is a line of ``FOLDER/died``)."""
+
+    def inject_storage_faults() -> None:
+        import errno
+
+        control = os.environ.get(STORAGE_FAULTS)
+        if not control:
+            return
+        from ensemble import storage
+
+        real = storage._write_local
+
+        def under(name: str, path: str) -> bool:
+            try:
+                with open(os.path.join(control, name)) as fh:
+                    prefix = fh.read()
+            except OSError:
+                return False
+            return bool(prefix) and path.startswith(prefix)
+
+        def write(path: str, data: bytes) -> None:
+            if under("die", path):
+                with open(os.path.join(control, "died"), "a") as fh:  # one line per death: the test counts them
+                    fh.write(f"{os.getpid()}\n")
+                os._exit(1)
+            if under("enospc", path):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            real(path, data)
+
+        storage._write_local = write
+
+    return inject_storage_faults

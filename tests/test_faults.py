@@ -5,13 +5,15 @@ same seed: test_storm.py. Stopping the driver itself: test_stop_resume.py."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 
 ray = pytest.importorskip("ray")
 
-from tests.helpers import finished_tiny_run, tiny_run_config  # noqa: E402
+from tests.helpers import (STORAGE_FAULTS, finished_tiny_run, processes_marked, storage_fault_injector,  # noqa: E402
+                           tiny_run_config)
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -22,10 +24,40 @@ def data(tiny_digits):
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+def faults(tmp_path_factory):
+    """The folder where a test says which writes of the members fail (helpers.storage_fault_injector)."""
+    return tmp_path_factory.mktemp("faults")
+
+
+@pytest.fixture(scope="module")
+def cluster(faults):
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+             runtime_env={"worker_process_setup_hook": storage_fault_injector(),
+                          "env_vars": {STORAGE_FAULTS: str(faults)}})
     yield
     ray.shutdown()
+
+
+def _trainers(faults) -> list[int]:
+    """This cluster's member processes still alive (its workers carry the faults folder's mark)."""
+    alive = []
+    for pid in processes_marked(STORAGE_FAULTS, str(faults)):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                if fh.read().startswith(b"ray::MemberTrainer"):
+                    alive.append(pid)
+        except OSError:
+            pass
+    return alive
+
+
+def _wait_until(predicate, timeout_s: float, what: str) -> None:
+    import time
+
+    deadline = time.time() + timeout_s
+    while not predicate():
+        assert time.time() < deadline, f"timed out after {timeout_s:.0f} s waiting for {what}"
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -75,40 +107,70 @@ def test_a_damaged_member_is_trained_again_and_the_others_reused(cluster, data, 
     assert holders and set(holders) == {os.getpid()} and not (copy / "run.lock").exists()
 
 
-def test_a_member_that_cannot_write_stops_the_run_in_one_line(cluster, tmp_path, capsys):
-    """A checkpoint write failing in a member's process (a storage stub raising ENOSPC there) reaches
-    the driver as one line naming the member, the file and the errno's words (exit 1), not as a
-    member that failed after restarts; any other error names itself, with no restarts claimed."""
+def test_a_member_on_a_full_disk_stops_the_run_in_one_line_and_the_others_at_once(cluster, data, faults, tmp_path,
+                                                                                  capsys):
+    """A real run whose member 1 cannot write (every write under its folder raises ENOSPC in its
+    process, as a full disk does): exit 1 and the README's one line naming the member, the file and
+    the errno's words; member 0, still training (6 epochs to member 1's first), is stopped at once:
+    its process ends, it never finishes, and the epochs it committed stay loadable."""
+    from ensemble.driver import run
     from ensemble.errors import run_cli
+    from ensemble.member_files import MemberFiles
+
+    output = tmp_path / "out"
+    (faults / "enospc").write_text(f"{output}/members/member-1/")
+    cfg = tiny_run_config(data, output, members=2, epochs=6, arch="resnet18", recipes=None)
+    try:
+        assert run_cli(lambda: run(cfg)) == 1
+    finally:
+        (faults / "enospc").unlink()
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: member 1: could not write {output}/members/member-1/checkpoint-e1.pt: No space left on device "
+        f"(ENOSPC); finished members and committed epochs are kept in {output}: once it can be written, rerun "
+        f"the same command to resume")
+    _wait_until(lambda: not _trainers(faults), 30, "the members' processes to end")
+    assert not (output / "members" / "member-0" / "member.json").exists()  # stopped, not left to finish
+    record = json.loads((output / "run.json").read_text())
+    saved = MemberFiles(str(output), 0, record["fingerprint"]).load_checkpoint()
+    assert saved is None or 1 <= saved["epoch"] < cfg.epochs
+
+
+def test_a_member_whose_process_keeps_dying_fails_the_run_after_its_restarts(cluster, data, faults, tmp_path,
+                                                                             capsys):
+    """A real run whose member 1's process dies at its first checkpoint write, in every process
+    Ray restarts it in: once its restarts are spent the run stops with one line, exit 1; member 0,
+    finished meanwhile, is kept."""
+    from ensemble.driver import run
+    from ensemble.errors import run_cli
+    from ensemble.train_stage import MEMBER_RESTARTS
+
+    output = tmp_path / "out"
+    (faults / "die").write_text(f"{output}/members/member-1/")
+    cfg = tiny_run_config(data, output, members=2, arch="resnet18", recipes=None)
+    try:
+        assert run_cli(lambda: run(cfg)) == 1
+    finally:
+        (faults / "die").unlink()
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: member 1 failed after {MEMBER_RESTARTS} restarts (ActorDiedError); finished members are saved in "
+        f"{output}: rerun the same command to resume")
+    died = (faults / "died").read_text().split()
+    (faults / "died").unlink()
+    assert len(set(died)) == len(died) == MEMBER_RESTARTS + 1  # its first process, then each restart's
+    assert (output / "members" / "member-0" / "member.json").exists()
+    assert not (output / "members" / "member-1" / "member.json").exists()
+    _wait_until(lambda: not _trainers(faults), 30, "the members' processes to end")
+
+
+def test_a_member_that_raises_names_its_error_and_claims_no_restarts(cluster, tmp_path):
     from ensemble.train_stage import MemberFailed, _gather
-
-    @ray.remote
-    def member_writing_on_a_full_disk(output: str):
-        import errno
-
-        import torch
-
-        from ensemble import storage
-        from ensemble.member_files import MemberFiles
-
-        def full(path, data):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-        storage._write_local = full
-        MemberFiles(output, 2, {}).save_checkpoint({"epoch": 1, "model": {"w": torch.zeros(1)}})
 
     @ray.remote
     def member_with_a_bug():
         raise ValueError("boom")
 
-    output = str(tmp_path)
-    assert run_cli(lambda: _gather(member_writing_on_a_full_disk.remote(output), 2, output)) == 1
-    assert capsys.readouterr().err.splitlines() == [
-        f"error: member 2: could not write {output}/members/member-2/checkpoint-e1.pt: No space left on device "
-        f"(ENOSPC); finished members and committed epochs are kept in {output}: once it can be written, rerun "
-        f"the same command to resume"]
     with pytest.raises(MemberFailed, match=r"^member 2 failed: ValueError: boom; finished members are saved") as info:
-        _gather(member_with_a_bug.remote(), 2, output)
+        _gather(member_with_a_bug.remote(), 2, str(tmp_path))
     assert "restarts" not in str(info.value)
 
 
