@@ -12,6 +12,7 @@ requests (the next group only after the last one answered), so each group is one
 from __future__ import annotations
 
 import asyncio
+import glob
 import http.client
 import json
 import os
@@ -632,56 +633,90 @@ def raw_request(address, method: str, body=None) -> tuple[int, bytes, float]:
         conn.close()
 
 
-def post_until_answered(address, body: bytes) -> tuple[int, dict]:
-    """POST, again after a moment while the answer is 503 (what a 503 asks of a client), for 30 s."""
+def until_counts(address, what: str, reached, timeout_s: float = 30) -> dict:
+    """GET / until ``reached(answer)``: the server's own counts, not a sleep; fails naming ``what``."""
     import time
 
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + timeout_s
     while True:
-        status, answer, _ = raw_request(address, "POST", body)
-        if status != 503 or time.monotonic() > deadline:
-            return status, json.loads(answer) if status != 503 else answer
-        time.sleep(0.2)
+        status, answer, _ = raw_request(address, "GET")
+        if status == 200 and reached(json.loads(answer)):
+            return json.loads(answer)
+        assert time.monotonic() < deadline, (f"not seen in {timeout_s:g} s: {what} "
+                                             f"(last GET /: {status} {answer[:300]!r})")
+        time.sleep(0.02)
+
+
+def replica_holds(requests: int, timeout_s: float = 30) -> None:
+    """Until the app's one replica holds ``requests`` requests, by Serve's own count (the one its
+    router reads to stop at max_ongoing_requests). GET / cannot show a full replica: it needs a
+    place in it itself."""
+    import time
+
+    import ray
+
+    from ray.serve._private.constants import SERVE_NAMESPACE
+
+    from ensemble import serve
+
+    prefix = f"SERVE_REPLICA::{serve.APP_NAME}#{serve.EnsembleServer.name}#"
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == SERVE_NAMESPACE and a["name"].startswith(prefix)]
+    assert len(names) == 1, names
+    replica = ray.get_actor(names[0], namespace=SERVE_NAMESPACE)
+    deadline = time.monotonic() + timeout_s
+    while (held := ray.get(replica.get_num_ongoing_requests.remote(), timeout=10)) != requests:
+        assert time.monotonic() < deadline, f"the replica holds {held} requests after {timeout_s:g} s, not {requests}"
+        time.sleep(0.02)
 
 
 @pytest.mark.ray
 def test_slow_clients_time_out_a_full_queue_gets_503_and_others_are_answered(served, tiny_digits):
-    """Clients that declare a body and stall fill every place in the replica (4 x GROUP); GROUP
-    normal requests then wait in the queue (GROUP long), and more are refused with 503 at once.
-    After --body-timeout-s the stalled ones get 408 in one line of JSON, and the waiting group is
-    answered, as one batch. (Ray counts a request as queued until the replica has taken it, so
-    requests that arrive together may be refused a little early: the stalled clients come 30 ms
-    apart, and a normal client asks again after a 503.)"""
-    import time
+    """The README's "Limits": 4 x GROUP clients that declare a body and stall fill every place in
+    the replica (from 4 addresses, GROUP each: under --max-uploads-per-client); then 2 x GROUP + 1
+    normal requests come together: GROUP wait in the queue (GROUP long) and the GROUP + 1 others
+    get Ray's 503 at once, while every stalled body still holds its place. After --body-timeout-s
+    every stalled client gets 408 in one line of JSON, its place free again, and the waiting GROUP
+    are answered, as one batch. Ordered by the counts of the server (GET /) and of Serve (what the
+    replica holds), not by sleeps."""
+    import select
+    from concurrent.futures import as_completed
 
     test_dir = os.path.join(tiny_digits, "test")
     image = open(os.path.join(test_dir, sorted(os.listdir(test_dir))[0]), "rb").read()
-    before = request(served, "GET")[1]["requests"].get("408", 0)
-    start, stalled = time.monotonic(), []
+    counts = request(served, "GET")[1]["requests"]
+    before = {code: counts.get(code, 0) for code in ("408", "429")}
+    places, stalled = 4 * GROUP, []
+    pool = ThreadPoolExecutor(2 * GROUP + 1)
     try:
-        for k in range(4 * GROUP):  # from two addresses: one may send 2 x GROUP bodies at once
-            stalled.append(slow_client(served, 40_000, f"127.0.0.{1 + 2 * (k % 2)}"))  # under the 50 KiB limit
-            time.sleep(0.03)
-        time.sleep(1.0)  # all in the replica, reading their bodies
-        with ThreadPoolExecutor(2 * GROUP + 1) as pool:
-            group = [pool.submit(post_until_answered, served, image) for _ in range(GROUP)]
-            time.sleep(0.5)  # the group waits in the queue
-            sent = time.monotonic()
-            extra = [pool.submit(raw_request, served, "GET") for _ in range(GROUP + 1)]  # one more than it holds
-            answered, extra = [f.result(timeout=60) for f in group], [f.result(timeout=60) for f in extra]
+        # One at a time, each in the replica before the next (Ray counts a request as queued until the
+        # replica has taken it: more than GROUP sent together would see some refused while it has room).
+        # Under the 50 KiB limit, from 127.0.0.2-5: none is the normal clients' 127.0.0.1.
+        for k in range(places):
+            stalled.append(slow_client(served, 40_000, f"127.0.0.{2 + k % 4}"))
+            if k < places - 1:
+                until_counts(served, f"stalled body {k} being received", lambda info: info["receiving"] == k + 1)
+        replica_holds(places)  # the last place taken too: the replica is full (GET / would wait for a place now)
+        burst = [pool.submit(raw_request, served, "POST", image) for _ in range(2 * GROUP + 1)]
+        done = as_completed(burst, timeout=BODY_TIMEOUT_S + 60)
+        refused = [next(done).result() for _ in range(GROUP + 1)]  # the first GROUP + 1 answers
+        early = select.select(stalled, [], [], 0)[0]  # stalled clients with an answer (or a closed socket) by then
+        answered = [f.result() for f in done]
         stalled_answers = [answer_of(sock) for sock in stalled]
     finally:
         for sock in stalled:
             sock.close()
-    refused = [when - sent for status, _, when in extra if status == 503]
-    assert refused and max(refused) < BODY_TIMEOUT_S / 2, extra  # at once, not once the stalled ones left
-    timed_out = [json.loads(body) for status, body in stalled_answers if status == 408]
-    assert {status for status, _ in stalled_answers} <= {408, 503} and len(timed_out) >= 2 * GROUP, stalled_answers
-    assert all(a == {"error": f"the request body did not arrive within {BODY_TIMEOUT_S:g} s (--body-timeout-s)"}
-               for a in timed_out)
-    assert [s for s, _ in answered] == [200] * GROUP and all(a["batch_size"] == GROUP for _, a in answered)
-    assert time.monotonic() - start < BODY_TIMEOUT_S + 10
-    assert request(served, "GET")[1]["requests"]["408"] - before == len(timed_out)
+        pool.shutdown(wait=False, cancel_futures=True)
+    backpressure = f"Request dropped due to backpressure (num_queued_requests={GROUP}, max_queued_requests={GROUP})."
+    assert [(status, body.decode()) for status, body, _ in refused] == [(503, backpressure)] * (GROUP + 1), refused
+    assert not early, f"{len(early)} stalled client(s) answered before the 503s: not refused at once"
+    assert [status for status, _, _ in answered] == [200] * GROUP, answered
+    assert [json.loads(body)["batch_size"] for _, body, _ in answered] == [GROUP] * GROUP
+    timed_out = {"error": f"the request body did not arrive within {BODY_TIMEOUT_S:g} s (--body-timeout-s)"}
+    assert [(status, json.loads(body)) for status, body in stalled_answers] == [(408, timed_out)] * places, \
+        stalled_answers
+    counts = request(served, "GET")[1]["requests"]
+    assert {code: counts.get(code, 0) - before[code] for code in before} == {"408": places, "429": 0}
 
 
 @pytest.mark.ray
@@ -689,28 +724,17 @@ def test_one_address_s_slow_senders_hold_only_its_own_places_and_others_are_answ
     """2 x GROUP + 2 stalled bodies from 127.0.0.2: the 2 past --max-uploads-per-client get 429 at
     once; GROUP requests from 127.0.0.1 are then answered, as one batch, while the stalled ones
     still hold their places (none has timed out yet); then each of those gets 408."""
-    import time
-
     test_dir = os.path.join(tiny_digits, "test")
     image = open(os.path.join(test_dir, sorted(os.listdir(test_dir))[0]), "rb").read()
-    def until(what, reached) -> dict:
-        """GET / until ``reached(answer)``: the server's own counts, not a sleep."""
-        deadline = time.monotonic() + 30
-        while True:
-            status, answer, _ = raw_request(served, "GET")
-            if status == 200 and reached(json.loads(answer)):
-                return json.loads(answer)
-            assert time.monotonic() < deadline, f"not seen in 30 s: {what}"
-            time.sleep(0.02)
-
     counts = request(served, "GET")[1]["requests"]
     before = {code: counts.get(code, 0) for code in ("408", "429")}
     stalled = []
     try:
         for k in range(2 * GROUP + 2):  # one at a time, each in the replica before the next
             stalled.append(slow_client(served, 40_000, "127.0.0.2"))
-            until(f"body {k} received or refused", lambda info: info["receiving"] == min(k + 1, 2 * GROUP) and
-                  info["requests"].get("429", 0) - before["429"] == max(0, k + 1 - 2 * GROUP))
+            until_counts(served, f"body {k} received or refused",
+                         lambda info: info["receiving"] == min(k + 1, 2 * GROUP) and
+                         info["requests"].get("429", 0) - before["429"] == max(0, k + 1 - 2 * GROUP))
         answered = post_group(served, [image] * GROUP)
         counts = request(served, "GET")[1]["requests"]
         stalled_answers = [answer_of(sock) for sock in stalled]
@@ -770,6 +794,111 @@ def test_a_second_server_refuses_to_replace_the_app_and_names_the_address_serve_
     status, info = request(served, "GET")
     assert status == 200 and info["run"] == os.path.basename(output)
     assert output not in json.dumps(info) and os.path.dirname(output) not in json.dumps(info)
+
+
+def _serve_env(ray_tmp: str, **extra) -> dict:
+    """This environment for ``python -m ensemble.serve``, with Ray's temp dir (RAY_TMPDIR) its own:
+    a cluster it starts is a new one, never one that another `ray start` on this machine left."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return {**env, "RAY_TMPDIR": ray_tmp, **extra}
+
+
+@pytest.mark.ray
+def test_the_command_stops_on_sigterm_deletes_its_app_and_exits_0(run, short_tmp, tmp_path):
+    """The real ``python -m ensemble.serve`` (a local cluster of its own: this file's cluster holds
+    the app's name already) serving the run: once it answers and has printed its line, SIGTERM
+    makes it delete its app (Serve's controller logs that delete, which a cluster torn down
+    without it does not), print its stop line and exit 0, and nothing of it is left (its port
+    closed, no process it started alive)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import free_port, processes_marked
+
+    _, output = run
+    port = free_port()
+    serving = (f"serving {output} at http://127.0.0.1:{port}/ (POST an image; GET / for the run); "
+               f"Ctrl-C or SIGTERM stops it")
+    out_path, err_path = tmp_path / "stdout", tmp_path / "stderr"
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "ensemble.serve", "--run", output, "--port", str(port)],
+                                stdout=out, stderr=err, env=_serve_env(short_tmp, ENSEMBLE_TEST_SERVER=short_tmp),
+                                start_new_session=True)
+
+    def log() -> str:
+        return f"stdout:\n{out_path.read_text()}\nstderr (end):\n{err_path.read_text()[-3000:]}"
+
+    def until(what: str, reached, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not reached():
+            assert proc.poll() is None, f"exited {proc.returncode} before {what}\n{log()}"
+            assert time.monotonic() < deadline, f"not seen in {timeout_s:g} s: {what}\n{log()}"
+            time.sleep(0.2)
+
+    def answers() -> bool:
+        try:
+            status, body, _ = raw_request(("127.0.0.1", port), "GET")
+        except (OSError, http.client.HTTPException):  # nothing listens yet
+            return False
+        return status == 200 and json.loads(body)["run"] == os.path.basename(output)  # before: Serve's 404
+
+    try:
+        until("GET / answered with the run's name", answers)
+        until("its serving line", lambda: serving in out_path.read_text())  # printed once SIGTERM is its own
+        os.kill(proc.pid, signal.SIGTERM)  # the process, as `kill PID` does; not its group
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running 60 s after SIGTERM\n{log()}")
+        assert code == 0, log()
+        assert out_path.read_text().splitlines() == [serving, "stopped: the server is shut down"], log()
+        controller = "".join(open(p).read() for p in glob.glob(os.path.join(
+            short_tmp, "ray", "session_latest", "logs", "serve", "controller_*.log")))  # its one session
+        assert [line.split(" -- ", 1)[1] for line in controller.splitlines() if " -- Deleting app " in line] == \
+            ["Deleting app 'ensemble'."], controller[-3000:]
+        with pytest.raises(ConnectionRefusedError):  # nothing listens there any more
+            socket.create_connection(("127.0.0.1", port), timeout=10).close()
+        deadline = time.monotonic() + 30
+        while processes_marked("ENSEMBLE_TEST_SERVER", short_tmp):
+            assert time.monotonic() < deadline, f"left running: {processes_marked('ENSEMBLE_TEST_SERVER', short_tmp)}"
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        for pid in processes_marked("ENSEMBLE_TEST_SERVER", short_tmp):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.ray
+def test_a_busy_port_is_one_line_and_exit_2_before_any_cluster_starts(run, short_tmp):
+    """``python -m ensemble.serve --port P`` where something already listens on P: one line naming
+    the host, the port and the fix, exit 2, and no Ray cluster started (none under its own Ray
+    temp dir, where a cluster it started would keep its session)."""
+    import signal
+    import subprocess
+    import sys
+
+    _, output = run
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.Popen([sys.executable, "-m", "ensemble.serve", "--run", output, "--port", str(port)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_serve_env(short_tmp),
+                                start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+    sessions = glob.glob(os.path.join(short_tmp, "ray", "session_*"))
+    assert not sessions, f"a Ray cluster was started: {sessions}\n{err[-3000:]}"
+    assert proc.returncode == 2, (proc.returncode, err[-3000:])
+    assert err.splitlines() == [f"error: --host 127.0.0.1 --port {port}: cannot listen there (Address already in "
+                                f"use); pass another --port"] and out == "", (out, err)
 
 
 @pytest.mark.ray
