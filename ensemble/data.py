@@ -217,11 +217,10 @@ def _scan_layout(root: str, val_fraction: Optional[float], seed: int) -> Dataset
     else:
         train, val = _split_off_val(train, val_fraction, seed, f"--data {root}")
     test_dir = storage.join(root, "test")
-    if not storage.is_dir(test_dir):
-        raise ConfigError(f"--data {root}: no test/ folder; expected test/<images> (flat, unlabelled)")
-    test_files = _image_files(test_dir)
-    if not test_files:
-        raise ConfigError(f"--data {root}: test/ has no images ({', '.join(IMG_EXTENSIONS)})")
+    test_files = _image_files(test_dir) if storage.is_dir(test_dir) else []  # no test/: the run scores val only
+    if storage.is_dir(test_dir) and not test_files:
+        raise ConfigError(f"--data {root}: test/ has no images ({', '.join(IMG_EXTENSIONS)}); put the images to "
+                          f"label there, or remove test/ to train and score on val only")
     test = _table([storage.join(test_dir, f) for f in test_files], [-1] * len(test_files))
     check_unique_names(test, f"--data {root}: test/")
     check_splits_apart(root, {"train": train, "val": val, "test": test})
@@ -237,7 +236,8 @@ def scan_manifest(manifest: str, *, val_fraction: Optional[float] = None, seed: 
     train rows' labels, in numeric order when every one is a whole number, else in text order.
     Each problem is one ConfigError naming its row (a CSV's line, counting the header as line 1):
     a missing column, an unknown split, a train or val row without a label, a val label no train
-    row has, a path named twice, a file that does not exist, a split without rows. With
+    row has, a path named twice, a file that does not exist, no train or val rows (test rows are
+    optional: without them the run scores val and writes no predictions). With
     ``val_fraction`` the manifest has no val rows (one is an error) and val is drawn from the
     train rows (``scan_layout``)."""
     from pyarrow import csv, parquet
@@ -293,7 +293,7 @@ def scan_manifest(manifest: str, *, val_fraction: Optional[float] = None, seed: 
         raise ConfigError(f"{flag} has {len(rows['val'])} val rows ({row(rows['val'][0][0])} the first) and "
                           f"--val-fraction {val_fraction:g} draws val from the train rows; drop --val-fraction to "
                           f"use the manifest's val rows, or mark them train")
-    for split in SPLITS:
+    for split in ("train", "val"):  # no test rows: the run scores val only
         if not rows[split] and not (split == "val" and val_fraction is not None):
             instead = (f", or pass --val-fraction F (e.g. 0.1) to draw {VAL_FROM_TRAIN}" if split == "val"
                        else "")

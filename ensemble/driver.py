@@ -106,9 +106,9 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False, distillation=None, lock: Op
             tracked.start(resolved, output, fingerprint, fresh=fresh)  # the MLflow parent run (continued on resume)
             seeds = member_seeds(cfg.seed, cfg.members)
             save_run_config(output, resolved, seeds, fingerprint, inputs)
-            # vote: val (report), test (predictions) and, for out-of-bag scores, train. With the pixels in
+            # vote: val (report), test (predictions; a layout may have none) and, for out-of-bag scores, train. With the pixels in
             # the cache each member scores them as it finishes (no pool to start once training ends).
-            splits = {"val": index.val, "test": index.test}
+            splits = {"val": index.val, "test": index.test} if index.test.num_rows else {"val": index.val}
             if cfg.bagging == "bootstrap":
                 splits["train"] = index.train
             vote_table = stack_splits(splits)[0] if cache is not None else None
@@ -155,14 +155,18 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False, distillation=None, lock: Op
                                   skipped=skipped, seeds=seeds, fingerprint=fingerprint, versions=versions(),
                                   cache_tier=tier,
                                   seconds={"train": t_vote - t_train, "vote": t_report - t_vote})
-            write_report(output, report, val=voted["val"], test=voted["test"], classes=index.classes,
+            write_report(output, report, val=voted["val"], test=voted.get("test"), classes=index.classes,
                          started=started)
             tracked.finish(report, output)
             print(format_table(report["members"], report["ensemble"]["val_acc"], cfg.vote))
             if skipped:
                 print(f"skipped {len(skipped)} unreadable image file(s); listed in report.json under skipped_files")
-            print(f"outputs in {output}: predictions.csv, probabilities.parquet, report.json, report.md, figures/, "
-                  f"members/")
+            if "test" in voted:
+                print(f"outputs in {output}: predictions.csv, probabilities.parquet, report.json, report.md, "
+                      f"figures/, members/")
+            else:  # a layout or manifest without test images: scored on val, nothing to label
+                print(f"outputs in {output}: report.json, report.md, figures/, members/ (no test images, so no "
+                      f"predictions.csv: label images with python -m ensemble.predict --run {output} --images DIR)")
             return report
 
 

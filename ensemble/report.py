@@ -112,12 +112,13 @@ def build_report(cfg: EnsembleConfig, *, summaries: list, scores: dict, params: 
             "versions": versions, "seconds": dict(seconds)}
 
 
-def write_report(output: str, report: dict, *, val: dict, test: dict, classes,
+def write_report(output: str, report: dict, *, val: dict, test: Optional[dict], classes,
                  started: float) -> None:
     """figures/, then predictions.csv, probabilities.parquet, report.json (+ its sha256) and report.md.
 
     ``val``/``test``: the vote stage's arrays of that split (``member_probs`` (members, n, classes),
-    ``probs``, ``label``, ``image_name``). ``started``: the run's start, for the total time.
+    ``probs``, ``label``, ``image_name``); ``test`` None: the data has no test images, and no
+    predictions are written. ``started``: the run's start, for the total time.
     """
     import time
 
@@ -129,7 +130,8 @@ def write_report(output: str, report: dict, *, val: dict, test: dict, classes,
     rule = report["ensemble"]["vote"]
     figures = write_figures(output, report, val, ensemble_labels(val["member_probs"], rule), classes)
     report["seconds"].update(report=time.time() - t_report, total=time.time() - started)
-    write_predictions(output, test, classes, rule, report["ensemble"]["calibration"]["temperature"])
+    if test is not None:
+        write_predictions(output, test, classes, rule, report["ensemble"]["calibration"]["temperature"])
     write_json(storage.join(output, "report.json"), report)
     write_report_sha256(output)  # after report.json: load_run refuses a report changed since
     storage.write_text(storage.join(output, "report.md"), render_report_md(report, figures))

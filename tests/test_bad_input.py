@@ -85,6 +85,24 @@ def test_val_class_not_in_train(capsys, good, tmp_path):
     _refused(capsys, ["--data", data, *QUICK], tmp_path / "out", "val/ has classes not in train/: zebra")
 
 
+def test_a_layout_without_test_trains_and_scores_on_val(cluster, capsys, good, tmp_path):
+    """Only train/ and val/: the run trains, scores and reports on val, writes no predictions (and
+    says where they come from), and is a finished run that predict and serve load."""
+    import ensemble
+
+    data = _copy(good, tmp_path)
+    shutil.rmtree(os.path.join(data, "test"))
+    output = tmp_path / "out"
+    assert main(["--data", data, *QUICK, "--output", str(output)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"outputs in {output}: report.json, report.md, figures/, members/ (no test images, so no predictions.csv: "
+        f"label images with python -m ensemble.predict --run {output} --images DIR)")
+    report = json.loads((output / "report.json").read_text())
+    assert report["data"]["test"] == 0 and report["data"]["val"] == 9 and 0 <= report["ensemble"]["val_acc"] <= 1
+    assert not (output / "predictions.csv").exists() and not (output / "probabilities.parquet").exists()
+    assert ensemble.load(str(output)).report == report  # a finished run predict and serve take
+
+
 def test_test_dir_without_images(capsys, good, tmp_path):
     data = _copy(good, tmp_path)
     shutil.rmtree(os.path.join(data, "test"))

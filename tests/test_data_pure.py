@@ -119,8 +119,8 @@ def test_scan_layout_ignores_hidden_folders(tree):
     ("empty_class", "train/c/ has no images"),
     ("train_no_classes", "train/ has no class folders"),
     ("val_unknown_class", "val/ has classes not in train/: z"),
-    ("no_test", "no test/"),
-    ("empty_test", "test/ has no images"),
+    ("empty_test", "test/ has no images (.jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp); put the images "
+                   "to label there, or remove test/ to train and score on val only"),
     ("class_named_like_a_column", "class folder train/image_name/ has the name of a column of probabilities.parquet"),
     ("test_twins", "t2.jpg and t2.png would both be row 't2' of predictions.csv; rename one of them"),
 ])
@@ -141,8 +141,6 @@ def test_scan_layout_errors(tree, breakage, needle):
     elif breakage == "val_unknown_class":
         (tree / "val" / "z").mkdir()
         _rgb(tree / "val" / "z" / "z.png")
-    elif breakage == "no_test":
-        shutil.rmtree(tree / "test")
     elif breakage == "empty_test":
         shutil.rmtree(tree / "test")
         (tree / "test").mkdir()
@@ -216,6 +214,17 @@ def test_one_file_in_two_splits_is_refused_however_it_is_spelled(tree):
                                f"image they trained on; keep it in one split")
 
 
+def test_without_test_images_the_index_has_an_empty_test_split(tree):
+    """No test/ folder (or a manifest without test rows): train and val as before, and a test
+    split of no rows with the same columns, so every stage reads it as it reads a full one."""
+    full = scan_layout(str(tree))
+    shutil.rmtree(tree / "test")
+    for index in (scan_layout(str(tree)), scan_layout(_csv_manifest_of(scan_layout(str(tree)), tree))):
+        assert index.test.num_rows == 0 and index.test.schema.equals(full.test.schema)
+        assert index.train.equals(full.train) and index.val.equals(full.val) and index.classes == full.classes
+        assert index.sizes()["test"] == 0
+
+
 def test_manifest_labels_that_are_numbers_keep_their_numeric_order(tmp_path):
     for k in range(4):
         _rgb(tmp_path / f"{k}.png", seed=k)
@@ -234,7 +243,6 @@ def test_manifest_labels_that_are_numbers_keep_their_numeric_order(tmp_path):
     ("path,label,split\na.png,x,train\nb.png,x,train\n./b.png,x,train\n", "line 3 and line 4 both name ./b.png"),
     ("path,label,split\na.png,x,train\nb.png,y,val\nc.png,,test\n", "line 3: val label 'y' is not the label of any"),
     ("path,label,split\na.png,x,train\nmissing.png,x,val\nc.png,,test\n", "line 3: "),
-    ("path,label,split\na.png,x,train\nb.png,x,val\n", "no test rows"),
     ("path,label,split\na.png,x,train,extra\n", "cannot read it as CSV"),
 ])
 def test_manifest_errors_name_the_row(tmp_path, body, needle):
