@@ -36,7 +36,7 @@ import numpy as np
 
 from ensemble import storage
 from ensemble.config import AUGMENTS, ARCHS, CACHE_TIERS, FREEZE_STAGES, ConfigError, EnsembleConfig, build_config
-from ensemble.errors import RunError, exit_process, run_cli, stop_on_sigterm
+from ensemble.errors import CommandParser, RunError, exit_process, parse_command, run_cli, stop_on_sigterm
 from ensemble.run_folder import STUDENT_FILES
 
 log = logging.getLogger("ensemble.distill")
@@ -382,11 +382,12 @@ def distill(run: str, output: str, flags: dict, *, temperature: float, alpha: fl
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="python -m ensemble.distill", argument_default=argparse.SUPPRESS,
         description="Train one student on a finished run's soft vote (knowledge distillation). Flags default "
                     "to the run's settings; the output is a one-member run predict, serve and export take.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        examples=("python -m ensemble.distill --run runs/exp1 --output runs/exp1-student",
+                  "python -m ensemble.distill --run runs/exp1 --output runs/exp1-r18 --arch resnet18 --epochs 10"))
     p.add_argument("--run", required=True, help="the --output folder of a finished ensemble.driver run (local or s3://)")
     p.add_argument("--output", required=True, help="the student's run folder (outside the run's)")
     p.add_argument("--kd-temperature", type=float, default=KD_DEFAULTS["kd_temperature"],
@@ -426,7 +427,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     stop_on_sigterm()  # as Ctrl-C: the lock released, temporary files removed, then one line
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = vars(_parser().parse_args(argv))
+    parsed = parse_command(_parser(), argv)
+    if isinstance(parsed, int):  # a bad flag: its one line is printed
+        return parsed
+    args = vars(parsed)
     run, output = args.pop("run"), args.pop("output")
     temperature, alpha = args.pop("kd_temperature"), args.pop("kd_alpha")
     fresh, speed_images = args.pop("fresh", False), args.pop("speed_images")

@@ -27,9 +27,10 @@ back the error itself. Ray Data keeps the class only with ``raise_original_map_e
 
 from __future__ import annotations
 
+import argparse
 import re
 import sys
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Optional, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -115,6 +116,35 @@ def run_cli(body: Callable[[], T], *, interrupted: Optional[str] = None, system_
     if system_exit:
         raise SystemExit(code)
     return code
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's help, but an ``examples:`` epilog keeps its lines as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("examples:"):
+            return "".join(indent + line + "\n" for line in text.splitlines())
+        return super()._fill_text(text, width, indent)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """Every command's argument parser. A bad flag or value raises ConfigError, which ``run_cli``
+    prints as the one ``error: ...`` line with exit 2 (argparse would print its usage block first),
+    so each ``main()`` parses inside ``run_cli``. ``examples``: command lines that end ``--help``."""
+
+    def __init__(self, *, examples: Sequence[str] = (), **kwargs):
+        if examples:
+            kwargs["epilog"] = "examples:\n" + "\n".join(f"  {line}" for line in examples)
+        super().__init__(formatter_class=_HelpFormatter, **kwargs)
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (the flags: {self.prog} --help)")
+
+
+def parse_command(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]):
+    """``parser.parse_args(argv)``, or the exit code once a bad flag's one line is printed (an int):
+    ``args = parse_command(...)``, then ``if isinstance(args, int): return args``."""
+    return run_cli(lambda: parser.parse_args(argv))
 
 
 def stop_on_sigterm() -> None:

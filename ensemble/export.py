@@ -45,7 +45,7 @@ from torch import nn
 
 from ensemble import storage
 from ensemble.config import ConfigError, cache_side
-from ensemble.errors import EnsembleError, StorageError, UserError, run_cli, stop_on_sigterm
+from ensemble.errors import CommandParser, EnsembleError, StorageError, UserError, parse_command, run_cli, stop_on_sigterm
 from ensemble.run_folder import MEMBER_CHOICES, FinishedRun, load_run
 
 log = logging.getLogger("ensemble.export")
@@ -354,9 +354,11 @@ def summary_line(result: dict) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ensemble.export",
-                                description="Write a finished run's ensemble as one ONNX file (uint8 pixels in, "
-                                            "the vote's probabilities and label out).")
+    p = CommandParser(prog="python -m ensemble.export",
+                      description="Write a finished run's ensemble as one ONNX file (uint8 pixels in, "
+                                  "the vote's probabilities and label out).", examples=(
+                          "python -m ensemble.export --run runs/exp1 --output exp1.onnx",
+                          "python -m ensemble.export --run runs/exp1 --output exp1-selected.onnx --members selected"))
     p.add_argument("--run", required=True, help="the --output folder of a finished ensemble.driver run")
     p.add_argument("--output", required=True, help="the file to write, *.onnx (outside the run's folder)")
     p.add_argument("--members", default="all",
@@ -368,7 +370,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     stop_on_sigterm()  # as Ctrl-C: the lock released, temporary files removed, then one line
-    args = _parser().parse_args(argv)
+    args = parse_command(_parser(), argv)
+    if isinstance(args, int):  # a bad flag: its one line is printed
+        return args
 
     def export() -> int:
         print(summary_line(export_run(args.run, args.output, members=args.members)))

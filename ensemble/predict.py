@@ -25,7 +25,7 @@ from typing import Optional, Sequence, Union
 
 from ensemble import storage
 from ensemble.config import ConfigError
-from ensemble.errors import run_cli, stop_on_sigterm
+from ensemble.errors import CommandParser, parse_command, run_cli, stop_on_sigterm
 from ensemble.run_folder import MEMBER_CHOICES, check_output, check_outside, load_run, versions
 from ensemble.run_lock import LOCK_NAME, RunLock
 
@@ -139,8 +139,12 @@ def default_predict_output() -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ensemble.predict",
-                                description="Label images with a finished run's members (soft vote).")
+    p = CommandParser(prog="python -m ensemble.predict",
+                      description="Label images with a finished run's members (soft vote).", examples=(
+                          "python -m ensemble.predict --run runs/exp1 --images new_photos          # a flat folder",
+                          "python -m ensemble.predict --run runs/exp1 --images photos/val --output runs/exp1-val"
+                          "   # class folders: also scored",
+                          "python -m ensemble.predict --run s3://bucket/runs/exp1 --images s3://bucket/new --members selected"))
     p.add_argument("--run", required=True, help="the --output folder of a finished ensemble.driver run")
     p.add_argument("--images", required=True, help="a flat folder of images, or class folders (then scored); "
                                                    "local or s3://...")
@@ -157,7 +161,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     stop_on_sigterm()  # as Ctrl-C: the lock released, temporary files removed, then one line
-    args = _parser().parse_args(argv)
+    args = parse_command(_parser(), argv)
+    if isinstance(args, int):  # a bad flag: its one line is printed
+        return args
     output = args.output or default_predict_output()
 
     def label() -> int:

@@ -39,7 +39,7 @@ import ray
 from ray import serve
 
 from ensemble.config import ConfigError
-from ensemble.errors import run_cli
+from ensemble.errors import CommandParser, parse_command, run_cli
 from ensemble.run_folder import MEMBER_CHOICES, FinishedRun, load_run
 from ensemble.served_run import (REQUEST_TIMEOUT_S, BatchHealth, ServedRun, ServeOptions, TooManyUploads, UploadsPerClient,
                                   UploadTimedOut, UploadTooLarge, bad_image_reason, one_line, parse_k, read_upload,
@@ -208,8 +208,11 @@ def app(args: dict):
 
 def _parser() -> argparse.ArgumentParser:
     d = ServeOptions
-    p = argparse.ArgumentParser(prog="python -m ensemble.serve",
-                                description="Serve a finished run's members over HTTP (Ray Serve).")
+    p = CommandParser(prog="python -m ensemble.serve",
+                      description="Serve a finished run's members over HTTP (Ray Serve).", examples=(
+                          "python -m ensemble.serve --run runs/exp1                 # http://127.0.0.1:8000/",
+                          "curl --data-binary @cat.jpg http://127.0.0.1:8000/       # one image in, the vote out",
+                          "python -m ensemble.serve --run runs/exp1 --host 10.0.0.5 --port 8080   # on that interface"))
     p.add_argument("--run", required=True, help="the --output folder of a finished ensemble.driver run")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
                                                        "only; an address of another interface exposes the server to that network)")
@@ -385,7 +388,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     Stopping is the normal end of a server, so it exits 0 (not the driver's 130) after printing
     one line. Errors a user can make: one line, exit 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    args = _parser().parse_args(argv)
+    args = parse_command(_parser(), argv)
+    if isinstance(args, int):  # a bad flag: its one line is printed
+        return args
     started: dict = {}
     code = run_cli(lambda: _start(args, started), interrupted="interrupted before the server was up")
     if code == 130:

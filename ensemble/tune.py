@@ -33,7 +33,7 @@ from ensemble import storage
 from ensemble.cluster import cluster_capacity, connect, fit_cpus, resolve_gpus
 from ensemble.config import (AUGMENTS, ARCHS, INT_RANGES, NUMBER_RANGES, PRECISIONS, ConfigError, EnsembleConfig,
                              check_gpus, check_int, check_number, config_with_preset, load_yaml)
-from ensemble.errors import run_cli, stop_on_sigterm
+from ensemble.errors import CommandParser, run_cli, stop_on_sigterm
 from ensemble.trials import best_config_values, format_table, pick_best, summarize_trial, trials_csv
 from ensemble.run_folder import check_output
 
@@ -69,13 +69,10 @@ class SearchSettings:
 
 # ---------------------------------------------------------------- command line
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line + exit 2 (via main), not argparse's usage block
-        raise ConfigError(message)
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m ensemble.tune", argument_default=argparse.SUPPRESS, allow_abbrev=False,
+    p = CommandParser(prog="python -m ensemble.tune", argument_default=argparse.SUPPRESS, allow_abbrev=False,
+                examples=("python -m ensemble.tune --data photos --output runs/tune1 --trials 8 --max-epochs 4",
+                          "python -m ensemble.driver --config runs/tune1/best_config.yaml --output runs/exp1"),
                 description="Ray Tune + ASHA search of lr, --freeze and epochs for one member trained on the "
                             "full train split and scored on val; writes best_config.yaml for ensemble.driver. "
                             "Without --data: the bundled digits with the driver's CPU preset.")

@@ -77,8 +77,9 @@ def test_best_config_omits_data_for_the_bundled_digits_and_keeps_config_file_key
     (["--lr-min", "1e-2", "--lr-max", "1e-3"], "error: --lr-min 0.01 --lr-max 0.001: lr-min must be below lr-max"),
     (["--gpus-per-trial", "1.5"], "error: --gpus-per-trial 1.5: each actor uses one GPU; to use more GPUs, run more "
                                   "of them at 1 GPU each (e.g. --members), or share GPUs with a fraction (0.5)"),
-    (["--trials", "many"], "error: argument --trials: invalid int value: 'many'"),
-    (["--lr", "1e-3"], "error: unrecognized arguments: --lr 1e-3"),
+    (["--trials", "many"], "error: argument --trials: invalid int value: 'many' (the flags: python -m ensemble.tune "
+                           "--help)"),
+    (["--lr", "1e-3"], "error: unrecognized arguments: --lr 1e-3 (the flags: python -m ensemble.tune --help)"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(argv, message, tmp_path, capsys):
     assert main([*argv, "--output", str(tmp_path / "o")]) == 2
