@@ -56,7 +56,8 @@ def main(argv=None) -> int:
         spec = SETS[args.set]
         data = write_set(args.set, os.path.join(work, args.set), spec, 0)
         teacher = os.path.join(work, "teacher")
-        seconds["teacher"] = _run(["ensemble.driver", "--data", data, "--output", teacher, "--members", str(args.members),
+        seconds["teacher"] = _run(["ensemble.driver", "--data", data, "--output", teacher,
+                                   "--members", str(args.members),
                                    "--epochs", str(args.epochs), "--arch", "resnet18", "--weights", "none",
                                    "--freeze", "none", "--lr", "1e-3", "--image-size", str(spec["image_size"]),
                                    "--augment", spec["augment"], "--cpus-per-member", "1"],
@@ -66,7 +67,8 @@ def main(argv=None) -> int:
                                str(args.student_epochs), "--kd-temperature", str(args.kd_temperature),
                                "--kd-alpha", str(args.kd_alpha), "--speed-images", "64"],
                               os.path.join(work, "student.log"))
-    seconds["control"] = _run(["ensemble.driver", "--config", os.path.join(student, "config.yaml"), "--output", control],
+    seconds["control"] = _run(["ensemble.driver", "--config", os.path.join(student, "config.yaml"),
+                               "--output", control],
                               os.path.join(work, "control.log"))
 
     summary = json.load(open(os.path.join(student, "distill.json")))

@@ -244,7 +244,8 @@ def main(argv=None) -> int:
         if args.study:
             scale = 21_000 / args.images
             for tier, a in results.items():
-                print(f"at the study's 21k train images (x{scale:g}): {tier:10s} {a['cache_bytes'] * scale / 1e9:6.2f} GB, "
+                print(f"at the study's 21k train images (x{scale:g}): {tier:10s} "
+                      f"{a['cache_bytes'] * scale / 1e9:6.2f} GB, "
                       f"cache stage ~{a['cache_s'] * scale:.0f} s on {args.cpus} CPU(s)")
         print(f"load average {os.getloadavg()[0]:.2f}")
         if args.json:

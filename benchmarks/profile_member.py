@@ -39,7 +39,8 @@ def phase(frames: list[str]) -> str:
     if any(k in s for k in COMPUTE):
         return "evaluate: model forward" if in_eval else "train: model forward/backward/step"
     if "batches (ensemble/batches.py" in s:
-        return "evaluate: waiting for batches (input threads)" if in_eval else "train: waiting for batches (input threads)"
+        return ("evaluate: waiting for batches (input threads)" if in_eval
+                else "train: waiting for batches (input threads)")
     if "save_checkpoint" in s or "save_final" in s:
         return "checkpoint / final save"
     if "build_trainee" in s:
@@ -94,7 +95,8 @@ def summarise(raw_files: list[str], top: int) -> None:
                 frames = stack.split(";")
                 inner = frames[next(k for k, f in enumerate(frames) if f.startswith(FIT_FRAME)):]
                 phases[phase(inner)] += n
-                for func in {f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0] + ")" for f in inner if " (" in f}:
+                for func in {f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0] + ")"
+                             for f in inner if " (" in f}:
                     inclusive[func] += n
                 leaf[frames[-1].split(":")[0] + ")" if " (" in frames[-1] else frames[-1]] += n
     if not total:

@@ -49,12 +49,14 @@ QUICK = {"members": 2, "images": 24, "epochs": 1, "image_size": 16, "arch": "res
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="every section at its smallest (the smoke test; ~100 s on an idle 2-core box)")
+    p.add_argument("--quick", action="store_true",
+                   help="every section at its smallest (the smoke test; ~100 s on an idle 2-core box)")
     p.add_argument("--members", type=int, help=f"ensemble size (default {FULL['members']}, quick {QUICK['members']})")
     p.add_argument("--images", type=int, help=f"training images; val and test get a third as many each "
                                               f"(default {FULL['images']}, quick {QUICK['images']})")
     p.add_argument("--epochs", type=int, help=f"default {FULL['epochs']}, quick {QUICK['epochs']}")
-    p.add_argument("--image-size", type=int, help=f"training crop S (default {FULL['image_size']}, quick {QUICK['image_size']})")
+    p.add_argument("--image-size", type=int, help=f"training crop S (default {FULL['image_size']}, "
+                                                  f"quick {QUICK['image_size']})")
     p.add_argument("--arch", help=f"torchvision name (default {FULL['arch']})")
     p.add_argument("--batch-size", type=int, help=f"default {FULL['batch_size']}, quick {QUICK['batch_size']}")
     p.add_argument("--vote-images", type=int, help=f"test files for section 2 (default {FULL['vote_images']}, "
@@ -243,14 +245,16 @@ def report_fixed_cost(m: dict, results: dict) -> None:
     section(f"3. fixed cost: python -m ensemble.driver as a subprocess (same config as (a)); it {cluster}")
     say(f"process start -> first member fit() start {base['start_to_first_fit_s']:6.1f} s   "
         f"[imports + args {base['start_to_run_s']:.1f}, scan + {'connect' if address else 'ray.init'} + image "
-        f"check + output {base['run_to_train_s']:.1f}, first member actor start + val decode {base['train_to_first_fit_s']:.1f}]")
+        f"check + output {base['run_to_train_s']:.1f}, first member actor start + val decode "
+        f"{base['train_to_first_fit_s']:.1f}]")
     say(f"last member finished -> predictions.csv   {base['last_finish_to_predictions_s']:6.1f} s   "
         f"[soft-vote stage {base['vote_s']:.1f}, metrics + figures + report {base['report_s']:.1f}]")
     say(f"predictions.csv -> process exit           {base['predictions_to_exit_s']:6.1f} s")
     gaps = base["train_s"] - sum(base["member_fit_s"])
     say(f"whole run {base['wall_s']:.1f} s; training {base['train_s']:.1f} s = member fits "
         f"{sum(base['member_fit_s']):.1f} s (of which train_one_epoch {base['in_train_loop_s']:.1f} s) + "
-        f"{gaps:.1f} s between fits (first actor start, val decode, gathering){' [members overlap]' if gaps < 0 else ''}")
+        f"{gaps:.1f} s between fits (first actor start, val decode, gathering)"
+        f"{' [members overlap]' if gaps < 0 else ''}")
     results["fixed_cost"] = base
 
 
@@ -368,8 +372,9 @@ def main(argv=None) -> int:
     values = {"data": data, "output": os.path.join(workdir, "pipeline"), "members": args.members,
               "seed": args.seed, "arch": args.arch, "weights": "none", "freeze": "none",
               "epochs": args.epochs, "batch_size": args.batch_size, "lr": 2e-3, "image_size": args.image_size,
-              "augment": "seed" if args.photos else "light", "cpus_per_member": args.cpus_per_member, "gpus_per_member": 0,
-              "gpus_per_infer_actor": 0, "infer_actors": 1, "infer_batch_size": 128, "cpus_per_infer_actor": 1}
+              "augment": "seed" if args.photos else "light", "cpus_per_member": args.cpus_per_member,
+              "gpus_per_member": 0, "gpus_per_infer_actor": 0, "infer_actors": 1, "infer_batch_size": 128,
+              "cpus_per_infer_actor": 1}
 
     v = versions()
     say(f"ensemble benchmarks{' --quick' if args.quick else ''}: {os.cpu_count()} CPU core(s), CUDA "

@@ -200,7 +200,8 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"served": served, "batches": batches, "mean_batch": mean_batch, "bound": bound,
-                       "bound_at_mean_batch": at_mean, "ratio": ratio, "run": run, "clients": args.clients}, fh, indent=2)
+                       "bound_at_mean_batch": at_mean, "ratio": ratio, "run": run, "clients": args.clients},
+                      fh, indent=2)
     return 1 if served["errors"] else 0
 
 

@@ -158,8 +158,8 @@ def main(argv=None) -> int:
                 acc = json.load(fh)["ensemble"]["val_acc"]
             print(f"  the driver     {cli['wall_s']:7.1f} s spawn -> exit (training {cli['train_s']:.1f} s, start -> "
                   f"first fit {cli['start_to_first_fit_s']:.1f} s, last fit -> predictions "
-                  f"{cli['last_finish_to_predictions_s']:.1f} s, predictions -> exit {cli['predictions_to_exit_s']:.1f} "
-                  f"s); ensemble val acc {acc:.4f}", flush=True)
+                  f"{cli['last_finish_to_predictions_s']:.1f} s, predictions -> exit "
+                  f"{cli['predictions_to_exit_s']:.1f} s); ensemble val acc {acc:.4f}", flush=True)
             speedup = plain["wall_s"] / cli["wall_s"]
             print(f"  ratio plain/driver {speedup:.2f} (target >= {spec['target']:g}: "
                   f"{'met' if speedup >= spec['target'] else 'missed'}); load average {os.getloadavg()[0]:.2f}",

@@ -34,14 +34,16 @@ def alive_members(token: str) -> list[str]:
             rows = json.load(response)["data"]["result"]["result"]
     except (OSError, ValueError, KeyError):
         return []
-    return [r.get("name", "") for r in rows if r.get("state") == "ALIVE" and r.get("name", "").startswith("ensemble-member")]
+    return [r.get("name", "") for r in rows
+            if r.get("state") == "ALIVE" and r.get("name", "").startswith("ensemble-member")]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--python", default=sys.executable, help="the Python that has this project installed")
     parser.add_argument("--chromium", default="/usr/bin/chromium")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "dashboard_actors.png"))
+    parser.add_argument("--out",
+                        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "dashboard_actors.png"))
     args = parser.parse_args()
 
     from playwright.sync_api import sync_playwright

@@ -279,7 +279,8 @@ class SoftVoter:
         self.image_size, self.tta, self.resize, self.side = image_size, tta, resize, side
         self.reader = BlockReader(cache) if cache is not None else None
         self.amp = resolve_precision(precision, self.device)
-        # on a GPU: --infer-batch-size in passes that fit this voter's share (one line if it must), before any weight moves
+        # on a GPU: --infer-batch-size in passes that fit this voter's share (one line if it must),
+        # before any weight moves
         self.max_batch = inference_batch(
             self.device, [arch] * len(weight_refs) if isinstance(arch, str) else arch, num_classes, image_size, tta,
             self.amp is torch.bfloat16, who="a voter", batch=batch, batch_flag="--infer-batch-size", share=gpus,

@@ -13,7 +13,8 @@ DEFAULTS = EnsembleConfig()
 
 EXAMPLES = (
     "python -m ensemble.driver                                     # the bundled digits demo (CPU preset)",
-    "python -m ensemble.driver --data photos --output runs/exp1    # your train/ val/ [test/] folders: the study's recipe",
+    "python -m ensemble.driver --data photos --output runs/exp1"
+    "    # your train/ val/ [test/] folders: the study's recipe",
     "python -m ensemble.driver --data photos --output runs/exp1    # the same command again resumes it",
     "python -m ensemble.driver --data labels.csv --arch resnet18 --weights none --epochs 5 --members 5",
     "python -m ensemble.driver --data s3://bucket/photos --output s3://bucket/runs/exp1 --address auto",
@@ -48,14 +49,18 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--members", type=int, help=f"bagged models (default {d.members})")
     g.add_argument("--bootstrap-size", type=int, help="rows drawn with replacement per member (default: train size)")
     g.add_argument("--seed", type=int, help=f"run seed; member seeds derive from it (default {d.seed})")
-    g.add_argument("--bagging", metavar=one_of(BAGGINGS), help="bootstrap: each member samples the train set with replacement; full: every "
-                                     f"member trains on all of it with its own seed (deep ensemble) (default {d.bagging})")
-    g.add_argument("--vote", metavar=one_of(VOTES), help=f"soft: average probabilities; hard: majority of member top-1, ties by summed "
-                                  f"probability (default {d.vote})")
-    g.add_argument("--tta", metavar=one_of(TTAS), help=f"hflip: also run each member on the mirrored image and average (default {d.tta})")
-    g.add_argument("--calibrate-on", metavar=one_of(CALIBRATE_ON), help="val: fit the ensemble's temperature on the full vote over val (its "
-                                          "scores cross-fitted); oob: on out-of-bag training rows, which each "
-                                          f"vote with only the members that never drew them (default {d.calibrate_on})")
+    g.add_argument("--bagging", metavar=one_of(BAGGINGS),
+                   help="bootstrap: each member samples the train set with replacement; full: every "
+                   f"member trains on all of it with its own seed (deep ensemble) (default {d.bagging})")
+    g.add_argument("--vote", metavar=one_of(VOTES),
+                   help=f"soft: average probabilities; hard: majority of member top-1, ties by summed "
+                   f"probability (default {d.vote})")
+    g.add_argument("--tta", metavar=one_of(TTAS),
+                   help=f"hflip: also run each member on the mirrored image and average (default {d.tta})")
+    g.add_argument("--calibrate-on", metavar=one_of(CALIBRATE_ON),
+                   help="val: fit the ensemble's temperature on the full vote over val (its "
+                   "scores cross-fitted); oob: on out-of-bag training rows, which each "
+                   f"vote with only the members that never drew them (default {d.calibrate_on})")
     g = p.add_argument_group("model")
     g.add_argument("--arch", help=f"one of {', '.join(ARCHS)}, or several comma-separated: members take them in "
                                   f"turn; a --config YAML's 'recipes' sets lr, weights, freeze, freeze_stem or "
@@ -70,10 +75,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, help=f"epochs per member (default {d.epochs})")
     g.add_argument("--batch-size", type=int, help=f"images per step per member (default {d.batch_size})")
     g.add_argument("--lr", type=float, help=f"Adam learning rate (default {d.lr})")
-    g.add_argument("--image-size", type=int, help=f"train crop size S; eval resizes to S*256/224 (default {d.image_size})")
-    g.add_argument("--eval-resize", metavar=one_of(EVAL_RESIZES), help=f"squash = the study's eval transform "
-                                         f"(S x S, then round(S*256/224) square, centre S; aspect ratio not kept); "
-                                         f"short-side = resize the short side, crop the centre (default {d.eval_resize})")
+    g.add_argument("--image-size", type=int,
+                   help=f"train crop size S; eval resizes to S*256/224 (default {d.image_size})")
+    g.add_argument("--eval-resize", metavar=one_of(EVAL_RESIZES),
+                   help=f"squash = the study's eval transform "
+                   f"(S x S, then round(S*256/224) square, centre S; aspect ratio not kept); "
+                   f"short-side = resize the short side, crop the centre (default {d.eval_resize})")
     g.add_argument("--precision", metavar=one_of(PRECISIONS), help=f"auto = bf16 autocast + channels_last on GPUs that "
                                        f"support it, fp32 on CPU (default {d.precision})")
     g.add_argument("--augment", metavar=one_of(AUGMENTS), help=f"seed = AutoAugment+RandomResizedCrop+flip; "
@@ -82,25 +89,29 @@ def _parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("image cache (decoded once per run)")
     g.add_argument("--cache-side", type=int, help="short side, in pixels, of the train images cached (decoded once "
                    "per run) as the source of every epoch's crops (default: round(S*256/224), 256 at S=224)")
-    g.add_argument("--cache-share", type=float, help=f"the image cache may take this share of the smallest node's object store; "
+    g.add_argument("--cache-share", type=float,
+                   help=f"the image cache may take this share of the smallest node's object store; "
                    f"larger data is decoded by the members every epoch; 0 = never cache (default {d.cache_share:g})")
     g.add_argument("--cache-tier", metavar=one_of(CACHE_TIERS), help=f"raw = decoded pixels; compressed = train images "
                    f"kept as JPEGs (about a ninth of the bytes), val/test pixels exact; auto = raw if it fits "
                    f"--cache-share, else compressed, else no cache (default {d.cache_tier})")
     g = p.add_argument_group("resources")
-    g.add_argument("--gpus-per-member", type=float, help="0, a fraction (0.25, 0.5) or 1 GPU "
-                                                         "(default: 1 if the cluster has or its autoscaler can add GPUs, else 0)")
+    g.add_argument("--gpus-per-member", type=float,
+                   help="0, a fraction (0.25, 0.5) or 1 GPU "
+                   "(default: 1 if the cluster has or its autoscaler can add GPUs, else 0)")
     g.add_argument("--cpus-per-member", type=float, help="CPUs per member = its torch threads; it decodes its own "
                                                           "images on them (default: 2, or all of the largest "
                                                           "node's if it has fewer)")
     g.add_argument("--infer-actors", type=int, help=f"soft-vote actor pool size (default {d.infer_actors})")
     g.add_argument("--infer-batch-size", type=int, help=f"images per soft-vote batch (default {d.infer_batch_size})")
     g.add_argument("--gpus-per-infer-actor", type=float, help="like --gpus-per-member")
-    g.add_argument("--cpus-per-infer-actor", type=float, help=f"CPUs per soft-vote actor (default {d.cpus_per_infer_actor:g})")
-    g.add_argument("--stall-timeout", type=float, help="seconds with none of the run's member actors able to start "
-                                                       "(their CPUs/GPUs held by other work, or never added), or the "
-                                                       "image cache or the soft vote making no progress, before "
-                                                       f"the run stops with a line saying why (default {d.stall_timeout:g})")
+    g.add_argument("--cpus-per-infer-actor", type=float,
+                   help=f"CPUs per soft-vote actor (default {d.cpus_per_infer_actor:g})")
+    g.add_argument("--stall-timeout", type=float,
+                   help="seconds with none of the run's member actors able to start "
+                   "(their CPUs/GPUs held by other work, or never added), or the "
+                   "image cache or the soft vote making no progress, before "
+                   f"the run stops with a line saying why (default {d.stall_timeout:g})")
     g.add_argument("--address", help="Ray cluster address (ray://..., host:port, auto); default: the running "
                                      "local cluster or RAY_ADDRESS if any, else start a local one")
     g = p.add_argument_group("tracking")

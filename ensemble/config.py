@@ -12,7 +12,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional
 
-from ensemble.errors import ConfigError, redact  # ConfigError: raised by the checks below; many modules import it from here
+# ConfigError: raised by the checks below; many modules import it from here
+from ensemble.errors import ConfigError, redact
 
 ARCHS = (
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
@@ -47,7 +48,8 @@ def cache_side(cfg: "EnsembleConfig") -> int:
 class EnsembleConfig:
     # --- data and outputs
     data: Optional[str] = None          # dataset root with train/ val/ test/; None = bundled digits
-    val_fraction: Optional[float] = None  # share of each class's train images drawn (seeded) as val; None = the data's val
+    val_fraction: Optional[float] = None  # share of each class's train images drawn (seeded) as val;
+                                          # None = the data's val
     val_seed: Optional[int] = None      # seeds that draw; None = seed (a student keeps its teacher's val rows)
     output: Optional[str] = None        # results folder; None = runs/<timestamp>
     # --- ensemble
@@ -59,8 +61,10 @@ class EnsembleConfig:
     tta: str = "none"                   # none | hflip: average each member over the image and its mirror
     calibrate_on: str = "val"           # val | oob: the rows the ensemble's temperature is fitted on
     # --- model
-    arch: str = "resnext101_64x4d"      # torchvision ResNet-family name (see ARCHS); several, comma-separated: members take them in turn
-    recipes: Optional[dict] = None      # per architecture, what differs from the flags: {arch: {lr, weights, freeze, freeze_stem, batch_size}} (YAML)
+    arch: str = "resnext101_64x4d"      # torchvision ResNet-family name (see ARCHS); several, comma-separated:
+                                        # members take them in turn
+    recipes: Optional[dict] = None      # per architecture, what differs from the flags:
+                                        # {arch: {lr, weights, freeze, freeze_stem, batch_size}} (YAML)
     weights: str = "DEFAULT"            # "none", a torchvision weights name, or a state-dict file
     freeze: str = "layer1"              # freeze residual stages layer1..this one; "stem" = stem only
     freeze_stem: bool = False           # also freeze the stem (conv1 + bn1)
@@ -72,13 +76,16 @@ class EnsembleConfig:
     image_size: int = 224               # training crop S; eval resizes to round(S*256/224) first
     augment: str = "seed"               # seed | light | none (see transforms.py)
     eval_resize: str = "squash"         # squash (the study's: S x S, then R x R, centre S) | short-side (keeps aspect)
-    cache_side: Optional[int] = None    # short side of cached train images (augmentation source); None = round(S*256/224)
+    cache_side: Optional[int] = None    # short side of cached train images (augmentation source);
+                                        # None = round(S*256/224)
     cache_share: float = 0.5            # the image cache may take this share of the object store; 0 = no cache
     cache_tier: str = "auto"            # auto = raw pixels if they fit, else compressed, else none; raw; compressed
     precision: str = "auto"             # auto = bf16 autocast on GPUs that support it; fp32; bf16
     # --- resources
-    gpus_per_member: Optional[float] = None   # 0, a fraction (0.25, 0.5) or 1 GPU; None = 1 if the cluster has GPUs else 0
-    cpus_per_member: Optional[float] = None  # CPUs reserved per member (its torch threads); None = 2, or a node's all if fewer
+    gpus_per_member: Optional[float] = None   # 0, a fraction (0.25, 0.5) or 1 GPU;
+                                              # None = 1 if the cluster has GPUs else 0
+    cpus_per_member: Optional[float] = None  # CPUs reserved per member (its torch threads);
+                                             # None = 2, or a node's all if fewer
     infer_actors: int = 2               # soft-vote actor pool size
     infer_batch_size: int = 64          # images per soft-vote batch
     gpus_per_infer_actor: Optional[float] = None  # like gpus_per_member
@@ -312,9 +319,9 @@ def check_vote_size(rows: int, members: int, num_classes: int, where: str) -> No
         raise ConfigError(f"--data {where}: {num_classes} classes, over {high}; is a class folder level missing?")
     need = rows * members * num_classes * 4
     if need > MAX_VOTE_BYTES:
-        raise ConfigError(f"--data {where}: the vote would hold {rows} rows x {members} members x {num_classes} classes "
-                          f"= {need / 2**30:.1f} GiB of probabilities, over {MAX_VOTE_BYTES / 2**30:g} GiB; use fewer "
-                          f"--members, or --bagging full (no out-of-bag rows), or a smaller test split")
+        raise ConfigError(f"--data {where}: the vote would hold {rows} rows x {members} members x {num_classes} "
+                          f"classes = {need / 2**30:.1f} GiB of probabilities, over {MAX_VOTE_BYTES / 2**30:g} GiB; "
+                          f"use fewer --members, or --bagging full (no out-of-bag rows), or a smaller test split")
 
 
 def check_int(obj, name: str, *, low: int, high: Optional[int] = None) -> None:

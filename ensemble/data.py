@@ -4,8 +4,9 @@ Layout (as in the study): ROOT/train/<class>/*, ROOT/val/<class>/*, ROOT/test/* 
 manifest, a CSV or Parquet file with columns ``path``, ``label`` and ``split`` (``scan_manifest``).
 With ``--val-fraction`` the data has no val split and val is drawn from train (``stratified_val_rows``).
 The driver only lists file names; images are read, decoded and transformed where they are used
-(a member's own process, a voter, a Ray Data task), never in the driver. Rows carry a stable ``id`` (position in sorted order), ``path``, ``image_name`` (file
-name without extension) and ``label`` (index of the class folder in sorted order; -1 for test).
+(a member's own process, a voter, a Ray Data task), never in the driver. Rows carry a stable ``id``
+(position in sorted order), ``path``, ``image_name`` (file name without extension) and ``label``
+(index of the class folder in sorted order; -1 for test).
 """
 
 from __future__ import annotations

@@ -106,8 +106,9 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False, distillation=None, lock: Op
             tracked.start(resolved, output, fingerprint, fresh=fresh)  # the MLflow parent run (continued on resume)
             seeds = member_seeds(cfg.seed, cfg.members)
             save_run_config(output, resolved, seeds, fingerprint, inputs)
-            # vote: val (report), test (predictions; a layout may have none) and, for out-of-bag scores, train. With the pixels in
-            # the cache each member scores them as it finishes (no pool to start once training ends).
+            # vote: val (report), test (predictions; a layout may have none) and, for out-of-bag scores,
+            # train. With the pixels in the cache each member scores them as it finishes (no pool to start
+            # once training ends).
             splits = {"val": index.val, "test": index.test} if index.test.num_rows else {"val": index.val}
             if cfg.bagging == "bootstrap":
                 splits["train"] = index.train
@@ -150,7 +151,8 @@ def run(cfg: EnsembleConfig, *, fresh: bool = False, distillation=None, lock: Op
                 oob = {"train_member_probs": voted["train"]["member_probs"], "train_labels": voted["train"]["label"],
                        "counts": counts}
             scores = score_run(voted["val"]["member_probs"], voted["val"]["label"], rule=cfg.vote, seed=cfg.seed,
-                                calibrate_on=cfg.calibrate_on, archs=[cfg.arch_of(i) for i in range(cfg.members)], **oob)
+                                calibrate_on=cfg.calibrate_on, archs=[cfg.arch_of(i) for i in range(cfg.members)],
+                                **oob)
             report = build_report(resolved, summaries=summaries, scores=scores, params=params, index=index,
                                   skipped=skipped, seeds=seeds, fingerprint=fingerprint, versions=versions(),
                                   cache_tier=tier,

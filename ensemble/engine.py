@@ -160,7 +160,8 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     order = np.argsort(ids_arr, kind="stable")
     prob_arr = np.concatenate(probs)[order]
     label_arr = np.concatenate(labels_all)[order]
-    return {"loss": nll(prob_arr, label_arr), "acc": accuracy(prob_arr, label_arr), "ids": ids_arr[order], "probs": prob_arr, "labels": label_arr}
+    return {"loss": nll(prob_arr, label_arr), "acc": accuracy(prob_arr, label_arr), "ids": ids_arr[order],
+            "probs": prob_arr, "labels": label_arr}
 
 
 @torch.no_grad()

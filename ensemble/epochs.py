@@ -141,7 +141,8 @@ def _pinned(batch: dict, pin: bool) -> torch.Tensor:
 
 def fit(trainee: Trainee, *, epochs: int, train: Callable[[int], Iterable], val: Callable[[], Iterable],
         saved: Optional[dict] = None, on_epoch: Callable[[EpochStats, Best], None] = lambda stats, best: None,
-        commit: Optional[Callable[[dict], None]] = None, loss: Callable[..., torch.Tensor] = cross_entropy) -> FitResult:
+        commit: Optional[Callable[[dict], None]] = None,
+        loss: Callable[..., torch.Tensor] = cross_entropy) -> FitResult:
     """Train epochs ``len(history) + 1 .. epochs``: ``train(epoch)`` gives the epoch's (images,
     labels, *targets) batches, trained on with ``loss(logits, labels, *targets)``, ``val()`` the
     (ids, images, labels) batches scored after it. ``saved``: a snapshot to resume from

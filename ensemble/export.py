@@ -45,7 +45,8 @@ from torch import nn
 
 from ensemble import storage
 from ensemble.config import ConfigError, cache_side
-from ensemble.errors import CommandParser, EnsembleError, StorageError, UserError, parse_command, run_cli, stop_on_sigterm
+from ensemble.errors import (CommandParser, EnsembleError, StorageError, UserError, parse_command, run_cli,
+                             stop_on_sigterm)
 from ensemble.run_folder import MEMBER_CHOICES, FinishedRun, load_run
 
 log = logging.getLogger("ensemble.export")

@@ -218,7 +218,8 @@ def _fix(memory: MemberMemory, batch: int, share: float, gpu_total: int, gpus_pe
             options.append(f"{share_flag} 1")
         elif whole > 0 and at_share == 0:
             options.append(f"{share_flag} 1 with --batch-size {whole} or less{fresh.replace(' with', ' and')}")
-    return ", or ".join(options) or f"a GPU with more memory, or a smaller --image-size or a later --freeze stage{fresh}"
+    return (", or ".join(options)
+            or f"a GPU with more memory, or a smaller --image-size or a later --freeze stage{fresh}")
 
 
 def check_fit(memory: MemberMemory, *, member: int, arch: str, batch: int, image_size: int, precision: str,

@@ -111,7 +111,8 @@ def _score_table(members: list, ensemble: Mapping, vote: str) -> list[str]:
             [_num(oob)] if has_oob else [])
 
     for m in members:
-        rows.append([f"member {m.get('member', '–')}" + (f" ({m['arch']})" if len(archs) > 1 else ""), _cell(m.get("seed")), _cell(m.get("best_epoch"))]
+        rows.append([f"member {m.get('member', '–')}" + (f" ({m['arch']})" if len(archs) > 1 else ""),
+                     _cell(m.get("seed")), _cell(m.get("best_epoch"))]
                     + scores(m, m.get("oob_acc")))
     if len(members) > 1:
         mean = {"val_acc": _mean([m.get("val_acc") for m in members]),

@@ -144,11 +144,13 @@ def _parser() -> argparse.ArgumentParser:
                           "python -m ensemble.predict --run runs/exp1 --images new_photos          # a flat folder",
                           "python -m ensemble.predict --run runs/exp1 --images photos/val --output runs/exp1-val"
                           "   # class folders: also scored",
-                          "python -m ensemble.predict --run s3://bucket/runs/exp1 --images s3://bucket/new --members selected"))
+                          "python -m ensemble.predict --run s3://bucket/runs/exp1 --images s3://bucket/new"
+                          " --members selected"))
     p.add_argument("--run", required=True, help="the --output folder of a finished ensemble.driver run")
     p.add_argument("--images", required=True, help="a flat folder of images, or class folders (then scored); "
                                                    "local or s3://...")
-    p.add_argument("--output", help="a new or empty folder for the predictions (default: runs/predict-<date>-<time>-<6 hex digits>)")
+    p.add_argument("--output", help="a new or empty folder for the predictions "
+                                    "(default: runs/predict-<date>-<time>-<6 hex digits>)")
     p.add_argument("--infer-actors", type=int, help="soft-vote actor pool size (default: the run's)")
     p.add_argument("--address", help="Ray cluster address, as for ensemble.driver")
     p.add_argument("--strict", action="store_true", help="stop if any image is unreadable (default: skip, list)")

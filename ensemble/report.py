@@ -25,7 +25,7 @@ def predictions_csv(image_names: Sequence[str], probs: np.ndarray, classes: Sequ
     if pred_index is None:
         pred_index = np.asarray(probs).argmax(axis=1)
     labels = np.asarray(classes, dtype=object)[np.asarray(pred_index)]
-    lines = ["image_name,pred_label"] + [f"{_csv(n)},{_csv(l)}" for n, l in zip(image_names, labels)]
+    lines = ["image_name,pred_label"] + [f"{_csv(n)},{_csv(label)}" for n, label in zip(image_names, labels)]
     return "\n".join(lines) + "\n"
 
 

@@ -145,8 +145,8 @@ def training_fingerprint(cfg: EnsembleConfig, index, n_samples: int, inputs=None
     digest = hashlib.sha256()
     for column in INPUT_COLUMNS:
         digest.update("\n".join(map(str, inputs.column(column).to_pylist())).encode() + b"\0")
-    keys = ("arch", "weights", "freeze", "freeze_stem", "epochs", "batch_size", "lr", "image_size", "augment", "eval_resize", "cache_side", "seed",
-            "bagging", "precision")
+    keys = ("arch", "weights", "freeze", "freeze_stem", "epochs", "batch_size", "lr", "image_size", "augment",
+            "eval_resize", "cache_side", "seed", "bagging", "precision")
     # --val-fraction picks the train rows (the files above show it too, but not as a setting). Only
     # when set, so a run from before the flag keeps its fingerprint and resumes.
     drawn = {"val_fraction": cfg.val_fraction} if cfg.val_fraction is not None else {}
@@ -229,13 +229,15 @@ def _open_output(output: str, fingerprint: dict, *, fresh: bool, inputs=None) ->
                 old = None
             if old != fingerprint:
                 changed = _differences(output, old or {}, fingerprint, inputs)
-                raise ConfigError(f"--output {output} holds a run with another config ({', '.join(changed) or 'unreadable'}"
+                raise ConfigError(f"--output {output} holds a run with another config "
+                                  f"({', '.join(changed) or 'unreadable'}"
                                   f" differ); use another --output, or add --fresh to discard it")
             resuming = True
     try:
         storage.makedirs(output)
     except OSError as exc:
-        raise ConfigError(f"--output {output}: cannot create it ({exc.__class__.__name__}); pick another folder") from None
+        raise ConfigError(f"--output {output}: cannot create it ({exc.__class__.__name__}); "
+                          f"pick another folder") from None
     return resuming
 
 
@@ -253,7 +255,8 @@ def _differences(output: str, old: dict, new: dict, inputs) -> list[str]:
                 out.append(changed)
         elif key == "versions" and isinstance(then, dict) and isinstance(now, dict):
             out.append("versions (" + ", ".join(f"{p} {then.get(p)} then, {now.get(p)} now"
-                                                for p in sorted(set(then) | set(now)) if then.get(p) != now.get(p)) + ")")
+                                                for p in sorted(set(then) | set(now))
+                                                if then.get(p) != now.get(p)) + ")")
         elif key == "weights_sha256" and then is not None and now is not None:
             out.append("weights_sha256 (the --weights file changed)")
         elif key == "train_pixels":
@@ -263,7 +266,8 @@ def _differences(output: str, old: dict, new: dict, inputs) -> list[str]:
                        f"picked another tier; {earlier} trains on the earlier ones)")
         elif key == "teacher" and isinstance(then, dict) and isinstance(now, dict):
             out.append("teacher (" + ", ".join(f"{k} {then.get(k)} then, {now.get(k)} now"
-                                               for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)) + ")")
+                                               for k in sorted(set(then) | set(now))
+                                               if then.get(k) != now.get(k)) + ")")
         else:
             out.append(key)
     return out
@@ -291,7 +295,8 @@ def _files_changed(output: str, inputs) -> str:
 
     then, now = rows(saved), rows(inputs)
     found = ([(key, "changed") for key in now if key in then and then[key] != now[key]]
-             + [(key, "added") for key in now if key not in then] + [(key, "removed") for key in then if key not in now])
+             + [(key, "added") for key in now if key not in then]
+             + [(key, "removed") for key in then if key not in now])
     if not found:
         return "files"
     paths = [path for _, path in then] + [path for _, path in now]
@@ -389,7 +394,8 @@ def load_run(run: str, members: str = "all") -> FinishedRun:
         if finished is None:
             raise RunError(f"--run {run}: member {i} has not finished; rerun the driver with --output {run} "
                            f"to finish the run first")
-        check_member_shapes(finished[1], cfg.arch_of(i), len(record["fingerprint"]["classes"]), f"--run {run}: member {i}")
+        check_member_shapes(finished[1], cfg.arch_of(i), len(record["fingerprint"]["classes"]),
+                            f"--run {run}: member {i}")
         states.append(finished[1])
     return FinishedRun(config=cfg, fingerprint=record["fingerprint"], states=states, temperature=temperature,
                        members=used, weights=weights)

@@ -41,9 +41,9 @@ from ray import serve
 from ensemble.config import ConfigError
 from ensemble.errors import CommandParser, parse_command, run_cli
 from ensemble.run_folder import MEMBER_CHOICES, FinishedRun, load_run
-from ensemble.served_run import (REQUEST_TIMEOUT_S, BatchHealth, ServedRun, ServeOptions, TooManyUploads, UploadsPerClient,
-                                  UploadTimedOut, UploadTooLarge, bad_image_reason, one_line, parse_k, read_upload,
-                                  server_error)
+from ensemble.served_run import (REQUEST_TIMEOUT_S, BatchHealth, ServedRun, ServeOptions, TooManyUploads,
+                                 UploadsPerClient, UploadTimedOut, UploadTooLarge, bad_image_reason, one_line, parse_k,
+                                 read_upload, server_error)
 
 log = logging.getLogger("ensemble.serve")
 
@@ -215,7 +215,8 @@ def _parser() -> argparse.ArgumentParser:
                           "python -m ensemble.serve --run runs/exp1 --host 10.0.0.5 --port 8080   # on that interface"))
     p.add_argument("--run", required=True, help="the --output folder of a finished ensemble.driver run")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
-                                                       "only; an address of another interface exposes the server to that network)")
+                                                       "only; an address of another interface exposes the "
+                                                       "server to that network)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--members", choices=MEMBER_CHOICES, default=d.members,
                    help="all (default), or selected: the Caruana selection the run's report recorded, weighted")
@@ -228,11 +229,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-wait-s", type=float, default=d.batch_wait_s,
                    help=f"how long a batch waits to fill (default {d.batch_wait_s:g} s)")
     p.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
-                   help=f"requests that may wait while the server is full; more get 503 (default {d.max_queued_requests})")
+                   help=f"requests that may wait while the server is full; more get 503 "
+                        f"(default {d.max_queued_requests})")
     p.add_argument("--body-timeout-s", type=float, default=d.body_timeout_s,
                    help=f"a request body not in within this gets 408 (default {d.body_timeout_s:g} s)")
     p.add_argument("--request-timeout-s", type=float, default=REQUEST_TIMEOUT_S,
-                   help=f"a request not answered within this, waiting included, gets 408 (default {REQUEST_TIMEOUT_S:g} s)")
+                   help=f"a request not answered within this, waiting included, gets 408 "
+                        f"(default {REQUEST_TIMEOUT_S:g} s)")
     p.add_argument("--max-uploads-per-client", type=int, default=d.max_uploads_per_client,
                    help=f"request bodies one client address may send at once; more get 429 "
                         f"(default {d.max_uploads_per_client})")

@@ -159,7 +159,8 @@ def _wait(refs: dict, timeout_s: float) -> list:
         waited = time.time() - started
         if pending and waited > timeout_s:
             node = refs[pending[0]]
-            raise StallError(f"the storage check got no answer from {_node_words(node['NodeID'], node['NodeManagerAddress'])}"
+            raise StallError(f"the storage check got no answer from "
+                             f"{_node_words(node['NodeID'], node['NodeManagerAddress'])}"
                              f" in {waited:.0f} s ({len(pending)} of {len(refs)} nodes silent); check that node, "
                              f"or remove it from the cluster, then rerun the same command")
     return [(refs[ref], answers[ref]) for ref in refs]

@@ -160,7 +160,8 @@ class RunTracking:
             from mlflow.entities import Metric
 
             now = _now()
-            self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, 0) for k, v in ensemble_scores(report).items()])
+            self.client.log_batch(self.run_id,
+                                  metrics=[Metric(k, v, now, 0) for k, v in ensemble_scores(report).items()])
             _log_report_files(self.client, self.run_id, output)
         except Exception as exc:  # noqa: BLE001
             self._failed("logging the ensemble's scores", exc)

@@ -271,8 +271,9 @@ def run_search(base: EnsembleConfig, search: SearchSettings) -> dict:
         storage.write_text(storage.join(output, "best_config.yaml"), yaml.safe_dump(values, sort_keys=False))
         storage.write_text(storage.join(output, "trials.csv"), trials_csv(rows))
         summary = {"best_config": values, "best_trial": best["trial_id"], "trials": rows,
-                   "search": {"trials": search.trials, "max_epochs": search.max_epochs, "lr_range": [search.lr_min, search.lr_max],
-                              "freeze_choices": list(FREEZE_CHOICES), "seed": base.seed, "resources_per_trial": resources,
+                   "search": {"trials": search.trials, "max_epochs": search.max_epochs,
+                              "lr_range": [search.lr_min, search.lr_max], "freeze_choices": list(FREEZE_CHOICES),
+                              "seed": base.seed, "resources_per_trial": resources,
                               "asha": {"grace_period": ASHA_GRACE_EPOCHS, "reduction_factor": ASHA_REDUCTION_FACTOR}},
                    "base_config": base.to_dict(), "data": {"root": index.root, **index.sizes()},
                    "skipped_files": skipped, "ray_tune_dir": results.experiment_path,

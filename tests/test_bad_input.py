@@ -203,7 +203,8 @@ def _messy(good, tmp_path) -> tuple[str, dict]:
     open(os.path.join(train, "empty.jpg"), "wb").close()
     # Valid but unusual: grayscale, RGBA, CMYK, 16-bit PNG, 1x1 and a large photo.
     Image.fromarray(rng.integers(0, 255, (20, 20), dtype=np.uint8), mode="L").save(os.path.join(train, "gray.png"))
-    Image.fromarray(rng.integers(0, 255, (20, 20, 4), dtype=np.uint8), mode="RGBA").save(os.path.join(train, "rgba.png"))
+    Image.fromarray(rng.integers(0, 255, (20, 20, 4), dtype=np.uint8), mode="RGBA").save(
+        os.path.join(train, "rgba.png"))
     Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).convert("CMYK").save(
         os.path.join(train, "cmyk.jpg"))
     Image.fromarray(rng.integers(0, 65535, (20, 20), dtype=np.uint16)).save(os.path.join(train, "deep16.png"))

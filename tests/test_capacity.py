@@ -38,9 +38,11 @@ def test_auto_for_voters_follows_gpu_members():
 
 def test_explicit_gpus_checked_against_launchable_nodes():
     assert resolve_gpus(0.5, AUTOSCALING, "gpus-per-member") == 0.5  # no GPU node yet: the autoscaler adds one
-    with pytest.raises(ConfigError, match=r"^--gpus-per-member 2 but the largest node has 1 GPU\(s\); use --gpus-per-member 1 or less$"):
+    with pytest.raises(ConfigError, match=r"^--gpus-per-member 2 but the largest node has 1 GPU\(s\); "
+                                          r"use --gpus-per-member 1 or less$"):
         resolve_gpus(2.0, AUTOSCALING, "gpus-per-member")
-    with pytest.raises(ConfigError, match=r"^--gpus-per-member 0.5 but the cluster has no GPUs; use --gpus-per-member 0$"):
+    with pytest.raises(ConfigError, match=r"^--gpus-per-member 0.5 but the cluster has no GPUs; "
+                                          r"use --gpus-per-member 0$"):
         resolve_gpus(0.5, LAPTOP, "gpus-per-member")
     cpu_only = Capacity(nodes=({"CPU": 2.0},), node_types=(({"CPU": 8.0}, 4),))
     with pytest.raises(ConfigError, match="no GPUs and its autoscaler cannot add any"):

@@ -324,7 +324,8 @@ def test_several_architectures_take_turns_with_their_own_recipes():
     assert cfg.arch == "resnet50,wide_resnet50_2" and cfg.archs == ("resnet50", "wide_resnet50_2")
     assert [cfg.arch_of(i) for i in range(5)] == ["resnet50", "wide_resnet50_2"] * 2 + ["resnet50"]
     first, second = cfg.member_config(0), cfg.member_config(3)
-    assert (first.arch, first.lr, first.freeze, first.batch_size, first.recipes) == ("resnet50", 1e-4, "layer1", 64, None)
+    assert (first.arch, first.lr, first.freeze, first.batch_size, first.recipes) == (
+        "resnet50", 1e-4, "layer1", 64, None)
     assert (second.arch, second.lr, second.freeze, second.batch_size) == ("wide_resnet50_2", 0.5, "layer2", 8)
     one = build_config(flag_values={"arch": "resnet18"})
     assert one.member_config(4) is one  # one architecture, no recipe: the config itself

@@ -205,13 +205,14 @@ def test_one_file_in_two_splits_is_refused_however_it_is_spelled(tree):
                                     f"{spelling},a,val\ntest/t2.png,,test\n")
         with pytest.raises(ConfigError) as info:
             scan_layout(str(tree / "m.csv"))
-        assert str(info.value).startswith(f"--data {tree / 'm.csv'}: line 2 (train) and line 4 (val) name the same image")
+        assert str(info.value).startswith(f"--data {tree / 'm.csv'}: line 2 (train) and line 4 (val) "
+                                          f"name the same image")
     os.symlink(tree / "train" / "b" / "b1_rgba.png", tree / "test" / "t9.png")
     with pytest.raises(ConfigError) as info:
         scan_layout(str(tree))
     assert str(info.value) == (f"--data {tree}: train/b/b1_rgba.png (train) and test/t9.png (test) are the same file "
-                               f"{os.path.realpath(tree / 'train' / 'b' / 'b1_rgba.png')} (a link): the members would be scored on an "
-                               f"image they trained on; keep it in one split")
+                               f"{os.path.realpath(tree / 'train' / 'b' / 'b1_rgba.png')} (a link): the members "
+                               f"would be scored on an image they trained on; keep it in one split")
 
 
 def test_without_test_images_the_index_has_an_empty_test_split(tree):

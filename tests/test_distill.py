@@ -127,7 +127,8 @@ def test_saved_targets_are_read_back_only_for_the_same_teacher_and_rows(tmp_path
 
 
 def test_parameters_come_from_the_runs_report_per_member():
-    mixed = {"params": {"by_arch": {"resnet18": {"total": 3, "trainable": 1}, "resnet34": {"total": 5, "trainable": 5}}}}
+    mixed = {"params": {"by_arch": {"resnet18": {"total": 3, "trainable": 1},
+                                    "resnet34": {"total": 5, "trainable": 5}}}}
     assert total_params(mixed, ["resnet18", "resnet34", "resnet18"]) == 11
     one = {"params": {"total": 7, "trainable": 2}}  # a run of one architecture
     assert total_params(one, ["resnet50"] * 3) == 21
@@ -146,7 +147,8 @@ def test_a_student_with_its_own_seed_keeps_the_teachers_val_rows(tmp_path):
     teacher = build_config(flag_values={"data": str(data), "output": "/runs/t", "val_fraction": 0.3, "seed": 3})
     student = student_config(teacher, {"seed": 9}, "/runs/s")
     assert student.seed == 9
-    names = {who: {split: sorted(getattr(data_index(cfg), split).column("path").to_pylist()) for split in ("train", "val")}
+    names = {who: {split: sorted(getattr(data_index(cfg), split).column("path").to_pylist())
+                   for split in ("train", "val")}
              for who, cfg in (("teacher", teacher), ("student", student))}
     assert names["student"] == names["teacher"]
     own = data_index(student.replace(val_seed=None))  # what the student's own seed would have drawn

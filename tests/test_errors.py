@@ -180,7 +180,8 @@ def test_sigterm_is_a_clean_stop_for_every_command(tmp_path, monkeypatch):
     assert not (out / "run.lock").exists()
 
     missing = str(tmp_path / "no-run")
-    for module, argv in ((predict, ["--run", missing, "--images", missing]), (export, ["--run", missing, "--output", "x.onnx"]),
+    for module, argv in ((predict, ["--run", missing, "--images", missing]),
+                         (export, ["--run", missing, "--output", "x.onnx"]),
                          (distill, ["--run", missing, "--output", str(tmp_path / "s")]), (tune, ["--trials", "0"])):
         monkeypatch.setattr(signal, "signal", lambda sig, handler, module=module: installed.append((module, sig)))
         installed = []

@@ -42,7 +42,8 @@ class StandIn(torch.nn.Module):
         super().__init__()
         self.linear = torch.nn.Linear(3 * size * size, classes)
         with torch.no_grad():
-            self.linear.weight.copy_(torch.randn(self.linear.weight.shape, generator=torch.Generator().manual_seed(seed)))
+            self.linear.weight.copy_(torch.randn(self.linear.weight.shape,
+                                                 generator=torch.Generator().manual_seed(seed)))
 
     def forward(self, x):
         return self.linear(x.flatten(1)) / 8
@@ -298,7 +299,8 @@ def test_bad_runs_and_outputs_are_one_line_exit_2_and_write_nothing(run, tmp_pat
     cases = [
         (["--run", run, "--output", os.path.join(run, "m.onnx")], "inside the run folder"),
         (["--run", run, "--output", str(out / "m.pt")], "name the file *.onnx"),
-        (["--run", run, "--output", str(out / "m.onnx"), "--members", "best"], "--members best: choose all or selected"),
+        (["--run", run, "--output", str(out / "m.onnx"), "--members", "best"],
+         "--members best: choose all or selected"),
         (["--run", unfinished, "--output", str(out / "m.onnx")], "member 2 has not finished"),
         (["--run", changed, "--output", str(out / "m.onnx")], "report.json changed after the run wrote it"),
         (["--run", damaged, "--output", str(out / "m.onnx")], "sha256"),
@@ -315,7 +317,8 @@ def test_bad_runs_and_outputs_are_one_line_exit_2_and_write_nothing(run, tmp_pat
     monkeypatch.setattr(export.importlib.util, "find_spec", lambda name: None if name == "onnx" else find_spec(name))
     assert export.main(["--run", run, "--output", str(out / "m.onnx")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: ensemble.export needs the onnx package, which is not installed: pip install 'ensemble[onnx]'"]
+    assert err == ["error: ensemble.export needs the onnx package, which is not installed: "
+                   "pip install 'ensemble[onnx]'"]
 
 
 @pytest.mark.ray

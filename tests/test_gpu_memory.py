@@ -102,7 +102,8 @@ def test_under_bf16_autocast_the_activations_halve_and_the_weights_are_copied_on
     assert sum(saved.values()) == pytest.approx(memory.per_step + 2 * memory.per_image, rel=0.01)
 
 
-# Round numbers: 1 GiB of state and 200 MiB per image need 1 + 1.1 * (1 + 12.5) = 15.85 GiB at batch 64 (15.9 in a line).
+# Round numbers: 1 GiB of state and 200 MiB per image need 1 + 1.1 * (1 + 12.5) = 15.85 GiB at batch 64
+# (15.9 in a line).
 ROUND = MemberMemory(state=GIB, per_step=0, per_image=200 * MIB)
 
 
@@ -133,7 +134,8 @@ def test_a_packing_that_cannot_fit_is_refused_in_one_line_with_what_fits(gpu, sh
 def test_the_issue_s_packing_two_fp32_members_on_an_a10g_is_refused_and_bf16_fits():
     fp32 = member_memory("resnext101_64x4d", 100, 224, "layer1", False, False)
     with pytest.raises(GpuMemoryError, match=r"needs about 18\.5 GiB .* share, 11\.2 GiB \(0\.5 of a 22\.5 GiB "
-                                             r"GPU\); use --batch-size 35 or less with --fresh, or --gpus-per-member 1$"):
+                                             r"GPU\); use --batch-size 35 or less with --fresh, "
+                                             r"or --gpus-per-member 1$"):
         check_fit(fp32, member=0, arch="resnext101_64x4d", batch=64, image_size=224, precision="fp32",
                   gpu_total=A10G, gpus_per_member=0.5)
     bf16 = member_memory("resnext101_64x4d", 100, 224, "layer1", False, True)

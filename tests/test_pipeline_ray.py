@@ -125,7 +125,8 @@ def _sequential_test_probs(cfg, index, output, *, hflip=False, split="test") -> 
     """The saved members run one after another in this process on the test images: (members, n, classes)."""
     table = getattr(index, split)
     batch = {k: table.column(k).to_numpy(zero_copy_only=False) for k in ("id", "path", "label")}
-    images = model_input(torch.from_numpy(decode_batch(batch, image_size=cfg.image_size, side=cache_side(cfg))["image"]),
+    images = model_input(torch.from_numpy(decode_batch(batch, image_size=cfg.image_size,
+                                                       side=cache_side(cfg))["image"]),
                          torch.device("cpu"))
     member_probs = []
     for i in range(cfg.members):
@@ -142,7 +143,8 @@ def _sequential_test_probs(cfg, index, output, *, hflip=False, split="test") -> 
 
 def test_test_probabilities_equal_sequential_inference(run, tiny_digits):
     """The members' outputs on the test rows (computed in their trainers: the run is cached) == the
-    saved members run one after another in this process, scaled by the temperature the report fitted (probabilities.parquet holds calibrated probabilities)."""
+    saved members run one after another in this process, scaled by the temperature the report fitted
+    (probabilities.parquet holds calibrated probabilities)."""
     from ensemble.scores.calibration import scale_probs
 
     cfg, report, output = run
@@ -526,7 +528,8 @@ def test_predict_refuses_unfinished_tampered_and_empty_in_one_line(run, tiny_dig
     twins.mkdir()
     for name in ("a.png", "a.jpg"):
         shutil.copy(os.path.join(test_dir, sorted(os.listdir(test_dir))[0]), twins / name)
-    for images, out, message in [(str(twins), tmp_path / "out", "a.jpg and a.png would both be row 'a' of predictions.csv"),
+    for images, out, message in [(str(twins), tmp_path / "out",
+                                  "a.jpg and a.png would both be row 'a' of predictions.csv"),
                                  (test_dir, Path(output) / "again", f"inside the run folder {output}")]:
         assert main(["--run", str(output), "--images", images, "--output", str(out)]) == 2
         err = capsys.readouterr().err.strip().splitlines()

@@ -38,7 +38,8 @@ def test_a_training_image_overwritten_is_named_and_refused(data, tmp_path):
     image = os.path.join(data, "train", "class_3")
     name = sorted(os.listdir(image))[0]
     Image.new("RGB", (16, 16), (255, 0, 0)).save(os.path.join(image, name))  # other pixels, same name
-    with pytest.raises(ConfigError, match=rf"another config \(files \(train/class_3/{re.escape(name)} changed\) differ\)"):
+    with pytest.raises(ConfigError,
+                       match=rf"another config \(files \(train/class_3/{re.escape(name)} changed\) differ\)"):
         _open(cfg, output)
 
 
@@ -131,7 +132,8 @@ def test_a_same_size_replacement_with_its_time_kept_is_named_and_refused(data, t
 
     def opened(index):
         inputs = input_files(index)
-        fingerprint = run_folder.matching_earlier(output, training_fingerprint(cfg, index, index.train.num_rows, inputs))
+        fingerprint = run_folder.matching_earlier(output,
+                                                  training_fingerprint(cfg, index, index.train.num_rows, inputs))
         resuming = open_output(output, fingerprint, fresh=False, inputs=inputs)
         save_run_config(output, cfg, [1, 2, 3], fingerprint, inputs)
         return resuming, fingerprint

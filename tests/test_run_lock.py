@@ -125,7 +125,8 @@ def test_an_unreadable_lock_is_not_a_free_one(tmp_path, monkeypatch, caplog):
     out = tmp_path / "run"
     with RunLock(str(out)) as holder:
         fail_reads(monkeypatch, "run.lock", errno.EIO)
-        with pytest.raises(StorageError, match=r"could not read .*run.lock: Input/output error \(EIO\) \(tried 3 times\)"):
+        with pytest.raises(StorageError,
+                           match=r"could not read .*run.lock: Input/output error \(EIO\) \(tried 3 times\)"):
             RunLock(str(out)).acquire()
         monkeypatch.setattr(storage, "read_bytes", REAL_READ)
         assert json.loads((out / "run.lock").read_text())["token"] == holder.token

@@ -234,9 +234,11 @@ def test_server_options_bounded_above_in_one_line(tmp_path, capsys):
     for name, value in (("max_queued_requests", 0), ("body_timeout_s", 0.0)):
         with pytest.raises(ConfigError, match=f"^--{name.replace('_', '-')} 0(.0)?: must be "):
             ServeOptions(run="r", **{name: value})
-    assert ServeOptions.from_args({"run": "r", "max_queued_requests": "8", "body_timeout_s": "2.5"}).max_queued_requests == 8
+    assert ServeOptions.from_args({"run": "r", "max_queued_requests": "8",
+                                   "body_timeout_s": "2.5"}).max_queued_requests == 8
     # --request-timeout-s is Serve's own (not the app's): checked by the command, before the run is read
-    for value, line in (("0", "--request-timeout-s 0.0: must be > 0"), ("3601", "--request-timeout-s 3601: must be <= 3600")):
+    for value, line in (("0", "--request-timeout-s 0.0: must be > 0"),
+                        ("3601", "--request-timeout-s 3601: must be <= 3600")):
         capsys.readouterr()
         assert serve.main(["--run", str(tmp_path), "--request-timeout-s", value]) == 2
         assert capsys.readouterr().err.strip() == f"error: {line}"
@@ -391,9 +393,10 @@ def test_load_run_refuses_a_report_it_cannot_use_before_loading_members(tmp_path
     not_finished = "member 0 has not finished"
     for bad in (0, -1.0, None, "x", 1e9):
         run = _fake_run_folder(tmp_path / f"t{bad}", report(bad))
-        with pytest.raises(RunError, match=f"^--run {run}: report.json's ensemble.calibration.temperature is "
-                                           f"{bad!r}, not a temperature the driver fits \\(a number from 0.05 to 20\\); "
-                                           f"restore the file, or rerun the driver with --output {run} to write it again$"):
+        with pytest.raises(RunError,
+                           match=f"^--run {run}: report.json's ensemble.calibration.temperature is "
+                                 f"{bad!r}, not a temperature the driver fits \\(a number from 0.05 to 20\\); "
+                                 f"restore the file, or rerun the driver with --output {run} to write it again$"):
             load_run(run)
         with pytest.raises(RunError, match=not_finished):  # the selection's own temperature is fine
             load_run(run, "selected")
@@ -443,7 +446,8 @@ def test_public_answers_name_the_run_not_its_path():
 def cluster():
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")  # never a `ray start` cluster here
+    # never a `ray start` cluster here
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield
     from ray import serve
 

@@ -70,7 +70,8 @@ def test_the_bundled_digits_are_written_on_the_node_not_looked_for(tmp_path, mon
 
     monkeypatch.setattr(ensemble.digits, "ensure_digits", full_disk)
     assert needs.problems(str(tmp_path / "run.json")) == {
-        "data": f"the bundled digits could not be written at {tmp_path / 'digits'} ([Errno 28] No space left on device)"}
+        "data": f"the bundled digits could not be written at {tmp_path / 'digits'} "
+                f"([Errno 28] No space left on device)"}
 
 
 def test_the_refusal_is_one_line_naming_paths_node_reasons_and_the_fix(seen):

@@ -26,8 +26,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from tests.helpers import (RAY_CLI, RECIPE_FLAGS, RayHead, free_port, process_alive, ray_env,  # noqa: E402
-                            write_digits_tree)
+from tests.helpers import RAY_CLI, RECIPE_FLAGS, RayHead, free_port, ray_env, write_digits_tree  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
