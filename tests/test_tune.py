@@ -112,6 +112,16 @@ def data_root(tmp_path_factory):
                              n_test=4, classes=3)
 
 
+# Before the search below: a finished search's trials may still print (Ray forwards their lines
+# to this process's stderr a moment later), which this one-line check would read as its own.
+def test_no_gpus_in_the_cluster_is_one_line_and_exit_2(ray_cluster, data_root, tmp_path, capsys):
+    assert main(["--data", data_root, "--output", str(tmp_path / "o"), "--arch", "resnet18", "--weights", "none",
+                 "--gpus-per-trial", "0.5"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --gpus-per-trial 0.5 but the cluster has no GPUs; use --gpus-per-trial 0"]
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.fixture(scope="module")
 def search(ray_cluster, data_root, tmp_path_factory):
     """One 4-trial ASHA search, 2 epochs at most, 16 px images on CPU: (output folder, printed text).
@@ -184,11 +194,3 @@ def test_trials_sample_the_search_space(search):
     rows = _trials(output)
     assert all(LR_RANGE[0] <= float(r["lr"]) <= LR_RANGE[1] and r["freeze"] in FREEZE_CHOICES for r in rows)
     assert len({r["lr"] for r in rows}) == TRIALS
-
-
-def test_no_gpus_in_the_cluster_is_one_line_and_exit_2(ray_cluster, data_root, tmp_path, capsys):
-    assert main(["--data", data_root, "--output", str(tmp_path / "o"), "--arch", "resnet18", "--weights", "none",
-                 "--gpus-per-trial", "0.5"]) == 2
-    assert capsys.readouterr().err.strip().splitlines() == [
-        "error: --gpus-per-trial 0.5 but the cluster has no GPUs; use --gpus-per-trial 0"]
-    assert not (tmp_path / "o").exists()
