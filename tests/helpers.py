@@ -308,13 +308,17 @@ def _real_read():
 REAL_READ = _real_read()  # storage.read_bytes itself: what a test puts back once storage answers again
 
 
-def processes_marked(name: str, value: str) -> list[int]:
+def processes_marked(name: str, value: str, title: bytes = b"") -> list[int]:
     """Live processes whose environment holds ``name=value``: everything a command started with
-    that mark started in turn, Ray's workers included (their process titles no longer name it)."""
+    that mark started in turn, Ray's workers included (their process titles no longer name it).
+    ``title``: only those whose command line starts with it (``b"ray::MemberTrainer"``)."""
     mark = f"{name}={value}".encode()
     pids = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                if not fh.read().startswith(title):
+                    continue
             with open(f"/proc/{pid}/environ", "rb") as fh:
                 marked = mark in fh.read().split(b"\0")
         except OSError:

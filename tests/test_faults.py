@@ -40,15 +40,7 @@ def cluster(faults):
 
 def _trainers(faults) -> list[int]:
     """This cluster's member processes still alive (its workers carry the faults folder's mark)."""
-    alive = []
-    for pid in processes_marked(STORAGE_FAULTS, str(faults)):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                if fh.read().startswith(b"ray::MemberTrainer"):
-                    alive.append(pid)
-        except OSError:
-            pass
-    return alive
+    return processes_marked(STORAGE_FAULTS, str(faults), b"ray::MemberTrainer")
 
 
 def _wait_until(predicate, timeout_s: float, what: str) -> None:
