@@ -64,3 +64,14 @@ def short_tmp():
 
     with tempfile.TemporaryDirectory(prefix="ens-", dir="/tmp") as path:
         yield path
+
+
+@pytest.fixture
+def signal_handlers():
+    """A command's main() installs its own SIGINT/SIGTERM handlers; put pytest's back."""
+    import signal
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)

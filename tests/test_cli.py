@@ -41,17 +41,6 @@ def test_val_fraction_without_data_is_one_line_and_exit_2(tmp_path):
 COMMANDS = ("driver", "predict", "serve", "distill", "export", "tune")
 
 
-@pytest.fixture
-def signal_handlers():
-    """The commands' main() installs SIGINT/SIGTERM handlers; put pytest's back."""
-    import signal
-
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
-
-
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_s_bad_value_is_one_line_and_exit_2(command, signal_handlers, tmp_path, capsys):
     """A value of the wrong type, an unknown flag, a missing required flag: one line on stderr

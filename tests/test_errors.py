@@ -101,15 +101,6 @@ def test_stall_error_builds_a_stall(monkeypatch):
     assert type(stall_error("image decoding made no progress in 600 s", "its tasks need {need} each", 1)) is StallError
 
 
-@pytest.fixture
-def signal_handlers():
-    """driver.main installs its own SIGINT/SIGTERM handlers; put pytest's back."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
-
-
 def test_driver_main_a_dead_member_is_exit_1_and_ctrl_c_the_resume_line(monkeypatch, capsys, signal_handlers):
     from ensemble import driver
     from ensemble.train_stage import MemberFailed
@@ -156,7 +147,6 @@ def test_exit_process_ends_with_the_code_after_flushing_what_was_written(tmp_pat
 def test_sigterm_is_a_clean_stop_for_every_command(tmp_path, monkeypatch):
     """kill / ray job stop on predict, export, distill or tune: the command's clean-up runs (here a
     run folder's lock is released) and it ends with its interrupted line and 130, as Ctrl-C does."""
-    import signal
     import subprocess
     import sys
     import textwrap

@@ -99,23 +99,30 @@ def test_a_damaged_member_is_trained_again_and_the_others_reused(cluster, data, 
     assert holders and set(holders) == {os.getpid()} and not (copy / "run.lock").exists()
 
 
+def _run_with_member_1_failing(faults, fault: str, cfg) -> int:
+    """The driver's exit code for a run of ``cfg`` whose member 1 meets ``fault`` (``enospc`` or
+    ``die``, helpers.storage_fault_injector) at every write under its folder."""
+    from ensemble.driver import run
+    from ensemble.errors import run_cli
+
+    (faults / fault).write_text(f"{cfg.output}/members/member-1/")
+    try:
+        return run_cli(lambda: run(cfg))
+    finally:
+        (faults / fault).unlink()
+
+
 def test_a_member_on_a_full_disk_stops_the_run_in_one_line_and_the_others_at_once(cluster, data, faults, tmp_path,
                                                                                   capsys):
     """A real run whose member 1 cannot write (every write under its folder raises ENOSPC in its
     process, as a full disk does): exit 1 and the README's one line naming the member, the file and
     the errno's words; member 0, still training (6 epochs to member 1's first), is stopped at once:
     its process ends, it never finishes, and the epochs it committed stay loadable."""
-    from ensemble.driver import run
-    from ensemble.errors import run_cli
     from ensemble.member_files import MemberFiles
 
     output = tmp_path / "out"
-    (faults / "enospc").write_text(f"{output}/members/member-1/")
     cfg = tiny_run_config(data, output, members=2, epochs=6, arch="resnet18", recipes=None)
-    try:
-        assert run_cli(lambda: run(cfg)) == 1
-    finally:
-        (faults / "enospc").unlink()
+    assert _run_with_member_1_failing(faults, "enospc", cfg) == 1
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"error: member 1: could not write {output}/members/member-1/checkpoint-e1.pt: No space left on device "
         f"(ENOSPC); finished members and committed epochs are kept in {output}: once it can be written, rerun "
@@ -132,17 +139,11 @@ def test_a_member_whose_process_keeps_dying_fails_the_run_after_its_restarts(clu
     """A real run whose member 1's process dies at its first checkpoint write, in every process
     Ray restarts it in: once its restarts are spent the run stops with one line, exit 1; member 0,
     finished meanwhile, is kept."""
-    from ensemble.driver import run
-    from ensemble.errors import run_cli
     from ensemble.train_stage import MEMBER_RESTARTS
 
     output = tmp_path / "out"
-    (faults / "die").write_text(f"{output}/members/member-1/")
     cfg = tiny_run_config(data, output, members=2, arch="resnet18", recipes=None)
-    try:
-        assert run_cli(lambda: run(cfg)) == 1
-    finally:
-        (faults / "die").unlink()
+    assert _run_with_member_1_failing(faults, "die", cfg) == 1
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"error: member 1 failed after {MEMBER_RESTARTS} restarts (ActorDiedError); finished members are saved in "
         f"{output}: rerun the same command to resume")
